@@ -1,0 +1,38 @@
+"""Dynamic embedding modules: hash tables, their options, pooled lookups."""
+
+from recis.nn.dynamic_embedding import DynamicEmbedding
+from recis.nn.hash_table import NO_ROW, HashTable
+from recis.nn.options import (
+    AlwaysAdmit,
+    ConstantInit,
+    CountAdmit,
+    EmbeddingOption,
+    EvictionOption,
+    KaimingNormalInit,
+    KaimingUniformInit,
+    NormalInit,
+    ProbabilityAdmit,
+    TruncatedNormalInit,
+    UniformInit,
+    XavierNormalInit,
+    XavierUniformInit,
+)
+
+__all__ = [
+    "NO_ROW",
+    "AlwaysAdmit",
+    "ConstantInit",
+    "CountAdmit",
+    "DynamicEmbedding",
+    "EmbeddingOption",
+    "EvictionOption",
+    "HashTable",
+    "KaimingNormalInit",
+    "KaimingUniformInit",
+    "NormalInit",
+    "ProbabilityAdmit",
+    "TruncatedNormalInit",
+    "UniformInit",
+    "XavierNormalInit",
+    "XavierUniformInit",
+]

@@ -1,0 +1,142 @@
+"""`DynamicEmbedding`: pooled embedding lookup over a growing hash table.
+
+Forward: the batch's ids are reduced to distinct ids in Rust (inserting new
+ones in training), their rows are gathered into a leaf tensor ``W_u`` [U, D],
+and torch's ``embedding_bag`` pools ``W_u`` by the inverse index. Backward
+leaves the gradient in ``W_u.grad``; the sparse optimizer (``recis.optim``)
+applies it to the table. ``eval()`` never inserts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recis.nn.hash_table import HashTable, ids_to_numpy
+from recis.nn.options import EmbeddingOption
+from recis.ragged import RaggedTensor
+
+
+def as_ragged(x, weights: torch.Tensor | None = None) -> RaggedTensor:
+    """A RaggedTensor from a RaggedTensor or a dense [B, L] id tensor (L ids a
+    sample, no padding: use ``RaggedTensor.from_dense(x, pad=...)`` to drop pads)."""
+    if isinstance(x, RaggedTensor):
+        if weights is not None:
+            return RaggedTensor(x.values, x.offsets, weights)
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 2:
+            raise ValueError(f"ids: expected a RaggedTensor or a [B, L] tensor, got shape {tuple(x.shape)}")
+        rt = RaggedTensor.from_dense(x)
+        if weights is not None:
+            if weights.shape != x.shape:
+                raise ValueError(
+                    f"weights: shape {tuple(weights.shape)} does not match ids {tuple(x.shape)}"
+                )
+            rt = RaggedTensor(rt.values, rt.offsets, weights.reshape(-1))
+        return rt
+    raise TypeError(f"ids: expected a RaggedTensor or a torch.Tensor, got {type(x).__name__}")
+
+
+class DynamicEmbedding(nn.Module):
+    """Pooled embeddings of bags of 64-bit ids, with no fixed vocabulary.
+
+    Example::
+
+        emb = DynamicEmbedding(EmbeddingOption(dim=16, combiner="mean"))
+        opt = recis.optim.SparseAdam(emb.tables(), lr=1e-3)
+        out = emb(RaggedTensor(ids, offsets))    # [B, 16]
+        out.sum().backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, option: EmbeddingOption, name: str = "embedding", table: HashTable | None = None):
+        super().__init__()
+        self.option = option
+        self.name = name
+        self.table = table if table is not None else HashTable(option, name)
+        if self.table.dim != option.dim:
+            raise ValueError(f"{name}: table dim {self.table.dim} != option dim {option.dim}")
+
+    def tables(self) -> list[HashTable]:
+        return [self.table]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, dim={self.option.dim}, combiner={self.option.combiner!r}, len={len(self.table)}"
+
+    def lookup_unique(self, ids: torch.Tensor):
+        """Distinct ids of a batch and their rows as a tensor ``W_u`` [U, D]
+        that requires grad when training: (W_u, inverse)."""
+        ids_np = ids_to_numpy(ids, f"{self.name}: ids")
+        train = self.training and self.option.trainable and torch.is_grad_enabled()
+        uniq, rows, inverse, _counts = self.table.lookup_unique(ids_np, train=train)
+        missing_initial = train or self.option.eval_missing == "initial"
+        w = self.table.gather(uniq, rows, missing_initial)
+        if train:
+            w.requires_grad_(True)
+            self.table.add_pending(rows, w)
+        return w, torch.from_numpy(inverse)
+
+    def forward(self, ids, weights: torch.Tensor | None = None):
+        """Pooled [B, D] embeddings of a RaggedTensor or [B, L] id tensor; or,
+        given a dict of them, a dict of pooled outputs computed with one table
+        lookup for all (the features share this table and its ids)."""
+        if isinstance(ids, dict):
+            if weights is not None:
+                raise ValueError("weights: pass weights inside each RaggedTensor of a dict input")
+            return self._forward_many(ids)
+        rt = as_ragged(ids, weights)
+        if rt.values.dtype != torch.int64:
+            raise ValueError(f"{self.name}: ids must be int64, got {rt.values.dtype}")
+        device = rt.values.device
+        if device.type != "cpu":
+            rt = rt.to("cpu")
+        w, inverse = self.lookup_unique(rt.values)
+        out = pool(w, inverse, rt.offsets, rt.weights, self.option.combiner)
+        return out.to(device) if device.type != "cpu" else out
+
+
+    def _forward_many(self, features: dict) -> dict:
+        names = list(features)
+        parts = [as_ragged(features[n]) for n in names]
+        for n, rt in zip(names, parts, strict=True):
+            if rt.values.dtype != torch.int64:
+                raise ValueError(f"{self.name}: feature {n!r}: ids must be int64, got {rt.values.dtype}")
+            if rt.values.device.type != "cpu":
+                raise ValueError(f"{self.name}: feature {n!r}: ids must be on the CPU")
+        rt = concat_ragged(parts)
+        w, inverse = self.lookup_unique(rt.values)
+        out = pool(w, inverse, rt.offsets, rt.weights, self.option.combiner)
+        return dict(zip(names, out.split([p.batch_size for p in parts]), strict=True))
+
+
+def concat_ragged(parts: list[RaggedTensor]) -> RaggedTensor:
+    """Stacks the bags of several RaggedTensors into one (bags in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    weighted = [p.weights is not None for p in parts]
+    if any(weighted) and not all(weighted):
+        raise ValueError("concat: either every feature has weights or none has")
+    values = torch.cat([p.values for p in parts])
+    starts = [0]
+    for p in parts[:-1]:
+        starts.append(starts[-1] + p.values.numel())
+    offsets = torch.cat([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
+    weights = torch.cat([p.weights for p in parts]) if all(weighted) else None
+    return RaggedTensor(values, offsets, weights, validate=False)
+
+
+def pool(w: torch.Tensor, inverse: torch.Tensor, offsets: torch.Tensor, weights, combiner: str) -> torch.Tensor:
+    """Pools rows ``w[inverse]`` into bags given by ``offsets`` ([B + 1])."""
+    if weights is None:
+        return F.embedding_bag(inverse, w, offsets, mode=combiner, include_last_offset=True)
+    weights = weights.to(w.dtype)
+    out = F.embedding_bag(
+        inverse, w, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
+    if combiner == "mean":
+        # Weighted mean: divide by each bag's total weight (empty bags stay 0).
+        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
+        total = torch.zeros(offsets.numel() - 1, dtype=w.dtype).index_add_(0, bag, weights)
+        out = out / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(1)
+    return out

@@ -1,0 +1,221 @@
+"""`HashTable`: the Python face of one Rust id → row table.
+
+Owns the native table, the training step it stamps on ids, and the gradients
+of rows looked up since the last optimizer step (handed to the sparse
+optimizer, which sums them per row). It does no arithmetic itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recis import _native
+from recis.nn.options import EmbeddingOption
+
+NO_ROW = _native.NO_ROW
+
+
+def ids_to_numpy(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
+    """A contiguous int64 numpy view of a CPU id tensor (no copy when possible)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise ValueError(f"{what} must be int64, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(ids.shape)}")
+    return ids.detach().cpu().contiguous().numpy()
+
+
+class HashTable:
+    """A collisionless, growing embedding table for any 64-bit ids.
+
+    Example::
+
+        table = HashTable(EmbeddingOption(dim=8), name="user_id")
+        rows = table.lookup(torch.tensor([3, -7, 2**62]))   # NO_ROW: absent
+    """
+
+    def __init__(self, option: EmbeddingOption, name: str = "table"):
+        self.option = option
+        self.name = name
+        init_kind, init_params = option.initializer.spec()
+        adm_kind, adm_params = option.admission.spec()
+        self.native = _native.HashTable(
+            option.dim,
+            init_kind,
+            [float(x) for x in init_params],
+            option.seed,
+            adm_kind,
+            [float(x) for x in adm_params],
+            option.num_shards,
+            option.initial_capacity,
+        )
+        # Training step stamped on ids as their last sighting (for TTL/LRU).
+        self.step = 0
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        self._optimizer_kind: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.option.dim
+
+    def __len__(self) -> int:
+        return len(self.native)
+
+    def __repr__(self) -> str:
+        return f"HashTable(name={self.name!r}, dim={self.dim}, len={len(self)})"
+
+    def stats(self) -> dict:
+        """Size and memory: len, id-map slots, rows, bytes by part."""
+        return self.native.stats()
+
+    # -- lookups --------------------------------------------------------------
+
+    def lookup(self, ids: torch.Tensor) -> np.ndarray:
+        """Row of each id (``NO_ROW`` where absent). Inserts nothing."""
+        return self.native.lookup(ids_to_numpy(ids))
+
+    def embeddings(self, ids: torch.Tensor, missing: str = "zeros") -> torch.Tensor:
+        """Current embedding of each id, [n, dim] (a copy); inserts nothing."""
+        ids_np = ids_to_numpy(ids)
+        rows = self.native.lookup(ids_np)
+        out = torch.empty(len(ids_np), self.dim)
+        self.native.gather(ids_np, rows, missing == "initial", out.numpy())
+        return out
+
+    def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
+        """The would-be initial embedding of each id, [n, dim]."""
+        ids_np = ids_to_numpy(ids)
+        out = torch.empty(len(ids_np), self.dim)
+        self.native.initial_values(ids_np, out.numpy())
+        return out
+
+    def lookup_unique(self, ids_np: np.ndarray, train: bool):
+        """Distinct ids of a batch with their rows: (ids, rows, inverse, counts).
+        In training new ids are inserted (subject to admission)."""
+        if train:
+            return self.native.lookup_or_insert_unique(ids_np, self.step)
+        return self.native.lookup_unique(ids_np)
+
+    def gather(self, ids_np: np.ndarray, rows: np.ndarray, missing_initial: bool) -> torch.Tensor:
+        out = torch.empty(len(rows), self.dim)
+        self.native.gather(ids_np, rows, missing_initial, out.numpy())
+        return out
+
+    # -- gradients --------------------------------------------------------------
+
+    def add_pending(self, rows: np.ndarray, weights: torch.Tensor) -> None:
+        """Records a looked-up block of rows whose ``.grad`` the next optimizer
+        step applies."""
+        self._pending.append((rows, weights))
+
+    def pending_gradients(self):
+        """(rows, grads) of every pending lookup that received a gradient, or
+        None. Rows of several lookups are concatenated; the optimizer sums
+        repeated rows."""
+        rows, grads = [], []
+        for r, w in self._pending:
+            if w.grad is not None:
+                rows.append(r)
+                grads.append(w.grad)
+        if not rows:
+            return None
+        if len(rows) == 1:
+            return rows[0], grads[0].detach().contiguous().numpy()
+        return np.concatenate(rows), torch.cat(grads).detach().contiguous().numpy()
+
+    def clear_pending(self) -> None:
+        self._pending.clear()
+
+    # -- optimizer slots -----------------------------------------------------------
+
+    def attach_optimizer(self, kernel, kind: str) -> None:
+        """Lays out the optimizer's slots in every row. A table serves one
+        sparse optimizer; attaching another resets the slots."""
+        width, init = kernel.slot_layout(self.dim)
+        if self._optimizer_kind is not None and self._optimizer_kind != kind:
+            raise ValueError(
+                f"table {self.name!r} is already driven by a {self._optimizer_kind} optimizer; "
+                f"a table serves one sparse optimizer"
+            )
+        if self._optimizer_kind is None:
+            self.native.set_slots(width, init)
+            self._optimizer_kind = kind
+
+    # -- maintenance -------------------------------------------------------------
+
+    def evict(self, step: int | None = None, **policy) -> torch.Tensor:
+        """Removes ids by the given criteria (``ttl_steps``, ``min_frequency``,
+        ``max_rows``, ``score``, ``min_l2_norm``; by default the option's
+        ``eviction``). Returns the evicted ids."""
+        if self._pending:
+            raise RuntimeError(
+                f"table {self.name!r}: evict() with gradients pending; call the optimizer's step() "
+                "or zero_grad() first"
+            )
+        if not policy:
+            ev = self.option.eviction
+            if ev is None:
+                raise ValueError(f"table {self.name!r} has no eviction option and none was given")
+            policy = {
+                "ttl_steps": ev.ttl_steps,
+                "min_frequency": ev.min_frequency,
+                "max_rows": ev.max_rows,
+                "score": ev.score,
+                "min_l2_norm": ev.min_l2_norm,
+            }
+        unknown = set(policy) - {"ttl_steps", "min_frequency", "max_rows", "score", "min_l2_norm"}
+        if unknown:
+            raise ValueError(f"evict: unknown criteria {sorted(unknown)}")
+        return torch.from_numpy(self.native.evict(self.step if step is None else step, **policy))
+
+    def state_dict(self, chunk_rows: int = 1 << 20) -> dict[str, torch.Tensor]:
+        """Every id with its row (embedding and optimizer slots) and metadata,
+        read in chunks of ``chunk_rows``."""
+        ids, rows = self.native.export_keys()
+        values, freq, last = [], [], []
+        for start in range(0, len(rows), chunk_rows):
+            v, f, s = self.native.read_rows(rows[start : start + chunk_rows])
+            values.append(torch.from_numpy(v))
+            freq.append(torch.from_numpy(f.astype(np.int64)))
+            last.append(torch.from_numpy(s.astype(np.int64)))
+        width = self.dim + self.native.slot_width
+        cat = (lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape))  # noqa: E731
+        counters, epoch = self.native.admission_state()
+        return {
+            "ids": torch.from_numpy(ids),
+            "values": cat(values, (0, width)),
+            "frequency": cat(freq, (0,)).to(torch.int64),
+            "last_step": cat(last, (0,)).to(torch.int64),
+            "admission_counters": torch.from_numpy(counters.astype(np.int64)),
+            "admission_epoch": torch.tensor([epoch], dtype=torch.int64),
+            "step": torch.tensor([self.step], dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replaces the table's contents with ``state`` (from ``state_dict``)."""
+        missing = {"ids", "values", "frequency", "last_step"} - set(state)
+        if missing:
+            raise ValueError(f"table {self.name!r}: state is missing {sorted(missing)}")
+        width = self.dim + self.native.slot_width
+        values = state["values"]
+        if values.dim() != 2 or values.shape[1] != width:
+            raise ValueError(
+                f"table {self.name!r}: state rows have width {tuple(values.shape)[1:]} but this table's "
+                f"rows are {width} wide (dim {self.dim} + {self.native.slot_width} optimizer slots); "
+                "was it saved with another dim or optimizer?"
+            )
+        self.native.clear()
+        self.native.import_rows(
+            ids_to_numpy(state["ids"], "state['ids']"),
+            values.to(torch.float32).contiguous().numpy(),
+            state["frequency"].to(torch.int64).numpy().astype(np.uint32),
+            state["last_step"].to(torch.int64).numpy().astype(np.uint32),
+        )
+        if "admission_counters" in state:
+            self.native.set_admission_state(
+                state["admission_counters"].numpy().astype(np.uint32), int(state["admission_epoch"][0])
+            )
+        if "step" in state:
+            self.step = int(state["step"][0])

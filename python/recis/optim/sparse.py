@@ -1,0 +1,226 @@
+"""Sparse optimizers for RecIS hash tables.
+
+They are ``torch.optim.Optimizer`` subclasses, so LR schedulers, ``param_groups``,
+``state_dict``/``load_state_dict`` and ``zero_grad`` work as users expect. The
+arithmetic is one fused Rust call per table and step (``recis-core`` optim):
+gradients of the same row — from several lookups or accumulation
+micro-steps — are summed first, then the row and its slots are updated in
+place. Optimizer slots live in the table's rows (and in its checkpoints).
+
+Each group holds one zero-size placeholder tensor per table (torch's optimizer
+machinery requires tensors); the table behind it is kept in ``self.tables``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recis import _native
+from recis.nn.hash_table import HashTable
+
+
+def collect_tables(params) -> list[HashTable]:
+    """Tables from HashTables, modules holding them (``DynamicEmbedding``,
+    ``EmbeddingEngine``, any ``nn.Module``), or iterables of these."""
+    if isinstance(params, HashTable):
+        return [params]
+    if isinstance(params, nn.Module):
+        found: list[HashTable] = []
+        for m in params.modules():
+            tables = getattr(m, "tables", None)
+            if callable(tables):
+                for t in tables():
+                    if all(t is not f for f in found):
+                        found.append(t)
+        return found
+    out: list[HashTable] = []
+    for p in params:
+        for t in collect_tables(p):
+            if all(t is not f for f in out):
+                out.append(t)
+    return out
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses name their kernel and hyper-parameters."""
+
+    kind = ""
+
+    def __init__(self, tables, defaults: dict):
+        tables = collect_tables(tables)
+        if not tables:
+            raise ValueError(f"{type(self).__name__}: no hash tables to optimize")
+        self.tables: dict[int, HashTable] = {}
+        placeholders = []
+        for t in tables:
+            ph = torch.zeros(0, requires_grad=True)
+            self.tables[id(ph)] = t
+            placeholders.append(ph)
+        self._kernels: dict[tuple, _native.SparseOptimizerKernel] = {}
+        super().__init__(placeholders, defaults)
+        for group in self.param_groups:
+            kernel = self._kernel(group)
+            for p in group["params"]:
+                self.tables[id(p)].attach_optimizer(kernel, self.kind)
+
+    def _hyper(self, group) -> list[float]:
+        raise NotImplementedError
+
+    def _kernel(self, group):
+        key = tuple(self._hyper(group))
+        k = self._kernels.get(key)
+        if k is None:
+            k = _native.SparseOptimizerKernel(self.kind, list(key))
+            self._kernels[key] = k
+        return k
+
+    def table_of(self, p) -> HashTable:
+        return self.tables[id(p)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Applies the pending gradients of every table, then advances each
+        table's step. A non-finite gradient raises ValueError and changes
+        nothing in that table."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            kernel = self._kernel(group)
+            lr = float(group["lr"])
+            for p in group["params"]:
+                table = self.tables[id(p)]
+                pending = table.pending_gradients()
+                if pending is not None:
+                    rows, grads = pending
+                    state = self.state[p]
+                    step = int(state.get("step", 0)) + 1
+                    try:
+                        table.native.apply_gradients(rows, grads, kernel, lr, step)
+                    except ValueError as e:
+                        raise ValueError(f"table {table.name!r}: {e}") from None
+                    state["step"] = step
+                table.clear_pending()
+                table.step += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for t in self.tables.values():
+            t.clear_pending()
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable: hyper-parameters per group and each table's step
+        count (slots are saved with the tables)."""
+        groups = []
+        for group in self.param_groups:
+            g = {k: v for k, v in group.items() if k != "params"}
+            g["tables"] = [self.tables[id(p)].name for p in group["params"]]
+            groups.append(g)
+        state = {
+            self.tables[id(p)].name: {"step": int(self.state[p].get("step", 0))}
+            for group in self.param_groups
+            for p in group["params"]
+        }
+        return {"kind": self.kind, "param_groups": groups, "state": state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("kind") != self.kind:
+            raise ValueError(
+                f"{type(self).__name__}: state is from a {state_dict.get('kind')!r} optimizer, not {self.kind!r}"
+            )
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{type(self).__name__}: state has {len(groups)} param groups, optimizer has {len(self.param_groups)}"
+            )
+        for saved, group in zip(groups, self.param_groups, strict=True):
+            names = [self.tables[id(p)].name for p in group["params"]]
+            if saved.get("tables") != names:
+                raise ValueError(
+                    f"{type(self).__name__}: state is for tables {saved.get('tables')}, optimizer has {names}"
+                )
+            for k, v in saved.items():
+                if k != "tables":
+                    group[k] = v
+            for p in group["params"]:
+                name = self.tables[id(p)].name
+                self.state[p]["step"] = int(state_dict["state"].get(name, {}).get("step", 0))
+
+
+def _check_lr(lr):
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+
+
+class SparseSGD(SparseOptimizer):
+    """``torch.optim.SGD`` on touched rows (no momentum)."""
+
+    kind = "sgd"
+
+    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0):
+        _check_lr(lr)
+        super().__init__(tables, dict(lr=lr, weight_decay=weight_decay))
+
+    def _hyper(self, g):
+        return [g["weight_decay"]]
+
+
+class SparseAdagrad(SparseOptimizer):
+    """``torch.optim.Adagrad`` with sparse gradients (weight decay, which torch
+    refuses for sparse gradients, is added to the gradient of touched rows)."""
+
+    kind = "adagrad"
+
+    def __init__(self, tables, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+        _check_lr(lr)
+        super().__init__(tables, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+
+    def _hyper(self, g):
+        return [g["lr_decay"], g["eps"], g["initial_accumulator_value"], g["weight_decay"]]
+
+
+class SparseRowWiseAdagrad(SparseOptimizer):
+    """FBGEMM/TorchRec row-wise Adagrad: one accumulator per row, growing by the
+    mean squared gradient of the row; ``w -= lr * g / (sqrt(acc) + eps)``."""
+
+    kind = "rowwise_adagrad"
+
+    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+        _check_lr(lr)
+        super().__init__(tables, dict(lr=lr, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+
+    def _hyper(self, g):
+        return [g["eps"], g["initial_accumulator_value"], g["weight_decay"]]
+
+
+class SparseAdam(SparseOptimizer):
+    """``torch.optim.SparseAdam``: lazy Adam (moments of untouched rows do not
+    decay); optional L2 ``weight_decay`` added to the gradient."""
+
+    kind = "adam"
+
+    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        _check_lr(lr)
+        super().__init__(tables, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _hyper(self, g):
+        return [g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]]
+
+
+class SparseAdamW(SparseAdam):
+    """Lazy Adam plus decoupled weight decay on touched rows:
+    ``w *= 1 - lr * weight_decay`` before the Adam update (``torch.optim.AdamW``'s
+    rule, applied only to rows with a gradient this step)."""
+
+    kind = "adamw"
+
+    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -1,0 +1,138 @@
+"""`RaggedTensor`: the one sparse type of RecIS.
+
+A batch of variable-length rows stored as
+
+- ``values``  [N]: the elements of every row, concatenated;
+- ``offsets`` [B + 1] int64: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``;
+  ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == N``;
+- ``weights`` [N] floating, optional: one weight per value.
+
+The batch size is ``len(offsets) - 1``; an empty row has equal neighbouring
+offsets. TorchRec's ``KeyedJaggedTensor`` holds one such layout per key with
+``lengths`` instead of ``offsets``: ``from_lengths`` / ``lengths()`` convert.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RaggedTensor:
+    __slots__ = ("values", "offsets", "weights")
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        *,
+        validate: bool = True,
+    ):
+        self.values = values
+        self.offsets = offsets
+        self.weights = weights
+        if validate:
+            self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the argument that breaks an invariant."""
+        v, o, w = self.values, self.offsets, self.weights
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            raise ValueError(f"RaggedTensor: values must be a 1-D tensor, got {_describe(v)}")
+        if not isinstance(o, torch.Tensor) or o.dim() != 1:
+            raise ValueError(f"RaggedTensor: offsets must be a 1-D tensor, got {_describe(o)}")
+        if o.dtype != torch.int64:
+            raise ValueError(f"RaggedTensor: offsets must be int64, got {o.dtype}")
+        if o.numel() == 0:
+            raise ValueError("RaggedTensor: offsets must hold at least one element (batch size + 1)")
+        if int(o[0]) != 0:
+            raise ValueError(f"RaggedTensor: offsets[0] must be 0, got {int(o[0])}")
+        if o.numel() > 1:
+            d = o[1:] - o[:-1]
+            bad = torch.nonzero(d < 0)
+            if bad.numel():
+                i = int(bad[0])
+                raise ValueError(
+                    f"RaggedTensor: offsets must be non-decreasing; offsets[{i}]={int(o[i])} > "
+                    f"offsets[{i + 1}]={int(o[i + 1])}"
+                )
+        if int(o[-1]) != v.numel():
+            raise ValueError(
+                f"RaggedTensor: offsets[-1]={int(o[-1])} must equal len(values)={v.numel()}"
+            )
+        if w is not None:
+            if not isinstance(w, torch.Tensor) or w.dim() != 1:
+                raise ValueError(f"RaggedTensor: weights must be a 1-D tensor, got {_describe(w)}")
+            if not w.is_floating_point():
+                raise ValueError(f"RaggedTensor: weights must be floating point, got {w.dtype}")
+            if w.numel() != v.numel():
+                raise ValueError(
+                    f"RaggedTensor: weights has {w.numel()} elements but values has {v.numel()}"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.numel() - 1
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @classmethod
+    def from_lengths(
+        cls, values: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> RaggedTensor:
+        if lengths.dim() != 1:
+            raise ValueError(f"RaggedTensor.from_lengths: lengths must be 1-D, got {_describe(lengths)}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError("RaggedTensor.from_lengths: lengths must be >= 0")
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(lengths.to(torch.int64), 0, out=offsets[1:])
+        return cls(values, offsets, weights)
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, pad=None) -> RaggedTensor:
+        """Rows of a [B, L] tensor; elements equal to ``pad`` (if given) are dropped."""
+        if dense.dim() != 2:
+            raise ValueError(f"RaggedTensor.from_dense: expected a [B, L] tensor, got {_describe(dense)}")
+        b, length = dense.shape
+        if pad is None:
+            offsets = torch.arange(0, (b + 1) * length, length, dtype=torch.int64, device=dense.device)
+            return cls(dense.reshape(-1), offsets, validate=False)
+        keep = dense != pad
+        return cls.from_lengths(dense[keep], keep.sum(1))
+
+    def to_dense(self, pad=0, length: int | None = None) -> torch.Tensor:
+        """[B, L] tensor with rows left-aligned and padded with ``pad``; ``length``
+        defaults to the longest row (longer rows are cut)."""
+        lens = self.lengths()
+        width = int(lens.max()) if length is None and lens.numel() else (length or 0)
+        out = torch.full((self.batch_size, width), pad, dtype=self.values.dtype, device=self.values.device)
+        if self.values.numel() and width:
+            row = torch.repeat_interleave(torch.arange(self.batch_size, device=lens.device), lens)
+            col = torch.arange(self.values.numel(), device=lens.device) - self.offsets[:-1][row]
+            keep = col < width
+            out[row[keep], col[keep]] = self.values[keep]
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> RaggedTensor:
+        w = None if self.weights is None else self.weights.to(device, non_blocking=non_blocking)
+        return RaggedTensor(
+            self.values.to(device, non_blocking=non_blocking),
+            self.offsets.to(device, non_blocking=non_blocking),
+            w,
+            validate=False,
+        )
+
+    def pin_memory(self) -> RaggedTensor:
+        w = None if self.weights is None else self.weights.pin_memory()
+        return RaggedTensor(self.values.pin_memory(), self.offsets.pin_memory(), w, validate=False)
+
+    def __repr__(self) -> str:
+        w = "" if self.weights is None else ", weighted"
+        return f"RaggedTensor(batch_size={self.batch_size}, nnz={self.values.numel()}, dtype={self.values.dtype}{w})"
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

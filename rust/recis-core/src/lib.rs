@@ -1,0 +1,17 @@
+//! RecIS core: the pieces of sparse training that are not PyTorch — the
+//! collisionless id → row hash table with admission and eviction, and fused
+//! sparse optimizers. Pure Rust: nothing here knows about Python.
+
+pub mod admission;
+pub mod hash;
+pub mod init;
+pub mod optim;
+pub mod store;
+pub mod table;
+
+pub use admission::AdmissionPolicy;
+pub use init::Initializer;
+pub use optim::SparseOptimizer;
+pub use table::{
+    EvictionPolicy, EvictionScore, HashTable, Missing, TableConfig, TableError, TableStats, UniqueLookup, NO_ROW,
+};

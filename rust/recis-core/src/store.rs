@@ -1,0 +1,169 @@
+//! Row storage: a segmented array whose segments double in size, so that
+//! growth allocates a new segment and never moves an existing row. A row index
+//! is therefore stable for the row's whole life, and a pointer to a row stays
+//! valid while the store lives.
+//!
+//! Segment `k` holds `base << k` rows; 32 segments cover every `u32` row index
+//! for any `base >= 1`. Segments are allocated zeroed and lazily (the first time
+//! a row in them is claimed), installed by compare-and-swap, so allocation is
+//! lock-free and concurrent callers agree on one segment.
+//!
+//! This type owns memory only: which rows are live, and who may write them, is
+//! the table's business (see `table.rs`).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::marker::PhantomData;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+pub const MAX_SEGMENTS: usize = 32;
+
+/// Marker for element types whose all-zero bit pattern is a valid value.
+///
+/// # Safety
+/// Implementors must be valid when zero-initialised.
+pub unsafe trait Zeroable: Send + Sync + 'static {}
+// SAFETY: 0.0f32 and 0u32 are valid values.
+unsafe impl Zeroable for f32 {}
+// SAFETY: as above.
+unsafe impl Zeroable for u32 {}
+// SAFETY: an all-zero AtomicU32 is 0.
+unsafe impl Zeroable for std::sync::atomic::AtomicU32 {}
+
+pub struct Segmented<T: Zeroable> {
+    /// Elements per row.
+    width: usize,
+    /// log2 of the rows in segment 0.
+    base_shift: u32,
+    segments: [AtomicPtr<T>; MAX_SEGMENTS],
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: the store hands out raw pointers only; the segments array is atomic
+// and segments are never freed before `drop`. Callers synchronise element
+// access (table.rs).
+unsafe impl<T: Zeroable> Send for Segmented<T> {}
+// SAFETY: as above.
+unsafe impl<T: Zeroable> Sync for Segmented<T> {}
+
+impl<T: Zeroable> Segmented<T> {
+    /// `base_rows` is rounded up to a power of two.
+    pub fn new(width: usize, base_rows: usize) -> Self {
+        let base_shift = base_rows.max(1).next_power_of_two().trailing_zeros();
+        Segmented {
+            width,
+            base_shift,
+            segments: std::array::from_fn(|_| AtomicPtr::new(null_mut())),
+            _owns: PhantomData,
+        }
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// (segment, row within segment) of a row index.
+    #[inline(always)]
+    fn locate(&self, row: u32) -> (usize, usize) {
+        let q = ((row as u64) >> self.base_shift) + 1;
+        let seg = 63 - q.leading_zeros() as usize;
+        let first = ((1u64 << seg) - 1) << self.base_shift;
+        (seg, (row as u64 - first) as usize)
+    }
+
+    fn segment_layout(&self, seg: usize) -> Layout {
+        let rows = 1usize << (self.base_shift as usize + seg);
+        Layout::array::<T>(rows * self.width.max(1)).expect("segment size overflows usize")
+    }
+
+    /// Makes sure the segment holding `row` exists. Lock-free: racing callers
+    /// allocate, one wins the compare-and-swap, the losers free theirs.
+    pub fn ensure(&self, row: u32) {
+        let (seg, _) = self.locate(row);
+        if !self.segments[seg].load(Ordering::Acquire).is_null() {
+            return;
+        }
+        let layout = self.segment_layout(seg);
+        // SAFETY: layout has non-zero size (width.max(1) rows >= 1).
+        let fresh = unsafe { alloc_zeroed(layout) } as *mut T;
+        if fresh.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        if self.segments[seg].compare_exchange(null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // SAFETY: `fresh` was allocated above with this layout and never published.
+            unsafe { dealloc(fresh as *mut u8, layout) };
+        }
+    }
+
+    /// Pointer to the first element of `row`.
+    ///
+    /// The row's segment must exist (`ensure` was called for it, or for a later
+    /// row of the same segment). The pointer is valid for `width` elements
+    /// until the store is dropped.
+    #[inline(always)]
+    pub fn row_ptr(&self, row: u32) -> *mut T {
+        let (seg, off) = self.locate(row);
+        let p = self.segments[seg].load(Ordering::Acquire);
+        debug_assert!(!p.is_null(), "row {row} read before its segment was allocated");
+        // SAFETY: the segment holds `base << seg` rows of `width` elements and
+        // `off < base << seg` by construction of `locate`.
+        unsafe { p.add(off * self.width) }
+    }
+
+    /// Bytes allocated by segments so far (the virtual size: pages never
+    /// touched may not be resident).
+    pub fn allocated_bytes(&self) -> usize {
+        (0..MAX_SEGMENTS)
+            .filter(|&s| !self.segments[s].load(Ordering::Acquire).is_null())
+            .map(|s| self.segment_layout(s).size())
+            .sum()
+    }
+}
+
+impl<T: Zeroable> Drop for Segmented<T> {
+    fn drop(&mut self) {
+        for seg in 0..MAX_SEGMENTS {
+            let p = *self.segments[seg].get_mut();
+            if !p.is_null() {
+                // SAFETY: allocated in `ensure` with this same layout.
+                unsafe { dealloc(p as *mut u8, self.segment_layout(seg)) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_distinct_and_stable_across_growth() {
+        let s: Segmented<u32> = Segmented::new(3, 4);
+        let n = 5000u32;
+        for r in 0..n {
+            s.ensure(r);
+            let p = s.row_ptr(r);
+            // SAFETY: single-threaded test, segment ensured above.
+            unsafe {
+                for j in 0..3 {
+                    *p.add(j) = r * 3 + j as u32;
+                }
+            }
+        }
+        for r in 0..n {
+            let p = s.row_ptr(r);
+            for j in 0..3 {
+                // SAFETY: as above.
+                assert_eq!(unsafe { *p.add(j) }, r * 3 + j as u32);
+            }
+        }
+    }
+
+    #[test]
+    fn locate_covers_the_u32_range() {
+        let s: Segmented<f32> = Segmented::new(1, 1024);
+        let (seg, off) = s.locate(u32::MAX - 2);
+        assert!(seg < MAX_SEGMENTS);
+        assert!(off < (1024usize << seg));
+    }
+}

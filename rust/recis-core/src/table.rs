@@ -1,0 +1,1201 @@
+//! The host hash table: a collisionless map from any 64-bit id to a row of
+//! `dim` embedding values followed by `slot_width` optimizer-slot values.
+//!
+//! Two levels, as in the original RecIS:
+//! - an id map, split into shards by the high bits of a mixed hash of the id;
+//!   each shard is an open-addressing table with linear probing over an array
+//!   of atomic 64-bit keys and an array of atomic 32-bit row indices;
+//! - row storage in segments that never move (`store.rs`), with per-row
+//!   metadata (frequency, last step seen) beside it.
+//!
+//! Concurrency. The hot path (`lookup_or_insert_unique`, `lookup_unique`,
+//! `gather`) runs under a shared lock on the table and is lock-free inside it:
+//! a new id claims a key slot by compare-and-swap and takes a row from an
+//! atomic counter or the free list, then publishes the row index; a reader
+//! that finds the key before the index is published waits for it. A batch is
+//! first partitioned by shard, and shards are processed in parallel (rayon),
+//! so each task walks one shard's memory and no two tasks of one call touch
+//! the same slot. Capacity is reserved per shard before inserting; a shard
+//! that lacks room is grown under the exclusive lock, one shard at a time
+//! (its own rehash only), which is the only pause growth causes.
+//! Maintenance — optimizer updates, eviction, import, slot re-layout — takes
+//! the exclusive lock, between steps.
+//!
+//! The key `u64::MAX` marks an empty slot; the one id equal to it lives in a
+//! side slot, so every 64-bit id is a valid key.
+
+use crate::admission::{Admission, AdmissionPolicy};
+use crate::hash::mix64;
+use crate::init::Initializer;
+use crate::optim::SparseOptimizer;
+use crate::store::Segmented;
+use rayon::prelude::*;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Row index of an id that has no row (not admitted, or absent on lookup).
+pub const NO_ROW: u32 = u32::MAX;
+/// Row index of a slot whose key is claimed but whose row is not yet published.
+const PENDING: u32 = u32::MAX - 1;
+/// Rows per table (per process); row indices are `u32` to keep the id map at
+/// 12 bytes a slot.
+pub const MAX_ROWS: u64 = (u32::MAX - 2) as u64;
+const EMPTY: u64 = u64::MAX;
+/// An (id, row) pair of the id map.
+type Entry = (u64, u32);
+/// Metadata words per row: frequency, last step seen (low 32 bits).
+const META_WIDTH: usize = 2;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TableError {
+    /// An argument is malformed; the message names it.
+    InvalidArgument(String),
+    /// The table has used every row index.
+    Full,
+}
+
+impl fmt::Display for TableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableError::InvalidArgument(m) => write!(f, "{m}"),
+            TableError::Full => write!(f, "hash table is full: it holds {MAX_ROWS} rows, the most a table can hold"),
+        }
+    }
+}
+
+impl std::error::Error for TableError {}
+
+type Result<T> = std::result::Result<T, TableError>;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T> {
+    Err(TableError::InvalidArgument(msg.into()))
+}
+
+#[derive(Clone, Debug)]
+pub struct TableConfig {
+    pub dim: usize,
+    pub initializer: Initializer,
+    /// Seed of the initial values and of probabilistic admission.
+    pub seed: u64,
+    pub admission: AdmissionPolicy,
+    /// Number of id-map shards (rounded up to a power of two).
+    pub num_shards: usize,
+    /// Expected number of ids; the id map starts at this capacity.
+    pub initial_capacity: usize,
+    /// Rows in the first storage segment (rounded up to a power of two).
+    pub first_segment_rows: usize,
+}
+
+impl TableConfig {
+    pub fn new(dim: usize) -> Self {
+        TableConfig {
+            dim,
+            initializer: Initializer::Uniform { low: -0.05, high: 0.05 },
+            seed: 0,
+            admission: AdmissionPolicy::Always,
+            num_shards: 256,
+            initial_capacity: 1 << 14,
+            first_segment_rows: 1 << 12,
+        }
+    }
+}
+
+/// What eviction removes. Every set criterion applies (an id meeting any of
+/// them is evicted); then, if `max_rows` is set and more rows remain, the
+/// lowest-scored rows go until `max_rows` remain.
+#[derive(Clone, Debug, Default)]
+pub struct EvictionPolicy {
+    /// Evict ids not seen for more than this many steps.
+    pub ttl_steps: Option<u64>,
+    /// Evict ids seen fewer than this many times.
+    pub min_frequency: Option<u32>,
+    /// Keep at most this many rows, by the score below.
+    pub max_rows: Option<usize>,
+    pub score: EvictionScore,
+    /// Evict rows whose embedding's L2 norm is below this.
+    pub min_l2_norm: Option<f32>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum EvictionScore {
+    /// Least recently seen go first.
+    #[default]
+    Lru,
+    /// Least frequently seen go first (ties: least recently seen).
+    Lfu,
+}
+
+/// How a read of an id without a row is filled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Missing {
+    Zeros,
+    /// The id's would-be initial value.
+    Initial,
+}
+
+/// A batch of ids reduced to its distinct ids.
+#[derive(Debug, Default, Clone)]
+pub struct UniqueLookup {
+    /// The distinct ids, in an unspecified (shard) order.
+    pub ids: Vec<u64>,
+    /// Row of each distinct id, `NO_ROW` where it has none.
+    pub rows: Vec<u32>,
+    /// For each input position, the index of its id in `ids`.
+    pub inverse: Vec<u32>,
+    /// How often each distinct id occurs in the batch.
+    pub counts: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableStats {
+    pub len: usize,
+    pub id_map_slots: usize,
+    pub rows_allocated: usize,
+    pub free_rows: usize,
+    pub id_map_bytes: usize,
+    pub row_bytes: usize,
+    pub meta_bytes: usize,
+    pub other_bytes: usize,
+}
+
+impl TableStats {
+    pub fn total_bytes(&self) -> usize {
+        self.id_map_bytes + self.row_bytes + self.meta_bytes + self.other_bytes
+    }
+}
+
+/// A row exported from the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMeta {
+    pub frequency: u32,
+    pub last_step: u32,
+}
+
+struct Shard {
+    keys: Box<[AtomicU64]>,
+    rows: Box<[AtomicU32]>,
+    mask: usize,
+    /// Slots in use.
+    len: AtomicUsize,
+    /// Slots in use plus those reserved by batches in flight; never above
+    /// `max_load`, so probing always ends at an empty slot.
+    reserved: AtomicUsize,
+    max_load: usize,
+    /// This shard's load factor. Shards differ slightly so that they do not
+    /// all double in the same batch.
+    load_factor: f64,
+}
+
+impl Shard {
+    fn with_capacity(cap: usize, load_factor: f64) -> Self {
+        let cap = cap.max(8).next_power_of_two();
+        Shard {
+            keys: (0..cap).map(|_| AtomicU64::new(EMPTY)).collect(),
+            rows: (0..cap).map(|_| AtomicU32::new(PENDING)).collect(),
+            mask: cap - 1,
+            len: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            max_load: ((cap as f64) * load_factor) as usize,
+            load_factor,
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.mask + 1
+    }
+
+    #[inline]
+    fn home(&self, h: u64) -> usize {
+        h as usize & self.mask
+    }
+
+    #[inline]
+    fn wait_row(&self, slot: usize) -> u32 {
+        loop {
+            let r = self.rows[slot].load(Ordering::Acquire);
+            if r != PENDING {
+                return r;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn find(&self, key: u64, h: u64) -> Option<u32> {
+        let mut i = self.home(h);
+        loop {
+            let k = self.keys[i].load(Ordering::Acquire);
+            if k == key {
+                return Some(self.wait_row(i));
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Finds `key` or claims an empty slot for it. Capacity must have been
+    /// reserved by the caller.
+    fn find_or_claim(&self, key: u64, h: u64) -> Probe {
+        let mut i = self.home(h);
+        loop {
+            let k = self.keys[i].load(Ordering::Acquire);
+            if k == key {
+                return Probe::Found(self.wait_row(i));
+            }
+            if k == EMPTY {
+                match self.keys[i].compare_exchange(EMPTY, key, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        self.len.fetch_add(1, Ordering::Relaxed);
+                        return Probe::Claimed(i);
+                    }
+                    Err(now) if now == key => return Probe::Found(self.wait_row(i)),
+                    Err(_) => {}
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Rolls back a claim whose row could not be allocated: the key stays in
+    /// its slot (probing must not break) but maps to `NO_ROW` and reads as
+    /// absent; the next rebuild drops it.
+    fn release_claim(&self, slot: usize) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.rows[slot].store(NO_ROW, Ordering::Release);
+    }
+
+    /// Inserts a key known to be absent, under exclusive access.
+    fn insert_new(&mut self, key: u64, row: u32) {
+        let mut i = self.home(mix64(key));
+        while *self.keys[i].get_mut() != EMPTY {
+            i = (i + 1) & self.mask;
+        }
+        *self.keys[i].get_mut() = key;
+        *self.rows[i].get_mut() = row;
+        *self.len.get_mut() += 1;
+    }
+
+    /// Live (key, row) pairs.
+    fn entries(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.keys.iter().zip(self.rows.iter()).filter_map(|(k, r)| {
+            let k = k.load(Ordering::Acquire);
+            let r = r.load(Ordering::Acquire);
+            (k != EMPTY && r < PENDING).then_some((k, r))
+        })
+    }
+
+    /// Rebuilds the shard with room for `min_len` keys, keeping only the
+    /// entries `keep` accepts. Exclusive access.
+    fn rebuild(&mut self, min_len: usize, mut keep: impl FnMut(u64, u32) -> bool) {
+        let live: Vec<(u64, u32)> = self.entries().filter(|&(k, r)| keep(k, r)).collect();
+        let need = min_len.max(live.len());
+        let mut cap = self.capacity();
+        while (cap as f64 * self.load_factor) as usize <= need {
+            cap *= 2;
+        }
+        // Shrink when a quarter full or less (after eviction).
+        while cap > 8 && ((cap / 2) as f64 * self.load_factor) as usize > need * 2 {
+            cap /= 2;
+        }
+        let mut fresh = Shard::with_capacity(cap, self.load_factor);
+        for (k, r) in live {
+            fresh.insert_new(k, r);
+        }
+        *fresh.reserved.get_mut() = *fresh.len.get_mut();
+        *self = fresh;
+    }
+}
+
+enum Probe {
+    Found(u32),
+    Claimed(usize),
+}
+
+struct Inner {
+    shards: Vec<Shard>,
+    shard_shift: u32,
+    /// Row of the id `u64::MAX` (`NO_ROW` if absent, `PENDING` while being inserted).
+    sentinel_row: AtomicU32,
+    values: Segmented<f32>,
+    meta: Segmented<AtomicU32>,
+    slot_width: usize,
+    slot_init: f32,
+    next_row: AtomicU64,
+    /// Free rows; `free[..free_top]` are available. Pops happen under the
+    /// shared lock (CAS on `free_top`), pushes only under the exclusive lock,
+    /// so there is no ABA.
+    free: Vec<u32>,
+    free_top: AtomicUsize,
+}
+
+pub struct HashTable {
+    cfg: TableConfig,
+    admission: Admission,
+    inner: RwLock<Inner>,
+}
+
+/// A raw pointer that may cross threads. Every use states why the rows it
+/// reaches are not touched by another thread at the same time.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: see each use site.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: see each use site.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// A method (not field access) so that closures capture the whole
+    /// wrapper, which is Send, rather than the bare pointer field.
+    #[inline(always)]
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl HashTable {
+    pub fn new(cfg: TableConfig) -> Result<Self> {
+        if cfg.dim == 0 {
+            return invalid("dim must be >= 1");
+        }
+        cfg.initializer.validate().map_err(TableError::InvalidArgument)?;
+        cfg.admission.validate().map_err(TableError::InvalidArgument)?;
+        let num_shards = cfg.num_shards.clamp(1, 1 << 16).next_power_of_two();
+        let per_shard = (cfg.initial_capacity / num_shards).max(8);
+        let shards = (0..num_shards)
+            .map(|i| {
+                // Load factors spread over [0.6, 0.8) so shards cross their
+                // thresholds at different sizes and growth is spread over
+                // many batches instead of all shards doubling at once.
+                let lf = 0.6 + 0.2 * (mix64(i as u64) >> 11) as f64 / (1u64 << 53) as f64;
+                Shard::with_capacity((per_shard as f64 / lf) as usize + 1, lf)
+            })
+            .collect();
+        let shard_shift = 64 - num_shards.trailing_zeros();
+        let admission = Admission::new(cfg.admission.clone(), cfg.seed);
+        let inner = Inner {
+            shards,
+            shard_shift,
+            sentinel_row: AtomicU32::new(NO_ROW),
+            values: Segmented::new(cfg.dim, cfg.first_segment_rows),
+            meta: Segmented::new(META_WIDTH, cfg.first_segment_rows),
+            slot_width: 0,
+            slot_init: 0.0,
+            next_row: AtomicU64::new(0),
+            free: Vec::new(),
+            free_top: AtomicUsize::new(0),
+        };
+        Ok(HashTable { cfg, admission, inner: RwLock::new(inner) })
+    }
+
+    pub fn config(&self) -> &TableConfig {
+        &self.cfg
+    }
+
+    pub fn dim(&self) -> usize {
+        self.cfg.dim
+    }
+
+    pub fn slot_width(&self) -> usize {
+        self.read().slot_width
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // in a way later calls could observe differently from a lost batch.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of ids stored.
+    pub fn len(&self) -> usize {
+        let inner = self.read();
+        inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn stats(&self) -> TableStats {
+        let inner = self.read();
+        let slots: usize = inner.shards.iter().map(|s| s.capacity()).sum();
+        let free_rows = inner.free_top.load(Ordering::Acquire);
+        TableStats {
+            len: inner.len(),
+            id_map_slots: slots,
+            rows_allocated: inner.next_row.load(Ordering::Acquire).min(MAX_ROWS) as usize,
+            free_rows,
+            id_map_bytes: slots * (8 + 4),
+            row_bytes: inner.values.allocated_bytes(),
+            meta_bytes: inner.meta.allocated_bytes(),
+            other_bytes: self.admission.memory_bytes()
+                + inner.free.capacity() * 4
+                + inner.shards.len() * std::mem::size_of::<Shard>(),
+        }
+    }
+
+    /// Looks up a batch of ids, inserting those that are new (subject to
+    /// admission), and reduces it to its distinct ids. `step` is recorded as
+    /// the ids' last-seen step and their frequency grows by their count in
+    /// the batch.
+    pub fn lookup_or_insert_unique(&self, ids: &[u64], step: u64) -> Result<UniqueLookup> {
+        self.batch(ids, Mode::Insert { step })
+    }
+
+    /// Read-only lookup of a batch reduced to distinct ids: inserts nothing
+    /// and touches no metadata (evaluation).
+    pub fn lookup_unique(&self, ids: &[u64]) -> UniqueLookup {
+        self.batch(ids, Mode::Read).expect("read-only lookup cannot fail")
+    }
+
+    /// Per-position rows of a batch, inserting new ids (see
+    /// [`lookup_or_insert_unique`](Self::lookup_or_insert_unique)).
+    pub fn lookup_or_insert(&self, ids: &[u64], step: u64) -> Result<Vec<u32>> {
+        let u = self.lookup_or_insert_unique(ids, step)?;
+        Ok(u.inverse.iter().map(|&i| u.rows[i as usize]).collect())
+    }
+
+    /// Per-position rows, `NO_ROW` for absent ids. Inserts nothing.
+    pub fn lookup(&self, ids: &[u64]) -> Vec<u32> {
+        let inner = self.read();
+        ids.par_iter().with_min_len(1024).map(|&id| inner.find(id)).collect()
+    }
+
+    fn batch(&self, ids: &[u64], mode: Mode) -> Result<UniqueLookup> {
+        if ids.len() > u32::MAX as usize {
+            return invalid(format!("ids: a batch holds at most {} ids, got {}", u32::MAX, ids.len()));
+        }
+        if let Mode::Insert { step } = mode {
+            if self.admission.decay_due(step) {
+                let _guard = self.write();
+                self.admission.maybe_decay(step);
+            }
+        }
+        let num_shards = self.read().shards.len();
+        let shard_shift = self.read().shard_shift;
+        let part = Partition::new(ids, num_shards, shard_shift);
+        loop {
+            let inner = self.read();
+            if let Mode::Insert { .. } = mode {
+                if let Err(short) = inner.reserve(&part.offsets) {
+                    drop(inner);
+                    self.grow(&short);
+                    continue;
+                }
+            }
+            let out = self.process(&inner, ids, &part, mode);
+            if let Mode::Insert { .. } = mode {
+                inner.unreserve(&part.offsets, &out.inserted);
+            }
+            return match out.error {
+                Some(e) => Err(e),
+                None => Ok(out.result),
+            };
+        }
+    }
+
+    /// Grows the shards in `short` (shard, keys needed) under the exclusive
+    /// lock, each by its own rehash, in parallel.
+    fn grow(&self, short: &[(usize, usize)]) {
+        let mut inner = self.write();
+        let mut need = vec![0usize; inner.shards.len()];
+        for &(s, n) in short {
+            need[s] = n;
+        }
+        inner.shards.par_iter_mut().zip(need.par_iter()).for_each(|(shard, &n)| {
+            if n > 0 {
+                let want = *shard.reserved.get_mut() + n;
+                if want > shard.max_load {
+                    let reserved = *shard.reserved.get_mut() - *shard.len.get_mut();
+                    shard.rebuild(want, |_, _| true);
+                    *shard.reserved.get_mut() += reserved;
+                }
+            }
+        });
+    }
+
+    fn process(&self, inner: &Inner, ids: &[u64], part: &Partition, mode: Mode) -> BatchOut {
+        let num_shards = inner.shards.len();
+        let mut local_idx = vec![0u32; ids.len()];
+        let local_ptr = SendPtr(local_idx.as_mut_ptr());
+        struct ShardOut {
+            ids: Vec<u64>,
+            rows: Vec<u32>,
+            counts: Vec<u32>,
+            inserted: usize,
+            error: Option<TableError>,
+        }
+        let per_shard: Vec<ShardOut> = (0..num_shards)
+            .into_par_iter()
+            .with_min_len(4)
+            .map(|s| {
+                let positions = &part.perm[part.offsets[s]..part.offsets[s + 1]];
+                let mut out =
+                    ShardOut { ids: Vec::new(), rows: Vec::new(), counts: Vec::new(), inserted: 0, error: None };
+                if positions.is_empty() {
+                    return out;
+                }
+                // Dedup with a small open-addressing map local to this task.
+                let cap = (positions.len() * 2).next_power_of_two();
+                let mask = cap - 1;
+                let mut slots: Vec<u32> = vec![u32::MAX; cap];
+                for &p in positions {
+                    let id = ids[p as usize];
+                    let h = mix64(id);
+                    let mut i = (h >> 24) as usize & mask;
+                    let li = loop {
+                        let u = slots[i];
+                        if u == u32::MAX {
+                            slots[i] = out.ids.len() as u32;
+                            out.ids.push(id);
+                            out.counts.push(0);
+                            break out.ids.len() as u32 - 1;
+                        }
+                        if out.ids[u as usize] == id {
+                            break u;
+                        }
+                        i = (i + 1) & mask;
+                    };
+                    out.counts[li as usize] += 1;
+                    // SAFETY: each input position belongs to exactly one shard,
+                    // so no two tasks write the same element.
+                    unsafe { *local_ptr.get().add(p as usize) = li };
+                }
+                let shard = &inner.shards[s];
+                out.rows.reserve(out.ids.len());
+                for (j, &id) in out.ids.iter().enumerate() {
+                    let row = match mode {
+                        Mode::Read => inner.find(id),
+                        Mode::Insert { step } => match self.find_or_insert(inner, shard, id, out.counts[j], step) {
+                            Ok((row, new)) => {
+                                out.inserted += new as usize;
+                                row
+                            }
+                            Err(e) => {
+                                out.error.get_or_insert(e);
+                                NO_ROW
+                            }
+                        },
+                    };
+                    out.rows.push(row);
+                }
+                out
+            })
+            .collect();
+
+        let mut base = Vec::with_capacity(num_shards + 1);
+        let mut total = 0usize;
+        for o in &per_shard {
+            base.push(total);
+            total += o.ids.len();
+        }
+        let mut result = UniqueLookup {
+            ids: Vec::with_capacity(total),
+            rows: Vec::with_capacity(total),
+            inverse: vec![0u32; ids.len()],
+            counts: Vec::with_capacity(total),
+        };
+        let mut inserted = Vec::with_capacity(num_shards);
+        let mut error = None;
+        for o in per_shard {
+            result.ids.extend_from_slice(&o.ids);
+            result.rows.extend_from_slice(&o.rows);
+            result.counts.extend_from_slice(&o.counts);
+            inserted.push(o.inserted);
+            if error.is_none() {
+                error = o.error;
+            }
+        }
+        let inv_ptr = SendPtr(result.inverse.as_mut_ptr());
+        (0..num_shards).into_par_iter().with_min_len(16).for_each(|s| {
+            for &p in &part.perm[part.offsets[s]..part.offsets[s + 1]] {
+                // SAFETY: positions are disjoint across shards (see above).
+                unsafe { *inv_ptr.get().add(p as usize) = base[s] as u32 + local_idx[p as usize] };
+            }
+        });
+        BatchOut { result, inserted, error }
+    }
+
+    /// Finds `id` in `shard` or inserts it if admitted. Returns the row and
+    /// whether this call created it.
+    fn find_or_insert(&self, inner: &Inner, shard: &Shard, id: u64, count: u32, step: u64) -> Result<(u32, bool)> {
+        let step32 = step.min(u32::MAX as u64) as u32;
+        if id == EMPTY {
+            return self.find_or_insert_sentinel(inner, count, step);
+        }
+        let h = mix64(id);
+        match shard.find(id, h) {
+            Some(NO_ROW) => return Err(TableError::Full),
+            Some(row) => {
+                inner.touch(row, count, step32);
+                return Ok((row, false));
+            }
+            None => {}
+        }
+        if !self.admission.observe(id, count, step) {
+            return Ok((NO_ROW, false));
+        }
+        match shard.find_or_claim(id, h) {
+            Probe::Found(NO_ROW) => Err(TableError::Full),
+            Probe::Found(row) => {
+                inner.touch(row, count, step32);
+                Ok((row, false))
+            }
+            Probe::Claimed(slot) => match inner.alloc_row() {
+                Some(row) => {
+                    self.init_row(inner, row, id, count, step32);
+                    shard.rows[slot].store(row, Ordering::Release);
+                    Ok((row, true))
+                }
+                None => {
+                    // Leave the key mapped to NO_ROW: it reads as absent.
+                    shard.release_claim(slot);
+                    Err(TableError::Full)
+                }
+            },
+        }
+    }
+
+    fn find_or_insert_sentinel(&self, inner: &Inner, count: u32, step: u64) -> Result<(u32, bool)> {
+        let step32 = step.min(u32::MAX as u64) as u32;
+        loop {
+            let r = inner.sentinel_row.load(Ordering::Acquire);
+            if r == PENDING {
+                std::hint::spin_loop();
+                continue;
+            }
+            if r != NO_ROW {
+                inner.touch(r, count, step32);
+                return Ok((r, false));
+            }
+            if !self.admission.observe(EMPTY, count, step) {
+                return Ok((NO_ROW, false));
+            }
+            if inner.sentinel_row.compare_exchange(NO_ROW, PENDING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return match inner.alloc_row() {
+                    Some(row) => {
+                        self.init_row(inner, row, EMPTY, count, step32);
+                        inner.sentinel_row.store(row, Ordering::Release);
+                        Ok((row, true))
+                    }
+                    None => {
+                        inner.sentinel_row.store(NO_ROW, Ordering::Release);
+                        Err(TableError::Full)
+                    }
+                };
+            }
+        }
+    }
+
+    fn init_row(&self, inner: &Inner, row: u32, id: u64, count: u32, step32: u32) {
+        let width = inner.values.width();
+        // SAFETY: `row` was just taken from the counter or the free list by
+        // this thread and is not yet published, so no other thread reads or
+        // writes it; its segment was ensured by `alloc_row`.
+        let r = unsafe { std::slice::from_raw_parts_mut(inner.values.row_ptr(row), width) };
+        self.cfg.initializer.fill(self.cfg.seed, id, &mut r[..self.cfg.dim]);
+        r[self.cfg.dim..].fill(inner.slot_init);
+        let m = inner.meta.row_ptr(row);
+        // SAFETY: the meta segment was ensured with the row; two words a row.
+        unsafe {
+            (*m).store(count, Ordering::Relaxed);
+            (*m.add(1)).store(step32, Ordering::Relaxed);
+        }
+    }
+
+    /// The would-be initial embedding of each id (what an id reads as before
+    /// it has a row).
+    pub fn initial_values(&self, ids: &[u64], out: &mut [f32]) -> Result<()> {
+        let d = self.cfg.dim;
+        if out.len() != ids.len() * d {
+            return invalid(format!(
+                "out: expected {} values ({} ids x dim {d}), got {}",
+                ids.len() * d,
+                ids.len(),
+                out.len()
+            ));
+        }
+        out.par_chunks_mut(d).zip(ids.par_iter()).with_min_len(256).for_each(|(o, &id)| {
+            self.cfg.initializer.fill(self.cfg.seed, id, o);
+        });
+        Ok(())
+    }
+
+    /// Copies the embeddings of `rows` into `out` (`len(rows) x dim`). A row
+    /// equal to `NO_ROW` reads per `missing`, using the matching id.
+    pub fn gather(&self, ids: &[u64], rows: &[u32], missing: Missing, out: &mut [f32]) -> Result<()> {
+        let d = self.cfg.dim;
+        if ids.len() != rows.len() {
+            return invalid(format!("ids and rows differ in length: {} vs {}", ids.len(), rows.len()));
+        }
+        if out.len() != rows.len() * d {
+            return invalid(format!(
+                "out: expected {} values ({} rows x dim {d}), got {}",
+                rows.len() * d,
+                rows.len(),
+                out.len()
+            ));
+        }
+        let inner = self.read();
+        inner.check_rows(rows, "rows", true)?;
+        out.par_chunks_mut(d).zip(rows.par_iter().zip(ids.par_iter())).with_min_len(256).for_each(|(o, (&r, &id))| {
+            if r == NO_ROW {
+                match missing {
+                    Missing::Zeros => o.fill(0.0),
+                    Missing::Initial => self.cfg.initializer.fill(self.cfg.seed, id, o),
+                }
+            } else {
+                // SAFETY: `r` is a live row (checked); rows are written only
+                // under the exclusive lock or before publication, and we hold
+                // the shared lock.
+                let src = unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), d) };
+                o.copy_from_slice(src);
+            }
+        });
+        Ok(())
+    }
+
+    /// Sets the optimizer-slot layout: `slot_width` values per row, filled
+    /// with `slot_init` (existing slots are discarded). Exclusive.
+    pub fn set_slots(&self, slot_width: usize, slot_init: f32) -> Result<()> {
+        if !slot_init.is_finite() {
+            return invalid(format!("slot initial value must be finite, got {slot_init}"));
+        }
+        let mut inner = self.write();
+        let d = self.cfg.dim;
+        let n = inner.next_row.load(Ordering::Acquire).min(MAX_ROWS) as u32;
+        let fresh: Segmented<f32> = Segmented::new(d + slot_width, self.cfg.first_segment_rows);
+        let old_w = inner.values.width();
+        for r in 0..n {
+            fresh.ensure(r);
+            // SAFETY: exclusive lock held; both rows exist (old: r < next_row;
+            // new: ensured above) and do not overlap (different stores).
+            unsafe {
+                let src = std::slice::from_raw_parts(inner.values.row_ptr(r), old_w);
+                let dst = std::slice::from_raw_parts_mut(fresh.row_ptr(r), d + slot_width);
+                dst[..d].copy_from_slice(&src[..d]);
+                dst[d..].fill(slot_init);
+            }
+        }
+        inner.values = fresh;
+        inner.slot_width = slot_width;
+        inner.slot_init = slot_init;
+        Ok(())
+    }
+
+    /// Applies one optimizer step to the rows given. Gradients of the same
+    /// row are summed first; `NO_ROW` entries (not admitted ids) are skipped.
+    /// Non-finite gradients are refused before anything changes.
+    pub fn apply_gradients(
+        &self,
+        rows: &[u32],
+        grads: &[f32],
+        opt: &SparseOptimizer,
+        lr: f32,
+        step: u64,
+    ) -> Result<()> {
+        let d = self.cfg.dim;
+        if grads.len() != rows.len() * d {
+            return invalid(format!(
+                "grads: expected {} values ({} rows x dim {d}), got {}",
+                rows.len() * d,
+                rows.len(),
+                grads.len()
+            ));
+        }
+        if let Some(bad) = grads.par_iter().position_any(|g| !g.is_finite()) {
+            return invalid(format!(
+                "grads: non-finite gradient {} at row {} (position {}, column {}); the table is unchanged",
+                grads[bad],
+                rows[bad / d],
+                bad / d,
+                bad % d
+            ));
+        }
+        if !lr.is_finite() {
+            return invalid(format!("lr must be finite, got {lr}"));
+        }
+        let inner = self.write();
+        if inner.slot_width != opt.slot_width(d) {
+            return invalid(format!(
+                "the table's rows hold {} slot values but {} needs {}; call set_slots first",
+                inner.slot_width,
+                opt.name(),
+                opt.slot_width(d)
+            ));
+        }
+        inner.check_rows(rows, "rows", true)?;
+        let mut order: Vec<(u32, u32)> =
+            rows.iter().enumerate().filter(|&(_, &r)| r != NO_ROW).map(|(i, &r)| (r, i as u32)).collect();
+        order.par_sort_unstable();
+        let mut starts: Vec<usize> = Vec::with_capacity(order.len() + 1);
+        for (k, &(r, _)) in order.iter().enumerate() {
+            if k == 0 || order[k - 1].0 != r {
+                starts.push(k);
+            }
+        }
+        starts.push(order.len());
+        let width = inner.values.width();
+        let values = &inner.values;
+        let prepared = opt.prepare(lr, step);
+        (0..starts.len() - 1).into_par_iter().with_min_len(64).for_each_init(
+            || vec![0.0f32; d],
+            |buf, gi| {
+                let group = &order[starts[gi]..starts[gi + 1]];
+                let g: &[f32] = if group.len() == 1 {
+                    let i = group[0].1 as usize;
+                    &grads[i * d..(i + 1) * d]
+                } else {
+                    buf.fill(0.0);
+                    for &(_, i) in group {
+                        let i = i as usize;
+                        for (b, x) in buf.iter_mut().zip(&grads[i * d..(i + 1) * d]) {
+                            *b += *x;
+                        }
+                    }
+                    buf
+                };
+                // SAFETY: the exclusive lock is held and each group is a
+                // distinct row, so no other thread touches this row.
+                let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(group[0].0), width) };
+                let (w, slots) = row.split_at_mut(d);
+                prepared.update(w, slots, g);
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes ids by `policy`; `step` is the current step (for TTL). Returns
+    /// the evicted ids. Their rows are reused by later inserts. Exclusive.
+    pub fn evict(&self, policy: &EvictionPolicy, step: u64) -> Vec<u64> {
+        let mut inner = self.write();
+        let d = self.cfg.dim;
+        let step32 = step.min(u32::MAX as u64) as u32;
+        let meta_of = |inner: &Inner, r: u32| -> (u32, u32) {
+            let m = inner.meta.row_ptr(r);
+            // SAFETY: live row, exclusive lock held.
+            unsafe { ((*m).load(Ordering::Relaxed), (*m.add(1)).load(Ordering::Relaxed)) }
+        };
+        let doomed = |inner: &Inner, r: u32| -> bool {
+            let (freq, last) = meta_of(inner, r);
+            if let Some(ttl) = policy.ttl_steps {
+                if (step32.saturating_sub(last)) as u64 > ttl {
+                    return true;
+                }
+            }
+            if let Some(k) = policy.min_frequency {
+                if freq < k {
+                    return true;
+                }
+            }
+            if let Some(t) = policy.min_l2_norm {
+                // SAFETY: live row, exclusive lock held.
+                let w = unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), d) };
+                let n2: f32 = w.iter().map(|x| x * x).sum();
+                if n2.sqrt() < t {
+                    return true;
+                }
+            }
+            false
+        };
+        let mut all = inner.entries();
+        let (mut evicted, mut kept): (Vec<Entry>, Vec<Entry>) = all.drain(..).partition(|&(_, r)| doomed(&inner, r));
+        if let Some(max) = policy.max_rows {
+            if kept.len() > max {
+                let excess = kept.len() - max;
+                // Lower key = evicted first.
+                let key = |r: u32| -> (u64, u64) {
+                    let (freq, last) = meta_of(&inner, r);
+                    match policy.score {
+                        EvictionScore::Lru => (last as u64, freq as u64),
+                        EvictionScore::Lfu => (freq as u64, last as u64),
+                    }
+                };
+                kept.select_nth_unstable_by_key(excess - 1, |&(id, r)| (key(r), id));
+                evicted.extend(kept.drain(..excess));
+            }
+        }
+        if evicted.is_empty() {
+            return Vec::new();
+        }
+        let mut gone: std::collections::HashSet<u64> = evicted.iter().map(|&(id, _)| id).collect();
+        if gone.remove(&EMPTY) {
+            *inner.sentinel_row.get_mut() = NO_ROW;
+        }
+        inner.shards.par_iter_mut().for_each(|shard| {
+            if shard.entries().any(|(k, _)| gone.contains(&k)) {
+                shard.rebuild(0, |k, _| !gone.contains(&k));
+            }
+        });
+        let top = *inner.free_top.get_mut();
+        inner.free.truncate(top);
+        inner.free.extend(evicted.iter().map(|&(_, r)| r));
+        *inner.free_top.get_mut() = inner.free.len();
+        evicted.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// A snapshot of every (id, row) pair. Read the rows with
+    /// [`read_rows`](Self::read_rows) before the next maintenance call.
+    pub fn export_keys(&self) -> (Vec<u64>, Vec<u32>) {
+        let inner = self.read();
+        inner.entries().into_iter().unzip()
+    }
+
+    /// Full rows (embedding and slots, `len(rows) x (dim + slot_width)`) and
+    /// their metadata.
+    pub fn read_rows(
+        &self,
+        rows: &[u32],
+        values: &mut [f32],
+        frequency: &mut [u32],
+        last_step: &mut [u32],
+    ) -> Result<()> {
+        let inner = self.read();
+        let w = inner.values.width();
+        if values.len() != rows.len() * w || frequency.len() != rows.len() || last_step.len() != rows.len() {
+            return invalid(format!("read_rows: output sizes do not match {} rows of width {w}", rows.len()));
+        }
+        inner.check_rows(rows, "rows", false)?;
+        values.par_chunks_mut(w).zip(rows.par_iter()).for_each(|(o, &r)| {
+            // SAFETY: live row (checked), shared lock held.
+            o.copy_from_slice(unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), w) });
+        });
+        for (k, &r) in rows.iter().enumerate() {
+            let m = inner.meta.row_ptr(r);
+            // SAFETY: as above; meta words are atomics.
+            unsafe {
+                frequency[k] = (*m).load(Ordering::Relaxed);
+                last_step[k] = (*m.add(1)).load(Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts or overwrites full rows (embedding and slots) with their
+    /// metadata, bypassing admission: the inverse of export. Exclusive.
+    pub fn import(&self, ids: &[u64], values: &[f32], frequency: &[u32], last_step: &[u32]) -> Result<()> {
+        let w = self.cfg.dim + self.slot_width();
+        if values.len() != ids.len() * w {
+            return invalid(format!(
+                "import: values hold {} floats, expected {} ids x width {w} (dim {} + {} slot values)",
+                values.len(),
+                ids.len(),
+                self.cfg.dim,
+                self.slot_width()
+            ));
+        }
+        if frequency.len() != ids.len() || last_step.len() != ids.len() {
+            return invalid(format!(
+                "import: {} ids but {} frequencies and {} last steps",
+                ids.len(),
+                frequency.len(),
+                last_step.len()
+            ));
+        }
+        let mut inner = self.write();
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        if let Some(dup) = ids.iter().find(|&&id| !seen.insert(id)) {
+            return invalid(format!("import: id {dup} occurs twice"));
+        }
+        for (k, &id) in ids.iter().enumerate() {
+            let row = match inner.find(id) {
+                r if r != NO_ROW => r,
+                _ => {
+                    let row = inner.alloc_row().ok_or(TableError::Full)?;
+                    if id == EMPTY {
+                        *inner.sentinel_row.get_mut() = row;
+                    } else {
+                        let s = (mix64(id) >> inner.shard_shift) as usize;
+                        let shard = &mut inner.shards[s];
+                        if *shard.len.get_mut() + 1 > shard.max_load {
+                            let want = *shard.len.get_mut() + 1;
+                            shard.rebuild(want, |_, _| true);
+                        }
+                        shard.insert_new(id, row);
+                        *shard.reserved.get_mut() += 1;
+                    }
+                    row
+                }
+            };
+            // SAFETY: exclusive lock held; row exists (found or allocated).
+            unsafe {
+                std::slice::from_raw_parts_mut(inner.values.row_ptr(row), w)
+                    .copy_from_slice(&values[k * w..(k + 1) * w]);
+                let m = inner.meta.row_ptr(row);
+                (*m).store(frequency[k], Ordering::Relaxed);
+                (*m.add(1)).store(last_step[k], Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every id. Exclusive.
+    pub fn clear(&self) {
+        let mut inner = self.write();
+        for shard in inner.shards.iter_mut() {
+            shard.rebuild(0, |_, _| false);
+        }
+        *inner.sentinel_row.get_mut() = NO_ROW;
+        *inner.next_row.get_mut() = 0;
+        inner.free.clear();
+        *inner.free_top.get_mut() = 0;
+    }
+
+    /// Admission sketch counters, for checkpoints.
+    pub fn admission_state(&self) -> (Vec<u32>, u32) {
+        self.admission.export_counters()
+    }
+
+    pub fn set_admission_state(&self, counters: &[u32], last_decay_epoch: u32) -> Result<()> {
+        let _g = self.write();
+        self.admission.import_counters(counters, last_decay_epoch).map_err(TableError::InvalidArgument)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Read,
+    Insert { step: u64 },
+}
+
+struct BatchOut {
+    result: UniqueLookup,
+    inserted: Vec<usize>,
+    error: Option<TableError>,
+}
+
+/// Input positions grouped by shard (a counting sort on the shard bits).
+struct Partition {
+    perm: Vec<u32>,
+    offsets: Vec<usize>,
+}
+
+impl Partition {
+    fn new(ids: &[u64], num_shards: usize, shard_shift: u32) -> Self {
+        let shard_of = |id: u64| if shard_shift >= 64 { 0 } else { (mix64(id) >> shard_shift) as usize };
+        let shards: Vec<u16> = ids.par_iter().with_min_len(4096).map(|&id| shard_of(id) as u16).collect();
+        let mut offsets = vec![0usize; num_shards + 1];
+        for &s in &shards {
+            offsets[s as usize + 1] += 1;
+        }
+        for s in 0..num_shards {
+            offsets[s + 1] += offsets[s];
+        }
+        let mut cursor = offsets.clone();
+        let mut perm = vec![0u32; ids.len()];
+        for (p, &s) in shards.iter().enumerate() {
+            perm[cursor[s as usize]] = p as u32;
+            cursor[s as usize] += 1;
+        }
+        Partition { perm, offsets }
+    }
+}
+
+impl Inner {
+    fn len(&self) -> usize {
+        let sentinel = self.sentinel_row.load(Ordering::Acquire);
+        self.shards.iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>() + (sentinel != NO_ROW) as usize
+    }
+
+    fn find(&self, id: u64) -> u32 {
+        if id == EMPTY {
+            loop {
+                let r = self.sentinel_row.load(Ordering::Acquire);
+                if r != PENDING {
+                    return r;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let h = mix64(id);
+        let s = if self.shard_shift >= 64 { 0 } else { (h >> self.shard_shift) as usize };
+        self.shards[s].find(id, h).unwrap_or(NO_ROW)
+    }
+
+    fn touch(&self, row: u32, count: u32, step32: u32) {
+        let m = self.meta.row_ptr(row);
+        // SAFETY: published rows have their meta segment; words are atomics.
+        unsafe {
+            let _ = (*m).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_add(count)));
+            (*m.add(1)).fetch_max(step32, Ordering::Relaxed);
+        }
+    }
+
+    fn alloc_row(&self) -> Option<u32> {
+        let mut top = self.free_top.load(Ordering::Acquire);
+        while top > 0 {
+            match self.free_top.compare_exchange_weak(top, top - 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(self.free[top - 1]),
+                Err(now) => top = now,
+            }
+        }
+        let r = self.next_row.fetch_add(1, Ordering::AcqRel);
+        if r >= MAX_ROWS {
+            return None;
+        }
+        let r = r as u32;
+        self.values.ensure(r);
+        self.meta.ensure(r);
+        Some(r)
+    }
+
+    /// Reserves room for each shard's part of a batch. On failure nothing
+    /// stays reserved and the shards short of room are returned with the
+    /// number of keys they must fit.
+    fn reserve(&self, offsets: &[usize]) -> std::result::Result<(), Vec<(usize, usize)>> {
+        let mut short = Vec::new();
+        for (s, shard) in self.shards.iter().enumerate() {
+            let n = offsets[s + 1] - offsets[s];
+            if n == 0 {
+                continue;
+            }
+            let prev = shard.reserved.fetch_add(n, Ordering::AcqRel);
+            if prev + n > shard.max_load {
+                short.push((s, n));
+            }
+        }
+        if !short.is_empty() {
+            for (s, shard) in self.shards.iter().enumerate() {
+                let n = offsets[s + 1] - offsets[s];
+                if n > 0 {
+                    shard.reserved.fetch_sub(n, Ordering::AcqRel);
+                }
+            }
+            return Err(short);
+        }
+        Ok(())
+    }
+
+    /// Returns the unused part of a reservation.
+    fn unreserve(&self, offsets: &[usize], inserted: &[usize]) {
+        for (s, shard) in self.shards.iter().enumerate() {
+            let n = offsets[s + 1] - offsets[s];
+            if n > 0 {
+                shard.reserved.fetch_sub(n - inserted[s], Ordering::AcqRel);
+            }
+        }
+    }
+
+    fn check_rows(&self, rows: &[u32], name: &str, allow_missing: bool) -> Result<()> {
+        let limit = self.next_row.load(Ordering::Acquire).min(MAX_ROWS);
+        if let Some(k) = rows.par_iter().position_any(|&r| !((r as u64) < limit || (allow_missing && r == NO_ROW))) {
+            return invalid(format!("{name}[{k}] = {} is not a row of this table (it has {limit} rows)", rows[k]));
+        }
+        Ok(())
+    }
+
+    fn entries(&self) -> Vec<(u64, u32)> {
+        let mut all: Vec<(u64, u32)> =
+            self.shards.par_iter().flat_map_iter(|s| s.entries().collect::<Vec<_>>()).collect();
+        let r = self.sentinel_row.load(Ordering::Acquire);
+        if r < PENDING {
+            all.push((EMPTY, r));
+        }
+        all
+    }
+}

@@ -1,0 +1,424 @@
+//! `recis._native`: thin PyO3 bindings of recis-core. Argument conversion,
+//! GIL release and error mapping only — every rule lives in recis-core.
+//!
+//! Ids cross as int64 arrays and are reinterpreted as u64 bit for bit (so
+//! negative ids are valid keys); row indices cross as uint32 arrays, with
+//! `NO_ROW` (2**32 - 1) for an id without a row.
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2};
+use pyo3::exceptions::{PyMemoryError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use recis_core::{
+    AdmissionPolicy, EvictionPolicy, EvictionScore, Initializer, Missing, SparseOptimizer, TableConfig, TableError,
+    NO_ROW,
+};
+use std::sync::Arc;
+
+fn to_py(e: TableError) -> PyErr {
+    match e {
+        TableError::InvalidArgument(m) => PyValueError::new_err(m),
+        TableError::Full => PyMemoryError::new_err(e.to_string()),
+    }
+}
+
+fn value_err(m: String) -> PyErr {
+    PyValueError::new_err(m)
+}
+
+fn contiguous<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| value_err(format!("{name} must be a contiguous 1-D array")))
+}
+
+fn as_u64(ids: &[i64]) -> &[u64] {
+    // SAFETY: i64 and u64 have the same size and alignment, and every bit
+    // pattern is valid for both.
+    unsafe { std::slice::from_raw_parts(ids.as_ptr() as *const u64, ids.len()) }
+}
+
+fn into_i64(v: Vec<u64>) -> Vec<i64> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same size and alignment; the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut i64, v.len(), v.capacity()) }
+}
+
+fn params<const N: usize>(kind: &str, p: &[f64]) -> PyResult<[f64; N]> {
+    p.try_into().map_err(|_| value_err(format!("{kind} takes {N} parameters, got {}", p.len())))
+}
+
+fn parse_initializer(kind: &str, p: &[f64], dim: usize) -> PyResult<Initializer> {
+    Ok(match kind {
+        "constant" => Initializer::Constant(params::<1>(kind, p)?[0] as f32),
+        "uniform" => {
+            let [low, high] = params(kind, p)?;
+            Initializer::Uniform { low: low as f32, high: high as f32 }
+        }
+        "normal" => {
+            let [mean, std] = params(kind, p)?;
+            Initializer::Normal { mean: mean as f32, std: std as f32 }
+        }
+        "truncated_normal" => {
+            let [mean, std, low, high] = params(kind, p)?;
+            Initializer::TruncatedNormal { mean: mean as f32, std: std as f32, low: low as f32, high: high as f32 }
+        }
+        "xavier_uniform" => Initializer::xavier_uniform(dim, params::<1>(kind, p)?[0] as f32),
+        "xavier_normal" => Initializer::xavier_normal(dim, params::<1>(kind, p)?[0] as f32),
+        "kaiming_uniform" => Initializer::kaiming_uniform(dim, params::<1>(kind, p)?[0] as f32),
+        "kaiming_normal" => Initializer::kaiming_normal(dim, params::<1>(kind, p)?[0] as f32),
+        _ => return Err(value_err(format!("unknown initializer {kind:?}"))),
+    })
+}
+
+fn parse_admission(kind: &str, p: &[f64]) -> PyResult<AdmissionPolicy> {
+    Ok(match kind {
+        "always" => AdmissionPolicy::Always,
+        "min_count" => {
+            let [k, width, depth, decay_every] = params(kind, p)?;
+            AdmissionPolicy::MinCount {
+                k: k as u32,
+                width: width as usize,
+                depth: depth as usize,
+                decay_every: decay_every as u64,
+            }
+        }
+        "probability" => AdmissionPolicy::Probability { p: params::<1>(kind, p)?[0] },
+        _ => return Err(value_err(format!("unknown admission policy {kind:?}"))),
+    })
+}
+
+fn parse_optimizer(kind: &str, p: &[f64]) -> PyResult<SparseOptimizer> {
+    let f = |x: f64| x as f32;
+    let opt = match kind {
+        "sgd" => SparseOptimizer::Sgd { weight_decay: f(params::<1>(kind, p)?[0]) },
+        "adagrad" => {
+            let [lr_decay, eps, init, wd] = params(kind, p)?;
+            SparseOptimizer::Adagrad {
+                lr_decay: f(lr_decay),
+                eps: f(eps),
+                initial_accumulator: f(init),
+                weight_decay: f(wd),
+            }
+        }
+        "rowwise_adagrad" => {
+            let [eps, init, wd] = params(kind, p)?;
+            SparseOptimizer::RowWiseAdagrad { eps: f(eps), initial_accumulator: f(init), weight_decay: f(wd) }
+        }
+        "adam" => {
+            let [b1, b2, eps, wd] = params(kind, p)?;
+            SparseOptimizer::Adam { beta1: f(b1), beta2: f(b2), eps: f(eps), weight_decay: f(wd) }
+        }
+        "adamw" => {
+            let [b1, b2, eps, wd] = params(kind, p)?;
+            SparseOptimizer::AdamW { beta1: f(b1), beta2: f(b2), eps: f(eps), weight_decay: f(wd) }
+        }
+        _ => return Err(value_err(format!("unknown sparse optimizer {kind:?}"))),
+    };
+    opt.validate().map_err(|m| value_err(format!("{}: {m}", opt.name())))?;
+    Ok(opt)
+}
+
+/// A parsed sparse optimizer, reused across steps.
+#[pyclass(name = "SparseOptimizerKernel", module = "recis._native", frozen)]
+struct PyOptimizer {
+    opt: SparseOptimizer,
+}
+
+#[pymethods]
+impl PyOptimizer {
+    #[new]
+    fn new(kind: &str, params: Vec<f64>) -> PyResult<Self> {
+        Ok(PyOptimizer { opt: parse_optimizer(kind, &params)? })
+    }
+
+    /// (slot values per row, their initial value) for an embedding of `dim`.
+    fn slot_layout(&self, dim: usize) -> (usize, f32) {
+        (self.opt.slot_width(dim), self.opt.slot_init())
+    }
+}
+
+#[pyclass(name = "HashTable", module = "recis._native", frozen)]
+struct PyHashTable {
+    table: Arc<recis_core::HashTable>,
+}
+
+#[pymethods]
+impl PyHashTable {
+    #[new]
+    #[pyo3(signature = (dim, initializer, init_params, seed, admission, admission_params, num_shards=256, initial_capacity=16384))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dim: usize,
+        initializer: &str,
+        init_params: Vec<f64>,
+        seed: u64,
+        admission: &str,
+        admission_params: Vec<f64>,
+        num_shards: usize,
+        initial_capacity: usize,
+    ) -> PyResult<Self> {
+        let mut cfg = TableConfig::new(dim);
+        cfg.initializer = parse_initializer(initializer, &init_params, dim.max(1))?;
+        cfg.seed = seed;
+        cfg.admission = parse_admission(admission, &admission_params)?;
+        cfg.num_shards = num_shards;
+        cfg.initial_capacity = initial_capacity;
+        let table = recis_core::HashTable::new(cfg).map_err(to_py)?;
+        Ok(PyHashTable { table: Arc::new(table) })
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.table.dim()
+    }
+
+    #[getter]
+    fn slot_width(&self) -> usize {
+        self.table.slot_width()
+    }
+
+    #[classattr]
+    const NO_ROW: u32 = NO_ROW;
+
+    fn __len__(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Distinct ids of a batch, inserting new ones: (ids, rows, inverse, counts).
+    #[allow(clippy::type_complexity)]
+    fn lookup_or_insert_unique<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        step: u64,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<u32>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<u32>>,
+    )> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let t = &self.table;
+        let u = py.detach(|| t.lookup_or_insert_unique(ids, step)).map_err(to_py)?;
+        Ok(unique_to_py(py, u))
+    }
+
+    /// Distinct ids of a batch, read-only: (ids, rows, inverse, counts).
+    #[allow(clippy::type_complexity)]
+    fn lookup_unique<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<u32>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<u32>>,
+    )> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let t = &self.table;
+        let u = py.detach(|| t.lookup_unique(ids));
+        Ok(unique_to_py(py, u))
+    }
+
+    /// Per-position rows, inserting new ids.
+    fn lookup_or_insert<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        step: u64,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let t = &self.table;
+        Ok(py.detach(|| t.lookup_or_insert(ids, step)).map_err(to_py)?.into_pyarray(py))
+    }
+
+    /// Per-position rows, NO_ROW where absent; inserts nothing.
+    fn lookup<'py>(&self, py: Python<'py>, ids: PyReadonlyArray1<'py, i64>) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let t = &self.table;
+        Ok(py.detach(|| t.lookup(ids)).into_pyarray(py))
+    }
+
+    /// Writes the embeddings of `rows` into `out` ([n, dim] float32); rows
+    /// equal to NO_ROW read as zeros or, with `initial`, their initial value.
+    fn gather(
+        &self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        rows: PyReadonlyArray1<'_, u32>,
+        initial: bool,
+        mut out: PyReadwriteArray2<'_, f32>,
+    ) -> PyResult<()> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let rows = contiguous(&rows, "rows")?;
+        let out =
+            out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [n, dim] float32 array".into()))?;
+        let missing = if initial { Missing::Initial } else { Missing::Zeros };
+        let t = &self.table;
+        py.detach(|| t.gather(ids, rows, missing, out)).map_err(to_py)
+    }
+
+    /// Writes the would-be initial embedding of each id into `out`.
+    fn initial_values(
+        &self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        mut out: PyReadwriteArray2<'_, f32>,
+    ) -> PyResult<()> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let out =
+            out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [n, dim] float32 array".into()))?;
+        let t = &self.table;
+        py.detach(|| t.initial_values(ids, out)).map_err(to_py)
+    }
+
+    fn set_slots(&self, py: Python<'_>, slot_width: usize, slot_init: f32) -> PyResult<()> {
+        let t = &self.table;
+        py.detach(|| t.set_slots(slot_width, slot_init)).map_err(to_py)
+    }
+
+    /// One fused optimizer step over `rows` with gradients `grads` [n, dim].
+    fn apply_gradients(
+        &self,
+        py: Python<'_>,
+        rows: PyReadonlyArray1<'_, u32>,
+        grads: PyReadonlyArray2<'_, f32>,
+        optimizer: &PyOptimizer,
+        lr: f32,
+        step: u64,
+    ) -> PyResult<()> {
+        let rows = contiguous(&rows, "rows")?;
+        let grads =
+            grads.as_slice().map_err(|_| value_err("grads must be a contiguous [n, dim] float32 array".into()))?;
+        let t = &self.table;
+        let opt = &optimizer.opt;
+        py.detach(|| t.apply_gradients(rows, grads, opt, lr, step)).map_err(to_py)
+    }
+
+    /// Evicts ids by the given criteria; returns the evicted ids.
+    #[pyo3(signature = (step, ttl_steps=None, min_frequency=None, max_rows=None, score="lru", min_l2_norm=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn evict<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        ttl_steps: Option<u64>,
+        min_frequency: Option<u32>,
+        max_rows: Option<usize>,
+        score: &str,
+        min_l2_norm: Option<f32>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let score = match score {
+            "lru" => EvictionScore::Lru,
+            "lfu" => EvictionScore::Lfu,
+            _ => return Err(value_err(format!("eviction score must be 'lru' or 'lfu', got {score:?}"))),
+        };
+        let policy = EvictionPolicy { ttl_steps, min_frequency, max_rows, score, min_l2_norm };
+        let t = &self.table;
+        Ok(into_i64(py.detach(|| t.evict(&policy, step))).into_pyarray(py))
+    }
+
+    /// Snapshot of every (id, row).
+    fn export_keys<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>) {
+        let t = &self.table;
+        let (ids, rows) = py.detach(|| t.export_keys());
+        (into_i64(ids).into_pyarray(py), rows.into_pyarray(py))
+    }
+
+    /// Full rows (embedding + slots) and metadata (frequency, last step).
+    #[allow(clippy::type_complexity)]
+    fn read_rows<'py>(
+        &self,
+        py: Python<'py>,
+        rows: PyReadonlyArray1<'py, u32>,
+    ) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>)> {
+        let rows = contiguous(&rows, "rows")?;
+        let w = self.table.dim() + self.table.slot_width();
+        let t = &self.table;
+        let (values, freq, last) = py
+            .detach(|| {
+                let mut values = vec![0.0f32; rows.len() * w];
+                let (mut f, mut l) = (vec![0u32; rows.len()], vec![0u32; rows.len()]);
+                t.read_rows(rows, &mut values, &mut f, &mut l).map(|_| (values, f, l))
+            })
+            .map_err(to_py)?;
+        let values = Array2::from_shape_vec((rows.len(), w), values).expect("shape matches length");
+        Ok((values.into_pyarray(py), freq.into_pyarray(py), last.into_pyarray(py)))
+    }
+
+    /// Inserts or overwrites full rows with their metadata (bypasses admission).
+    fn import_rows(
+        &self,
+        py: Python<'_>,
+        ids: PyReadonlyArray1<'_, i64>,
+        values: PyReadonlyArray2<'_, f32>,
+        frequency: PyReadonlyArray1<'_, u32>,
+        last_step: PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<()> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let values =
+            values.as_slice().map_err(|_| value_err("values must be a contiguous 2-D float32 array".into()))?;
+        let f = contiguous(&frequency, "frequency")?;
+        let l = contiguous(&last_step, "last_step")?;
+        let t = &self.table;
+        py.detach(|| t.import(ids, values, f, l)).map_err(to_py)
+    }
+
+    fn clear(&self, py: Python<'_>) {
+        let t = &self.table;
+        py.detach(|| t.clear())
+    }
+
+    /// Admission sketch counters and last decay epoch.
+    fn admission_state<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<u32>>, u32) {
+        let (c, e) = self.table.admission_state();
+        (c.into_pyarray(py), e)
+    }
+
+    fn set_admission_state(&self, counters: PyReadonlyArray1<'_, u32>, last_decay_epoch: u32) -> PyResult<()> {
+        let c = contiguous(&counters, "counters")?;
+        self.table.set_admission_state(c, last_decay_epoch).map_err(to_py)
+    }
+
+    /// Size and memory use.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.table.stats();
+        let d = PyDict::new(py);
+        d.set_item("len", s.len)?;
+        d.set_item("id_map_slots", s.id_map_slots)?;
+        d.set_item("rows_allocated", s.rows_allocated)?;
+        d.set_item("free_rows", s.free_rows)?;
+        d.set_item("id_map_bytes", s.id_map_bytes)?;
+        d.set_item("row_bytes", s.row_bytes)?;
+        d.set_item("meta_bytes", s.meta_bytes)?;
+        d.set_item("other_bytes", s.other_bytes)?;
+        d.set_item("total_bytes", s.total_bytes())?;
+        Ok(d)
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn unique_to_py(
+    py: Python<'_>,
+    u: recis_core::UniqueLookup,
+) -> (Bound<'_, PyArray1<i64>>, Bound<'_, PyArray1<u32>>, Bound<'_, PyArray1<i64>>, Bound<'_, PyArray1<u32>>) {
+    let inverse: Vec<i64> = u.inverse.iter().map(|&i| i as i64).collect();
+    (into_i64(u.ids).into_pyarray(py), u.rows.into_pyarray(py), inverse.into_pyarray(py), u.counts.into_pyarray(py))
+}
+
+/// Number of threads of the rayon pool used by every batch call.
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyHashTable>()?;
+    m.add_class::<PyOptimizer>()?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add("NO_ROW", NO_ROW)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
