@@ -45,7 +45,7 @@ bench: setup
 bench-peers: setup
 	$(PY) -m pip install -q "fbgemm-gpu-cpu==1.8.0"
 	$(PY) -m pip install -q --no-deps "torchrec==1.9.2"
-	$(PY) -m pip install -q tensordict iopath pyre-extensions typing-inspect mypy-extensions
+	$(PY) -m pip install -q tensordict pyvers iopath pyre-extensions typing-inspect mypy-extensions
 
 clean:
 	cargo clean

@@ -127,12 +127,16 @@ def concat_ragged(parts: list[RaggedTensor]) -> RaggedTensor:
 
 
 def pool(w: torch.Tensor, inverse: torch.Tensor, offsets: torch.Tensor, weights, combiner: str) -> torch.Tensor:
-    """Pools rows ``w[inverse]`` into bags given by ``offsets`` ([B + 1])."""
+    """Pools rows ``w[inverse]`` into bags given by ``offsets`` ([B + 1]).
+
+    The gradient of ``w`` is sparse (one entry per lookup position): torch's
+    sparse backward is several times faster than its dense one here, and the
+    sparse optimizer merges entries of the same row anyway."""
     if weights is None:
-        return F.embedding_bag(inverse, w, offsets, mode=combiner, include_last_offset=True)
+        return F.embedding_bag(inverse, w, offsets, mode=combiner, include_last_offset=True, sparse=True)
     weights = weights.to(w.dtype)
     out = F.embedding_bag(
-        inverse, w, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+        inverse, w, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True, sparse=True
     )
     if combiner == "mean":
         # Weighted mean: divide by each bag's total weight (empty bags stay 0).

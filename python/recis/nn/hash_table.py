@@ -111,19 +111,35 @@ class HashTable:
         self._pending.append((rows, weights))
 
     def pending_gradients(self):
-        """(rows, grads) of every pending lookup that received a gradient, or
-        None. Rows of several lookups are concatenated; the optimizer sums
-        repeated rows."""
-        rows, grads = [], []
+        """Gradients of every pending lookup that received one, as
+        (rows, index, grads, rows_unique): ``grads[k]`` belongs to
+        ``rows[index[k]]``. A block's gradient may be sparse (one entry per
+        lookup position, from sparse pooling) or dense ([U, D]); the optimizer
+        sums entries of the same row. None if there is nothing to apply."""
+        rows, index, grads = [], [], []
+        base = 0
         for r, w in self._pending:
-            if w.grad is not None:
-                rows.append(r)
-                grads.append(w.grad)
+            g = w.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                idx, vals = g._indices()[0], g._values()
+            else:
+                idx, vals = torch.arange(len(r)), g
+            rows.append(r)
+            index.append(idx + base if base else idx)
+            grads.append(vals)
+            base += len(r)
         if not rows:
             return None
         if len(rows) == 1:
-            return rows[0], grads[0].detach().contiguous().numpy()
-        return np.concatenate(rows), torch.cat(grads).detach().contiguous().numpy()
+            return rows[0], index[0].numpy(), grads[0].detach().contiguous().numpy(), True
+        return (
+            np.concatenate(rows),
+            torch.cat(index).numpy(),
+            torch.cat(grads).detach().contiguous().numpy(),
+            False,
+        )
 
     def clear_pending(self) -> None:
         self._pending.clear()

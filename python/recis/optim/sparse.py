@@ -94,11 +94,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                 table = self.tables[id(p)]
                 pending = table.pending_gradients()
                 if pending is not None:
-                    rows, grads = pending
+                    rows, index, grads, unique = pending
                     state = self.state[p]
                     step = int(state.get("step", 0)) + 1
                     try:
-                        table.native.apply_gradients(rows, grads, kernel, lr, step)
+                        table.native.apply_gradients_indexed(rows, index, grads, unique, kernel, lr, step)
                     except ValueError as e:
                         raise ValueError(f"table {table.name!r}: {e}") from None
                     state["step"] = step

@@ -186,13 +186,12 @@ fn adam_row(
 ) {
     let d = w.len();
     let (m, v) = slots.split_at_mut(d);
-    for i in 0..d {
-        let gi = g[i] + weight_decay * w[i];
-        let dm = (gi - m[i]) * (1.0 - beta1);
-        m[i] += dm;
-        let dv = (gi * gi - v[i]) * (1.0 - beta2);
-        v[i] += dv;
-        w[i] += -step_size * (m[i] / (v[i].sqrt() + eps));
+    let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
+    for (((wi, mi), vi), &gi) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&g[..d]) {
+        let gi = gi + weight_decay * *wi;
+        *mi += (gi - *mi) * c1;
+        *vi += (gi * gi - *vi) * c2;
+        *wi += -step_size * (*mi / (vi.sqrt() + eps));
     }
 }
 

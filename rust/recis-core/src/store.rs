@@ -95,6 +95,16 @@ impl<T: Zeroable> Segmented<T> {
         }
     }
 
+    /// Makes sure the segments holding rows `first..=last` exist.
+    pub fn ensure_range(&self, first: u32, last: u32) {
+        let (a, _) = self.locate(first);
+        let (b, _) = self.locate(last);
+        for seg in a..=b {
+            let first_row_of_seg = (((1u64 << seg) - 1) << self.base_shift) as u32;
+            self.ensure(first_row_of_seg.max(first));
+        }
+    }
+
     /// Pointer to the first element of `row`.
     ///
     /// The row's segment must exist (`ensure` was called for it, or for a later

@@ -32,7 +32,7 @@ use crate::store::Segmented;
 use rayon::prelude::*;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Row index of an id that has no row (not admitted, or absent on lookup).
 pub const NO_ROW: u32 = u32::MAX;
@@ -42,6 +42,8 @@ const PENDING: u32 = u32::MAX - 1;
 /// 12 bytes a slot.
 pub const MAX_ROWS: u64 = (u32::MAX - 2) as u64;
 const EMPTY: u64 = u64::MAX;
+/// Slot position of an id not in the id map.
+const ABSENT: usize = usize::MAX;
 /// An (id, row) pair of the id map.
 type Entry = (u64, u32);
 /// Metadata words per row: frequency, last step seen (low 32 bits).
@@ -222,11 +224,17 @@ impl Shard {
     }
 
     fn find(&self, key: u64, h: u64) -> Option<u32> {
+        self.find_slot(key, h).map(|i| self.wait_row(i))
+    }
+
+    /// The slot holding `key`, without waiting for its row.
+    #[inline]
+    fn find_slot(&self, key: u64, h: u64) -> Option<usize> {
         let mut i = self.home(h);
         loop {
             let k = self.keys[i].load(Ordering::Acquire);
             if k == key {
-                return Some(self.wait_row(i));
+                return Some(i);
             }
             if k == EMPTY {
                 return None;
@@ -328,6 +336,10 @@ struct Inner {
     /// so there is no ABA.
     free: Vec<u32>,
     free_top: AtomicUsize,
+    /// Rows allocated in bulk but not used (a racing call inserted the same
+    /// id first); moved to `free` by the next exclusive operation. A lock,
+    /// but only on that rare path.
+    spare: Mutex<Vec<u32>>,
 }
 
 pub struct HashTable {
@@ -385,6 +397,7 @@ impl HashTable {
             next_row: AtomicU64::new(0),
             free: Vec::new(),
             free_top: AtomicUsize::new(0),
+            spare: Mutex::new(Vec::new()),
         };
         Ok(HashTable { cfg, admission, inner: RwLock::new(inner) })
     }
@@ -503,6 +516,7 @@ impl HashTable {
     /// lock, each by its own rehash, in parallel.
     fn grow(&self, short: &[(usize, usize)]) {
         let mut inner = self.write();
+        inner.reclaim_spare();
         let mut need = vec![0usize; inner.shards.len()];
         for &(s, n) in short {
             need[s] = n;
@@ -567,22 +581,63 @@ impl HashTable {
                     unsafe { *local_ptr.get().add(p as usize) = li };
                 }
                 let shard = &inner.shards[s];
-                out.rows.reserve(out.ids.len());
-                for (j, &id) in out.ids.iter().enumerate() {
-                    let row = match mode {
-                        Mode::Read => inner.find(id),
-                        Mode::Insert { step } => match self.find_or_insert(inner, shard, id, out.counts[j], step) {
+                // Phases over all distinct ids of the shard, each prefetching
+                // what the next needs, so that their cache misses overlap
+                // instead of forming one dependent chain per id.
+                let hashes: Vec<u64> = out.ids.iter().map(|&id| mix64(id)).collect();
+                for &h in &hashes {
+                    prefetch(&shard.keys[shard.home(h)]);
+                }
+                let slots: Vec<usize> = out
+                    .ids
+                    .iter()
+                    .zip(&hashes)
+                    .map(|(&id, &h)| if id == EMPTY { ABSENT } else { shard.find_slot(id, h).unwrap_or(ABSENT) })
+                    .collect();
+                for &sl in &slots {
+                    if sl != ABSENT {
+                        prefetch(&shard.rows[sl]);
+                    }
+                }
+                out.rows = slots
+                    .iter()
+                    .zip(&out.ids)
+                    .map(|(&sl, &id)| match (id, sl) {
+                        (EMPTY, _) => inner.find(EMPTY),
+                        (_, ABSENT) => NO_ROW,
+                        _ => shard.wait_row(sl),
+                    })
+                    .collect();
+                if let Mode::Insert { step } = mode {
+                    let step32 = step.min(u32::MAX as u64) as u32;
+                    let absent = out.rows.iter().filter(|&&r| r >= PENDING).count();
+                    for &r in &out.rows {
+                        if r < PENDING {
+                            prefetch(inner.meta.row_ptr(r));
+                        }
+                    }
+                    // New rows for this shard in one allocation (when every
+                    // new id is admitted), not one contended atomic per id.
+                    let mut fresh = if self.admission.is_always() { inner.alloc_rows(absent) } else { Vec::new() };
+                    for j in 0..out.ids.len() {
+                        let r = out.rows[j];
+                        if r < PENDING {
+                            inner.touch(r, out.counts[j], step32);
+                            continue;
+                        }
+                        match self.find_or_insert(inner, shard, out.ids[j], out.counts[j], step, &mut fresh) {
                             Ok((row, new)) => {
                                 out.inserted += new as usize;
-                                row
+                                out.rows[j] = row;
                             }
                             Err(e) => {
                                 out.error.get_or_insert(e);
-                                NO_ROW
                             }
-                        },
-                    };
-                    out.rows.push(row);
+                        }
+                    }
+                    if !fresh.is_empty() {
+                        inner.return_rows(fresh);
+                    }
                 }
                 out
             })
@@ -623,10 +678,18 @@ impl HashTable {
 
     /// Finds `id` in `shard` or inserts it if admitted. Returns the row and
     /// whether this call created it.
-    fn find_or_insert(&self, inner: &Inner, shard: &Shard, id: u64, count: u32, step: u64) -> Result<(u32, bool)> {
+    fn find_or_insert(
+        &self,
+        inner: &Inner,
+        shard: &Shard,
+        id: u64,
+        count: u32,
+        step: u64,
+        fresh: &mut Vec<u32>,
+    ) -> Result<(u32, bool)> {
         let step32 = step.min(u32::MAX as u64) as u32;
         if id == EMPTY {
-            return self.find_or_insert_sentinel(inner, count, step);
+            return self.find_or_insert_sentinel(inner, count, step, fresh);
         }
         let h = mix64(id);
         match shard.find(id, h) {
@@ -646,7 +709,7 @@ impl HashTable {
                 inner.touch(row, count, step32);
                 Ok((row, false))
             }
-            Probe::Claimed(slot) => match inner.alloc_row() {
+            Probe::Claimed(slot) => match fresh.pop().or_else(|| inner.alloc_row()) {
                 Some(row) => {
                     self.init_row(inner, row, id, count, step32);
                     shard.rows[slot].store(row, Ordering::Release);
@@ -661,7 +724,13 @@ impl HashTable {
         }
     }
 
-    fn find_or_insert_sentinel(&self, inner: &Inner, count: u32, step: u64) -> Result<(u32, bool)> {
+    fn find_or_insert_sentinel(
+        &self,
+        inner: &Inner,
+        count: u32,
+        step: u64,
+        fresh: &mut Vec<u32>,
+    ) -> Result<(u32, bool)> {
         let step32 = step.min(u32::MAX as u64) as u32;
         loop {
             let r = inner.sentinel_row.load(Ordering::Acquire);
@@ -677,7 +746,7 @@ impl HashTable {
                 return Ok((NO_ROW, false));
             }
             if inner.sentinel_row.compare_exchange(NO_ROW, PENDING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                return match inner.alloc_row() {
+                return match fresh.pop().or_else(|| inner.alloc_row()) {
                     Some(row) => {
                         self.init_row(inner, row, EMPTY, count, step32);
                         inner.sentinel_row.store(row, Ordering::Release);
@@ -799,20 +868,43 @@ impl HashTable {
         lr: f32,
         step: u64,
     ) -> Result<()> {
+        let index: Vec<u32> = (0..rows.len() as u32).collect();
+        self.apply_gradients_indexed(rows, &index, grads, false, opt, lr, step)
+    }
+
+    /// Optimizer step with gradients given per lookup position: `grads[k]`
+    /// belongs to row `rows[index[k]]` (the layout of a sparse gradient of a
+    /// block of looked-up rows). Gradients of the same row are summed before
+    /// the update: by a linear counting sort on `index` when `rows_unique`
+    /// says no row appears twice in `rows`, else by sorting on the row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_gradients_indexed(
+        &self,
+        rows: &[u32],
+        index: &[u32],
+        grads: &[f32],
+        rows_unique: bool,
+        opt: &SparseOptimizer,
+        lr: f32,
+        step: u64,
+    ) -> Result<()> {
         let d = self.cfg.dim;
-        if grads.len() != rows.len() * d {
+        if grads.len() != index.len() * d {
             return invalid(format!(
-                "grads: expected {} values ({} rows x dim {d}), got {}",
-                rows.len() * d,
-                rows.len(),
+                "grads: expected {} values ({} gradient rows x dim {d}), got {}",
+                index.len() * d,
+                index.len(),
                 grads.len()
             ));
         }
-        if let Some(bad) = grads.par_iter().position_any(|g| !g.is_finite()) {
+        if let Some(k) = first_where(index, |&i| i as usize >= rows.len()) {
+            return invalid(format!("index[{k}] = {} is out of range for {} rows", index[k], rows.len()));
+        }
+        if let Some(bad) = first_where(grads, |g| !g.is_finite()) {
+            let r = rows[index[bad / d] as usize];
             return invalid(format!(
-                "grads: non-finite gradient {} at row {} (position {}, column {}); the table is unchanged",
+                "grads: non-finite gradient {} for row {r} (gradient row {}, column {}); the table is unchanged",
                 grads[bad],
-                rows[bad / d],
                 bad / d,
                 bad % d
             ));
@@ -830,43 +922,54 @@ impl HashTable {
             ));
         }
         inner.check_rows(rows, "rows", true)?;
-        let mut order: Vec<(u32, u32)> =
-            rows.iter().enumerate().filter(|&(_, &r)| r != NO_ROW).map(|(i, &r)| (r, i as u32)).collect();
-        order.par_sort_unstable();
-        let mut starts: Vec<usize> = Vec::with_capacity(order.len() + 1);
-        for (k, &(r, _)) in order.iter().enumerate() {
-            if k == 0 || order[k - 1].0 != r {
-                starts.push(k);
-            }
-        }
-        starts.push(order.len());
+        // Groups of gradient rows with one target row each: `order` lists
+        // gradient rows group by group, `targets[g]` is group g's table row
+        // and `starts[g]..starts[g + 1]` its span in `order`.
+        let (order, starts, targets) =
+            if rows_unique { group_by_index(rows, index) } else { group_by_row(rows, index) };
+        let tu = std::time::Instant::now();
         let width = inner.values.width();
         let values = &inner.values;
         let prepared = opt.prepare(lr, step);
-        (0..starts.len() - 1).into_par_iter().with_min_len(64).for_each_init(
+        const CHUNK: usize = 256;
+        const AHEAD: usize = 12;
+        let groups = targets.len();
+        (0..groups.div_ceil(CHUNK)).into_par_iter().for_each_init(
             || vec![0.0f32; d],
-            |buf, gi| {
-                let group = &order[starts[gi]..starts[gi + 1]];
-                let g: &[f32] = if group.len() == 1 {
-                    let i = group[0].1 as usize;
-                    &grads[i * d..(i + 1) * d]
-                } else {
-                    buf.fill(0.0);
-                    for &(_, i) in group {
-                        let i = i as usize;
-                        for (b, x) in buf.iter_mut().zip(&grads[i * d..(i + 1) * d]) {
-                            *b += *x;
+            |buf, c| {
+                let end = ((c + 1) * CHUNK).min(groups);
+                for gi in c * CHUNK..end {
+                    if gi + AHEAD < end {
+                        prefetch_row(values.row_ptr(targets[gi + AHEAD]), width);
+                        for &k in &order[starts[gi + AHEAD]..starts[gi + AHEAD + 1]] {
+                            prefetch(&grads[k as usize * d]);
                         }
                     }
-                    buf
-                };
-                // SAFETY: the exclusive lock is held and each group is a
-                // distinct row, so no other thread touches this row.
-                let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(group[0].0), width) };
-                let (w, slots) = row.split_at_mut(d);
-                prepared.update(w, slots, g);
+                    let span = &order[starts[gi]..starts[gi + 1]];
+                    let g: &[f32] = if span.len() == 1 {
+                        let k = span[0] as usize;
+                        &grads[k * d..(k + 1) * d]
+                    } else {
+                        buf.fill(0.0);
+                        for &k in span {
+                            let k = k as usize;
+                            for (b, x) in buf.iter_mut().zip(&grads[k * d..(k + 1) * d]) {
+                                *b += *x;
+                            }
+                        }
+                        buf
+                    };
+                    // SAFETY: the exclusive lock is held and every group has
+                    // a distinct target row, so no other thread touches it.
+                    let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(targets[gi]), width) };
+                    let (w, slots) = row.split_at_mut(d);
+                    prepared.update(w, slots, g);
+                }
             },
         );
+        if std::env::var("RECIS_PROF").is_ok() {
+            eprintln!("update {:?} groups {}", tu.elapsed(), groups);
+        }
         Ok(())
     }
 
@@ -874,6 +977,7 @@ impl HashTable {
     /// the evicted ids. Their rows are reused by later inserts. Exclusive.
     pub fn evict(&self, policy: &EvictionPolicy, step: u64) -> Vec<u64> {
         let mut inner = self.write();
+        inner.reclaim_spare();
         let d = self.cfg.dim;
         let step32 = step.min(u32::MAX as u64) as u32;
         let meta_of = |inner: &Inner, r: u32| -> (u32, u32) {
@@ -1044,6 +1148,7 @@ impl HashTable {
         *inner.next_row.get_mut() = 0;
         inner.free.clear();
         *inner.free_top.get_mut() = 0;
+        inner.spare.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Admission sketch counters, for checkpoints.
@@ -1067,6 +1172,89 @@ struct BatchOut {
     result: UniqueLookup,
     inserted: Vec<usize>,
     error: Option<TableError>,
+}
+
+/// Hints the CPU to load `p`'s cache line; never faults.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing and cannot fault, even
+    // for an address outside any allocation.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Position of the first element meeting `bad`, or None. The common case —
+/// nothing bad — is a branch-free scan of large chunks in parallel, which the
+/// compiler vectorises; only a chunk that has a bad element is searched again.
+fn first_where<T: Sync>(xs: &[T], bad: impl Fn(&T) -> bool + Sync) -> Option<usize> {
+    const CHUNK: usize = 1 << 14;
+    let any_bad = |c: &[T]| c.iter().fold(false, |acc, x| acc | bad(x));
+    if !xs.par_chunks(CHUNK).any(any_bad) {
+        return None;
+    }
+    xs.iter().position(&bad)
+}
+
+/// Prefetches the cache lines of a row of `width` floats.
+#[inline(always)]
+fn prefetch_row(p: *mut f32, width: usize) {
+    let mut off = 0;
+    while off < width {
+        prefetch(p.wrapping_add(off));
+        off += 16;
+    }
+}
+
+/// Groups gradient rows by their index into distinct `rows` (counting sort,
+/// linear). Index groups whose row is `NO_ROW` are dropped.
+fn group_by_index(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
+    let mut starts = vec![0usize; rows.len() + 1];
+    for &i in index {
+        starts[i as usize + 1] += 1;
+    }
+    for u in 0..rows.len() {
+        starts[u + 1] += starts[u];
+    }
+    let mut cursor = starts.clone();
+    let mut order = vec![0u32; index.len()];
+    for (k, &i) in index.iter().enumerate() {
+        order[cursor[i as usize]] = k as u32;
+        cursor[i as usize] += 1;
+    }
+    // Keep groups that have gradients and a row.
+    let mut kept_starts = Vec::with_capacity(rows.len() + 1);
+    let mut targets = Vec::with_capacity(rows.len());
+    let mut kept_order = Vec::with_capacity(order.len());
+    for u in 0..rows.len() {
+        if starts[u] < starts[u + 1] && rows[u] != NO_ROW {
+            kept_starts.push(kept_order.len());
+            kept_order.extend_from_slice(&order[starts[u]..starts[u + 1]]);
+            targets.push(rows[u]);
+        }
+    }
+    kept_starts.push(kept_order.len());
+    (kept_order, kept_starts, targets)
+}
+
+/// Groups gradient rows by target row (sort), for rows that may repeat.
+fn group_by_row(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
+    let mut pairs: Vec<(u32, u32)> =
+        index.iter().enumerate().map(|(k, &i)| (rows[i as usize], k as u32)).filter(|&(r, _)| r != NO_ROW).collect();
+    pairs.par_sort_unstable();
+    let mut starts = Vec::with_capacity(pairs.len() + 1);
+    let mut targets = Vec::new();
+    for (k, &(r, _)) in pairs.iter().enumerate() {
+        if k == 0 || pairs[k - 1].0 != r {
+            starts.push(k);
+            targets.push(r);
+        }
+    }
+    starts.push(pairs.len());
+    (pairs.into_iter().map(|(_, k)| k).collect(), starts, targets)
 }
 
 /// Input positions grouped by shard (a counting sort on the shard bits).
@@ -1117,12 +1305,62 @@ impl Inner {
         self.shards[s].find(id, h).unwrap_or(NO_ROW)
     }
 
+    /// Records a sighting. Plain relaxed loads and stores, not read-modify-
+    /// write: within a call each id is touched by one task, and a locked
+    /// instruction per id would serialise the memory accesses of the batch.
+    /// Concurrent calls touching the same id may lose one of their counts.
     fn touch(&self, row: u32, count: u32, step32: u32) {
         let m = self.meta.row_ptr(row);
         // SAFETY: published rows have their meta segment; words are atomics.
         unsafe {
-            let _ = (*m).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_add(count)));
-            (*m.add(1)).fetch_max(step32, Ordering::Relaxed);
+            let f = (*m).load(Ordering::Relaxed);
+            (*m).store(f.saturating_add(count), Ordering::Relaxed);
+            if (*m.add(1)).load(Ordering::Relaxed) < step32 {
+                (*m.add(1)).store(step32, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Up to `n` rows: free rows first, then one block from the counter.
+    /// Fewer only when the table is full.
+    fn alloc_rows(&self, n: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n);
+        let mut top = self.free_top.load(Ordering::Acquire);
+        while top > 0 && out.len() < n {
+            let take = (n - out.len()).min(top);
+            match self.free_top.compare_exchange_weak(top, top - take, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    out.extend_from_slice(&self.free[top - take..top]);
+                    top -= take;
+                }
+                Err(now) => top = now,
+            }
+        }
+        let rest = (n - out.len()) as u64;
+        if rest > 0 {
+            let first = self.next_row.fetch_add(rest, Ordering::AcqRel);
+            let end = (first + rest).min(MAX_ROWS);
+            if first < end {
+                self.values.ensure_range(first as u32, (end - 1) as u32);
+                self.meta.ensure_range(first as u32, (end - 1) as u32);
+                out.extend((first..end).map(|r| r as u32));
+            }
+        }
+        out
+    }
+
+    fn return_rows(&self, rows: Vec<u32>) {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).extend(rows);
+    }
+
+    /// Moves spare rows to the free list. Exclusive.
+    fn reclaim_spare(&mut self) {
+        let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if !spare.is_empty() {
+            let top = *self.free_top.get_mut();
+            self.free.truncate(top);
+            self.free.extend(spare);
+            *self.free_top.get_mut() = self.free.len();
         }
     }
 
@@ -1183,7 +1421,7 @@ impl Inner {
 
     fn check_rows(&self, rows: &[u32], name: &str, allow_missing: bool) -> Result<()> {
         let limit = self.next_row.load(Ordering::Acquire).min(MAX_ROWS);
-        if let Some(k) = rows.par_iter().position_any(|&r| !((r as u64) < limit || (allow_missing && r == NO_ROW))) {
+        if let Some(k) = first_where(rows, |&r| !((r as u64) < limit || (allow_missing && r == NO_ROW))) {
             return invalid(format!("{name}[{k}] = {} is not a row of this table (it has {limit} rows)", rows[k]));
         }
         Ok(())

@@ -296,6 +296,42 @@ impl PyHashTable {
         py.detach(|| t.apply_gradients(rows, grads, opt, lr, step)).map_err(to_py)
     }
 
+    /// One fused optimizer step with gradients per lookup position:
+    /// `grads[k]` ([n, dim]) belongs to `rows[index[k]]`. `rows_unique` says
+    /// no row appears twice in `rows` (one lookup block), which allows a
+    /// linear merge.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_gradients_indexed(
+        &self,
+        py: Python<'_>,
+        rows: PyReadonlyArray1<'_, u32>,
+        index: PyReadonlyArray1<'_, i64>,
+        grads: PyReadonlyArray2<'_, f32>,
+        rows_unique: bool,
+        optimizer: &PyOptimizer,
+        lr: f32,
+        step: u64,
+    ) -> PyResult<()> {
+        let rows = contiguous(&rows, "rows")?;
+        let index = contiguous(&index, "index")?;
+        let grads =
+            grads.as_slice().map_err(|_| value_err("grads must be a contiguous [n, dim] float32 array".into()))?;
+        let t = &self.table;
+        let opt = &optimizer.opt;
+        py.detach(|| {
+            let index: Vec<u32> = index
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| {
+                    u32::try_from(i)
+                        .map_err(|_| TableError::InvalidArgument(format!("index[{k}] = {i} is out of range")))
+                })
+                .collect::<Result<_, _>>()?;
+            t.apply_gradients_indexed(rows, &index, grads, rows_unique, opt, lr, step)
+        })
+        .map_err(to_py)
+    }
+
     /// Evicts ids by the given criteria; returns the evicted ids.
     #[pyo3(signature = (step, ttl_steps=None, min_frequency=None, max_rows=None, score="lru", min_l2_norm=None))]
     #[allow(clippy::too_many_arguments)]
