@@ -44,6 +44,8 @@ pub const MAX_ROWS: u64 = (u32::MAX - 2) as u64;
 const EMPTY: u64 = u64::MAX;
 /// Slot position of an id not in the id map.
 const ABSENT: usize = usize::MAX;
+/// Ids probed together by `lookup`, their misses overlapping.
+const LOOKUP_CHUNK: usize = 64;
 /// An (id, row) pair of the id map.
 type Entry = (u64, u32);
 /// Metadata words per row: frequency, last step seen (low 32 bits).
@@ -149,6 +151,10 @@ pub struct UniqueLookup {
     pub counts: Vec<u32>,
 }
 
+/// Size and memory of a table. Byte counts are of memory in use: the id map
+/// (every slot is written when it is created), and rows and their metadata up
+/// to the highest row handed out. `reserved_bytes` is the virtual size of the
+/// row segments, whose untouched tail costs address space, not memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TableStats {
     pub len: usize,
@@ -159,11 +165,18 @@ pub struct TableStats {
     pub row_bytes: usize,
     pub meta_bytes: usize,
     pub other_bytes: usize,
+    pub reserved_bytes: usize,
 }
 
 impl TableStats {
     pub fn total_bytes(&self) -> usize {
         self.id_map_bytes + self.row_bytes + self.meta_bytes + self.other_bytes
+    }
+
+    /// Bytes per stored id beyond the row itself (embedding and slots): the
+    /// cost of the table as a data structure.
+    pub fn overhead_bytes_per_id(&self) -> f64 {
+        (self.id_map_bytes + self.meta_bytes + self.other_bytes) as f64 / self.len.max(1) as f64
     }
 }
 
@@ -254,10 +267,8 @@ impl Shard {
             }
             if k == EMPTY {
                 match self.keys[i].compare_exchange(EMPTY, key, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        self.len.fetch_add(1, Ordering::Relaxed);
-                        return Probe::Claimed(i);
-                    }
+                    // The caller adds the batch's claims to `len` at once.
+                    Ok(_) => return Probe::Claimed(i),
                     Err(now) if now == key => return Probe::Found(self.wait_row(i)),
                     Err(_) => {}
                 }
@@ -270,7 +281,6 @@ impl Shard {
     /// its slot (probing must not break) but maps to `NO_ROW` and reads as
     /// absent; the next rebuild drops it.
     fn release_claim(&self, slot: usize) {
-        self.len.fetch_sub(1, Ordering::Relaxed);
         self.rows[slot].store(NO_ROW, Ordering::Release);
     }
 
@@ -319,6 +329,13 @@ impl Shard {
 enum Probe {
     Found(u32),
     Claimed(usize),
+}
+
+enum Claim {
+    Found(u32),
+    NotAdmitted,
+    New { slot: usize, row: u32 },
+    Full,
 }
 
 struct Inner {
@@ -438,17 +455,19 @@ impl HashTable {
         let inner = self.read();
         let slots: usize = inner.shards.iter().map(|s| s.capacity()).sum();
         let free_rows = inner.free_top.load(Ordering::Acquire);
+        let rows = inner.next_row.load(Ordering::Acquire).min(MAX_ROWS) as usize;
         TableStats {
             len: inner.len(),
             id_map_slots: slots,
-            rows_allocated: inner.next_row.load(Ordering::Acquire).min(MAX_ROWS) as usize,
+            rows_allocated: rows,
             free_rows,
             id_map_bytes: slots * (8 + 4),
-            row_bytes: inner.values.allocated_bytes(),
-            meta_bytes: inner.meta.allocated_bytes(),
+            row_bytes: rows * inner.values.width() * 4,
+            meta_bytes: rows * META_WIDTH * 4,
             other_bytes: self.admission.memory_bytes()
                 + inner.free.capacity() * 4
                 + inner.shards.len() * std::mem::size_of::<Shard>(),
+            reserved_bytes: inner.values.allocated_bytes() + inner.meta.allocated_bytes(),
         }
     }
 
@@ -476,7 +495,9 @@ impl HashTable {
     /// Per-position rows, `NO_ROW` for absent ids. Inserts nothing.
     pub fn lookup(&self, ids: &[u64]) -> Vec<u32> {
         let inner = self.read();
-        ids.par_iter().with_min_len(1024).map(|&id| inner.find(id)).collect()
+        let mut out = vec![NO_ROW; ids.len()];
+        out.par_chunks_mut(LOOKUP_CHUNK).zip(ids.par_chunks(LOOKUP_CHUNK)).for_each(|(o, c)| inner.find_many(c, o));
+        out
     }
 
     fn batch(&self, ids: &[u64], mode: Mode) -> Result<UniqueLookup> {
@@ -558,15 +579,17 @@ impl HashTable {
                 let cap = (positions.len() * 2).next_power_of_two();
                 let mask = cap - 1;
                 let mut slots: Vec<u32> = vec![u32::MAX; cap];
+                let mut hashes: Vec<u64> = Vec::new();
                 for &p in positions {
                     let id = ids[p as usize];
-                    let h = mix64(id);
+                    let h = part.hashes[p as usize];
                     let mut i = (h >> 24) as usize & mask;
                     let li = loop {
                         let u = slots[i];
                         if u == u32::MAX {
                             slots[i] = out.ids.len() as u32;
                             out.ids.push(id);
+                            hashes.push(h);
                             out.counts.push(0);
                             break out.ids.len() as u32 - 1;
                         }
@@ -584,7 +607,6 @@ impl HashTable {
                 // Phases over all distinct ids of the shard, each prefetching
                 // what the next needs, so that their cache misses overlap
                 // instead of forming one dependent chain per id.
-                let hashes: Vec<u64> = out.ids.iter().map(|&id| mix64(id)).collect();
                 for &h in &hashes {
                     prefetch(&shard.keys[shard.home(h)]);
                 }
@@ -619,21 +641,56 @@ impl HashTable {
                     // New rows for this shard in one allocation (when every
                     // new id is admitted), not one contended atomic per id.
                     let mut fresh = if self.admission.is_always() { inner.alloc_rows(absent) } else { Vec::new() };
+                    // Claim key slots for the new ids first, then write their
+                    // rows, then publish: no locked instruction waits behind
+                    // the cold stores of a new row, and those stores overlap.
+                    let mut claimed: Vec<(usize, usize, u32)> = Vec::new();
+                    // Indexing: the loop writes `out.rows[j]` while reading
+                    // the parallel arrays `out.ids`, `out.counts`, `hashes`.
+                    #[allow(clippy::needless_range_loop)]
                     for j in 0..out.ids.len() {
                         let r = out.rows[j];
                         if r < PENDING {
                             inner.touch(r, out.counts[j], step32);
                             continue;
                         }
-                        match self.find_or_insert(inner, shard, out.ids[j], out.counts[j], step, &mut fresh) {
-                            Ok((row, new)) => {
-                                out.inserted += new as usize;
-                                out.rows[j] = row;
+                        let id = out.ids[j];
+                        if id == EMPTY {
+                            match self.find_or_insert_sentinel(inner, out.counts[j], step, &mut fresh) {
+                                Ok((row, new)) => {
+                                    out.inserted += new as usize;
+                                    out.rows[j] = row;
+                                }
+                                Err(e) => {
+                                    out.error.get_or_insert(e);
+                                }
                             }
-                            Err(e) => {
-                                out.error.get_or_insert(e);
+                            continue;
+                        }
+                        match self.claim(inner, shard, id, hashes[j], out.counts[j], step, &mut fresh) {
+                            Claim::Found(row) => out.rows[j] = row,
+                            Claim::NotAdmitted => {}
+                            Claim::New { slot, row } => claimed.push((j, slot, row)),
+                            Claim::Full => {
+                                out.error.get_or_insert(TableError::Full);
                             }
                         }
+                    }
+                    const AHEAD: usize = 4;
+                    let width = inner.values.width();
+                    for (c, &(j, _, row)) in claimed.iter().enumerate() {
+                        if let Some(&(_, _, next)) = claimed.get(c + AHEAD) {
+                            prefetch_row_for_write(inner.values.row_ptr(next), width);
+                        }
+                        self.init_row(inner, row, out.ids[j], out.counts[j], step32);
+                    }
+                    for &(j, slot, row) in &claimed {
+                        shard.rows[slot].store(row, Ordering::Release);
+                        out.rows[j] = row;
+                    }
+                    if !claimed.is_empty() {
+                        shard.len.fetch_add(claimed.len(), Ordering::Relaxed);
+                        out.inserted += claimed.len();
                     }
                     if !fresh.is_empty() {
                         inner.return_rows(fresh);
@@ -676,49 +733,39 @@ impl HashTable {
         BatchOut { result, inserted, error }
     }
 
-    /// Finds `id` in `shard` or inserts it if admitted. Returns the row and
-    /// whether this call created it.
-    fn find_or_insert(
+    /// For an id found absent by the probe phase: admits it or not, and
+    /// claims its key slot with a row to be initialised and published by the
+    /// caller. A racing call may have inserted it meanwhile (`Found`).
+    #[allow(clippy::too_many_arguments)]
+    fn claim(
         &self,
         inner: &Inner,
         shard: &Shard,
         id: u64,
+        h: u64,
         count: u32,
         step: u64,
         fresh: &mut Vec<u32>,
-    ) -> Result<(u32, bool)> {
+    ) -> Claim {
         let step32 = step.min(u32::MAX as u64) as u32;
-        if id == EMPTY {
-            return self.find_or_insert_sentinel(inner, count, step, fresh);
-        }
-        let h = mix64(id);
-        match shard.find(id, h) {
-            Some(NO_ROW) => return Err(TableError::Full),
-            Some(row) => {
-                inner.touch(row, count, step32);
-                return Ok((row, false));
-            }
-            None => {}
-        }
         if !self.admission.observe(id, count, step) {
-            return Ok((NO_ROW, false));
+            // A racing call may have admitted it; then it reads as stored.
+            return match shard.find(id, h) {
+                Some(row) if row < PENDING => Claim::Found(row),
+                _ => Claim::NotAdmitted,
+            };
         }
         match shard.find_or_claim(id, h) {
-            Probe::Found(NO_ROW) => Err(TableError::Full),
+            Probe::Found(NO_ROW) => Claim::Full,
             Probe::Found(row) => {
                 inner.touch(row, count, step32);
-                Ok((row, false))
+                Claim::Found(row)
             }
             Probe::Claimed(slot) => match fresh.pop().or_else(|| inner.alloc_row()) {
-                Some(row) => {
-                    self.init_row(inner, row, id, count, step32);
-                    shard.rows[slot].store(row, Ordering::Release);
-                    Ok((row, true))
-                }
+                Some(row) => Claim::New { slot, row },
                 None => {
-                    // Leave the key mapped to NO_ROW: it reads as absent.
                     shard.release_claim(slot);
-                    Err(TableError::Full)
+                    Claim::Full
                 }
             },
         }
@@ -1199,6 +1246,22 @@ fn first_where<T: Sync>(xs: &[T], bad: impl Fn(&T) -> bool + Sync) -> Option<usi
     xs.iter().position(&bad)
 }
 
+/// Prefetches, for writing, the cache lines of a row of `width` floats.
+#[inline(always)]
+fn prefetch_row_for_write(p: *mut f32, width: usize) {
+    let mut off = 0;
+    while off < width {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch(p.wrapping_add(off) as *const i8, std::arch::x86_64::_MM_HINT_ET0);
+        }
+        off += 16;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Prefetches the cache lines of a row of `width` floats.
 #[inline(always)]
 fn prefetch_row(p: *mut f32, width: usize) {
@@ -1257,30 +1320,33 @@ fn group_by_row(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>)
     (pairs.into_iter().map(|(_, k)| k).collect(), starts, targets)
 }
 
-/// Input positions grouped by shard (a counting sort on the shard bits).
+/// Input positions grouped by shard (a counting sort on the shard bits), with
+/// each position's hash kept for the later phases.
 struct Partition {
     perm: Vec<u32>,
     offsets: Vec<usize>,
+    hashes: Vec<u64>,
 }
 
 impl Partition {
     fn new(ids: &[u64], num_shards: usize, shard_shift: u32) -> Self {
-        let shard_of = |id: u64| if shard_shift >= 64 { 0 } else { (mix64(id) >> shard_shift) as usize };
-        let shards: Vec<u16> = ids.par_iter().with_min_len(4096).map(|&id| shard_of(id) as u16).collect();
+        let shard_of = |h: u64| if shard_shift >= 64 { 0 } else { (h >> shard_shift) as usize };
+        let hashes: Vec<u64> = ids.par_iter().with_min_len(4096).map(|&id| mix64(id)).collect();
         let mut offsets = vec![0usize; num_shards + 1];
-        for &s in &shards {
-            offsets[s as usize + 1] += 1;
+        for &h in &hashes {
+            offsets[shard_of(h) + 1] += 1;
         }
         for s in 0..num_shards {
             offsets[s + 1] += offsets[s];
         }
         let mut cursor = offsets.clone();
         let mut perm = vec![0u32; ids.len()];
-        for (p, &s) in shards.iter().enumerate() {
-            perm[cursor[s as usize]] = p as u32;
-            cursor[s as usize] += 1;
+        for (p, &h) in hashes.iter().enumerate() {
+            let s = shard_of(h);
+            perm[cursor[s]] = p as u32;
+            cursor[s] += 1;
         }
-        Partition { perm, offsets }
+        Partition { perm, offsets, hashes }
     }
 }
 
@@ -1288,6 +1354,38 @@ impl Inner {
     fn len(&self) -> usize {
         let sentinel = self.sentinel_row.load(Ordering::Acquire);
         self.shards.iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>() + (sentinel != NO_ROW) as usize
+    }
+
+    /// Rows of `ids` into `out`, in phases (hash and prefetch every home
+    /// slot, probe, prefetch and read row indices) so the cache misses of a
+    /// chunk overlap.
+    fn find_many(&self, ids: &[u64], out: &mut [u32]) {
+        let shard_of = |h: u64| if self.shard_shift >= 64 { 0 } else { (h >> self.shard_shift) as usize };
+        let mut slots = [ABSENT; LOOKUP_CHUNK];
+        let mut hashes = [0u64; LOOKUP_CHUNK];
+        for (h, &id) in hashes.iter_mut().zip(ids) {
+            *h = mix64(id);
+            let shard = &self.shards[shard_of(*h)];
+            prefetch(&shard.keys[shard.home(*h)]);
+        }
+        for (k, &id) in ids.iter().enumerate() {
+            if id != EMPTY {
+                let shard = &self.shards[shard_of(hashes[k])];
+                if let Some(sl) = shard.find_slot(id, hashes[k]) {
+                    prefetch(&shard.rows[sl]);
+                    slots[k] = sl;
+                }
+            }
+        }
+        for (k, &id) in ids.iter().enumerate() {
+            out[k] = if id == EMPTY {
+                self.find(EMPTY)
+            } else if slots[k] == ABSENT {
+                NO_ROW
+            } else {
+                self.shards[shard_of(hashes[k])].wait_row(slots[k])
+            };
+        }
     }
 
     fn find(&self, id: u64) -> u32 {

@@ -429,7 +429,9 @@ impl PyHashTable {
         d.set_item("row_bytes", s.row_bytes)?;
         d.set_item("meta_bytes", s.meta_bytes)?;
         d.set_item("other_bytes", s.other_bytes)?;
+        d.set_item("reserved_bytes", s.reserved_bytes)?;
         d.set_item("total_bytes", s.total_bytes())?;
+        d.set_item("overhead_bytes_per_id", s.overhead_bytes_per_id())?;
         Ok(d)
     }
 }
