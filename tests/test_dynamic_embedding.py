@@ -101,3 +101,23 @@ def test_sparse_and_dense_optimizers_train_a_model_together():
         dense.zero_grad()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_padding_id_drops_pads_of_dense_input():
+    e = DynamicEmbedding(EmbeddingOption(dim=4, initializer=NormalInit(0, 1), padding_id=-1, combiner="mean"))
+    out = e(torch.tensor([[5, -1, -1], [-1, -1, -1]]))
+    torch.testing.assert_close(out[0], e.table.embeddings(torch.tensor([5]))[0])
+    torch.testing.assert_close(out[1], torch.zeros(4))
+    assert len(e.table) == 1  # the pad id was never inserted
+
+
+def test_modules_with_one_shared_name_share_one_table():
+    a = DynamicEmbedding(EmbeddingOption(dim=4, shared_name="user_ids", combiner="sum"), "a")
+    b = DynamicEmbedding(EmbeddingOption(dim=4, shared_name="user_ids", combiner="mean"), "b")
+    assert a.table is b.table
+    a(torch.tensor([[1, 2]]))
+    assert len(b.table) == 2
+    opt = SparseAdam(torch.nn.ModuleList([a, b]), lr=0.1)
+    assert len(opt.tables) == 1
+    with pytest.raises(ValueError, match=r"differs in \['dim'\]"):
+        DynamicEmbedding(EmbeddingOption(dim=8, shared_name="user_ids"), "c")

@@ -90,16 +90,22 @@ class RaggedTensor:
         return cls(values, offsets, weights)
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, pad=None) -> RaggedTensor:
-        """Rows of a [B, L] tensor; elements equal to ``pad`` (if given) are dropped."""
+    def from_dense(cls, dense: torch.Tensor, pad=None, weights: torch.Tensor | None = None) -> RaggedTensor:
+        """Rows of a [B, L] tensor; elements equal to ``pad`` (if given) are
+        dropped, with their ``weights`` ([B, L], optional)."""
         if dense.dim() != 2:
             raise ValueError(f"RaggedTensor.from_dense: expected a [B, L] tensor, got {_describe(dense)}")
+        if weights is not None and weights.shape != dense.shape:
+            raise ValueError(
+                f"RaggedTensor.from_dense: weights shape {tuple(weights.shape)} != {tuple(dense.shape)}"
+            )
         b, length = dense.shape
         if pad is None:
             offsets = torch.arange(0, (b + 1) * length, length, dtype=torch.int64, device=dense.device)
-            return cls(dense.reshape(-1), offsets, validate=False)
+            w = None if weights is None else weights.reshape(-1)
+            return cls(dense.reshape(-1), offsets, w)
         keep = dense != pad
-        return cls.from_lengths(dense[keep], keep.sum(1))
+        return cls.from_lengths(dense[keep], keep.sum(1), None if weights is None else weights[keep])
 
     def to_dense(self, pad=0, length: int | None = None) -> torch.Tensor:
         """[B, L] tensor with rows left-aligned and padded with ``pad``; ``length``

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis.nn.hash_table import HashTable, ids_to_numpy
+from recis.nn.hash_table import HashTable, ids_to_numpy, table_for
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
 
-def as_ragged(x, weights: torch.Tensor | None = None) -> RaggedTensor:
-    """A RaggedTensor from a RaggedTensor or a dense [B, L] id tensor (L ids a
-    sample, no padding: use ``RaggedTensor.from_dense(x, pad=...)`` to drop pads)."""
+def as_ragged(x, weights: torch.Tensor | None = None, pad: int | None = None) -> RaggedTensor:
+    """A RaggedTensor from a RaggedTensor or a dense [B, L] id tensor; in the
+    latter, elements equal to ``pad`` (if not None) are padding and dropped."""
     if isinstance(x, RaggedTensor):
         if weights is not None:
             return RaggedTensor(x.values, x.offsets, weights)
@@ -28,14 +28,9 @@ def as_ragged(x, weights: torch.Tensor | None = None) -> RaggedTensor:
     if isinstance(x, torch.Tensor):
         if x.dim() != 2:
             raise ValueError(f"ids: expected a RaggedTensor or a [B, L] tensor, got shape {tuple(x.shape)}")
-        rt = RaggedTensor.from_dense(x)
-        if weights is not None:
-            if weights.shape != x.shape:
-                raise ValueError(
-                    f"weights: shape {tuple(weights.shape)} does not match ids {tuple(x.shape)}"
-                )
-            rt = RaggedTensor(rt.values, rt.offsets, weights.reshape(-1))
-        return rt
+        if weights is not None and weights.shape != x.shape:
+            raise ValueError(f"weights: shape {tuple(weights.shape)} does not match ids {tuple(x.shape)}")
+        return RaggedTensor.from_dense(x, pad=pad, weights=weights)
     raise TypeError(f"ids: expected a RaggedTensor or a torch.Tensor, got {type(x).__name__}")
 
 
@@ -54,7 +49,7 @@ class DynamicEmbedding(nn.Module):
         super().__init__()
         self.option = option
         self.name = name
-        self.table = table if table is not None else HashTable(option, name)
+        self.table = table if table is not None else table_for(option, name)
         if self.table.dim != option.dim:
             raise ValueError(f"{name}: table dim {self.table.dim} != option dim {option.dim}")
 
@@ -85,7 +80,7 @@ class DynamicEmbedding(nn.Module):
             if weights is not None:
                 raise ValueError("weights: pass weights inside each RaggedTensor of a dict input")
             return self._forward_many(ids)
-        rt = as_ragged(ids, weights)
+        rt = as_ragged(ids, weights, self.option.padding_id)
         if rt.values.dtype != torch.int64:
             raise ValueError(f"{self.name}: ids must be int64, got {rt.values.dtype}")
         device = rt.values.device
@@ -98,7 +93,7 @@ class DynamicEmbedding(nn.Module):
 
     def _forward_many(self, features: dict) -> dict:
         names = list(features)
-        parts = [as_ragged(features[n]) for n in names]
+        parts = [as_ragged(features[n], pad=self.option.padding_id) for n in names]
         for n, rt in zip(names, parts, strict=True):
             if rt.values.dtype != torch.int64:
                 raise ValueError(f"{self.name}: feature {n!r}: ids must be int64, got {rt.values.dtype}")

@@ -7,6 +7,8 @@ optimizer, which sums them per row). It does no arithmetic itself.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -25,6 +27,31 @@ def ids_to_numpy(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
     if ids.dim() != 1:
         raise ValueError(f"{what} must be 1-D, got shape {tuple(ids.shape)}")
     return ids.detach().cpu().contiguous().numpy()
+
+
+_SHARED: weakref.WeakValueDictionary[str, HashTable] = weakref.WeakValueDictionary()
+
+
+def table_for(option: EmbeddingOption, name: str) -> HashTable:
+    """A new table, or — when ``option.shared_name`` is set — the live table of
+    that name, which every module naming it shares. The options must agree on
+    everything that defines the table (dim, initializer, admission, eviction,
+    seed); pooling (combiner) may differ."""
+    if option.shared_name is None:
+        return HashTable(option, name)
+    table = _SHARED.get(option.shared_name)
+    if table is None:
+        table = HashTable(option, option.shared_name)
+        _SHARED[option.shared_name] = table
+        return table
+    mine, theirs = option.table_config(), table.option.table_config()
+    if mine != theirs:
+        diff = sorted(k for k in mine if mine[k] != theirs[k])
+        raise ValueError(
+            f"{name}: shared table {option.shared_name!r} exists with another config (differs in {diff}); "
+            "modules sharing a table must agree on dim, initializer, admission, eviction and seed"
+        )
+    return table
 
 
 class HashTable:

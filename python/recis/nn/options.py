@@ -181,6 +181,8 @@ class EmbeddingOption:
         seed: seed of the initial values (and of probabilistic admission).
         eval_missing: what an unknown id reads as in eval: "zeros" (as DeepRec
             and the original RecIS) or "initial" (its would-be initial value).
+        padding_id: in a dense [B, L] id input, elements equal to this are
+            padding and dropped (None: every element is an id).
         initial_capacity: expected number of ids (the table grows beyond it).
         num_shards: id-map shards (a power of two).
     """
@@ -195,6 +197,7 @@ class EmbeddingOption:
     shared_name: str | None = None
     seed: int = 0
     eval_missing: str = "zeros"
+    padding_id: int | None = None
     initial_capacity: int = 1 << 14
     num_shards: int = 256
 
