@@ -155,9 +155,7 @@ def main() -> None:
 
     data = SyntheticCTR(num_features=args.features, vocab=args.vocab, zipf_s=1.05, min_ids=1, max_ids=3)
     rng = np.random.default_rng(0)
-    batches = [
-        (lambda f, _d, y: (f, y))(*data.batch(args.batch_size, rng)) for _ in range(args.warmup + args.steps)
-    ]
+    batches = [(lambda f, _d, y: (f, y))(*data.batch(args.batch_size, rng)) for _ in range(args.warmup + args.steps)]
     names = data.feature_names()
     makers = {
         "recis-adam": lambda: RecisContender(names, args.dim, SparseAdam),
@@ -173,11 +171,15 @@ def main() -> None:
             print(f"torchrec not available ({e}); run `make bench-peers`. Skipping it.")
             chosen.remove("torchrec")
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-          f"torch {torch.__version__}")
-    print(f"workload: {args.features} features x 1-3 ids, batch {args.batch_size}, Zipf(1.05) over "
-          f"{args.vocab:,} ids, dim {args.dim}; {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{args.rounds} rounds; fixed-size peers: {args.hash_size:,} rows per table")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"workload: {args.features} features x 1-3 ids, batch {args.batch_size}, Zipf(1.05) over "
+        f"{args.vocab:,} ids, dim {args.dim}; {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{args.rounds} rounds; fixed-size peers: {args.hash_size:,} rows per table"
+    )
     rates: dict[str, list[float]] = {c: [] for c in chosen}
     memory = None
     for r in range(args.rounds):
@@ -198,8 +200,10 @@ def main() -> None:
             print(f"  ratio {ours} / {peer}: {med[ours] / med[peer]:.2f}x")
     if memory:
         n, row, overhead = memory
-        print(f"\nRecIS table after a run: {n:,} ids; row {row} bytes (embedding + Adam slots); "
-              f"overhead {overhead:.1f} bytes per id (id map + metadata + sketch/free list)")
+        print(
+            f"\nRecIS table after a run: {n:,} ids; row {row} bytes (embedding + Adam slots); "
+            f"overhead {overhead:.1f} bytes per id (id map + metadata + sketch/free list)"
+        )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,11 @@ def demo(args) -> int:
     model = DemoModel(data.feature_names(), args.dim)
     sparse_opt = SparseAdam(model, lr=args.lr)
     dense_opt = torch.optim.Adam(model.mlp.parameters(), lr=args.lr)
-    print(f"recis {recis.__version__}: {args.features} sparse features, Zipf({data.zipf_s}) over "
-          f"{args.vocab:,} ids each, dim {args.dim}, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.threads} threads")
+    print(
+        f"recis {recis.__version__}: {args.features} sparse features, Zipf({data.zipf_s}) over "
+        f"{args.vocab:,} ids each, dim {args.dim}, batch {args.batch_size}, {args.steps} steps, "
+        f"{args.threads} threads"
+    )
     model.train()
     window, t_window, t_start = [], time.perf_counter(), time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -70,8 +72,9 @@ def demo(args) -> int:
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             rate = len(window) * args.batch_size / (now - t_window)
-            print(f"step {step:5d}  loss {np.mean(window):.4f}  ids {len(model.embedding.table):,}  "
-                  f"{rate:,.0f} samples/s")
+            print(
+                f"step {step:5d}  loss {np.mean(window):.4f}  ids {len(model.embedding.table):,}  {rate:,.0f} samples/s"
+            )
             window, t_window = [], now
     train_time = time.perf_counter() - t_start
     model.eval()
@@ -82,10 +85,14 @@ def demo(args) -> int:
             ys.append(labels.numpy())
     y, p = np.concatenate(ys), np.concatenate(ps)
     stats = model.embedding.table.stats()
-    print(f"eval: AUC {auc(y, p):.4f}  log loss {log_loss(y, p):.4f}  CTR {y.mean():.4f}  "
-          f"mean prediction {p.mean():.4f}  ({y.size:,} held-out samples)")
-    print(f"train: {args.steps * args.batch_size / train_time:,.0f} samples/s overall; table holds "
-          f"{stats['len']:,} ids in {stats['total_bytes'] / 2**20:.1f} MiB")
+    print(
+        f"eval: AUC {auc(y, p):.4f}  log loss {log_loss(y, p):.4f}  CTR {y.mean():.4f}  "
+        f"mean prediction {p.mean():.4f}  ({y.size:,} held-out samples)"
+    )
+    print(
+        f"train: {args.steps * args.batch_size / train_time:,.0f} samples/s overall; table holds "
+        f"{stats['len']:,} ids in {stats['total_bytes'] / 2**20:.1f} MiB"
+    )
     return 0
 
 

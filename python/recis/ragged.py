@@ -2,7 +2,8 @@
 
 A batch of variable-length rows stored as
 
-- ``values``  [N]: the elements of every row, concatenated;
+- ``values``  [N] (or [N, K, ...]: each element a fixed-shape vector): the
+  elements of every row, concatenated;
 - ``offsets`` [B + 1] int64: row ``i`` is ``values[offsets[i]:offsets[i + 1]]``;
   ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == N``;
 - ``weights`` [N] floating, optional: one weight per value.
@@ -37,8 +38,8 @@ class RaggedTensor:
     def validate(self) -> None:
         """Raises ValueError naming the argument that breaks an invariant."""
         v, o, w = self.values, self.offsets, self.weights
-        if not isinstance(v, torch.Tensor) or v.dim() != 1:
-            raise ValueError(f"RaggedTensor: values must be a 1-D tensor, got {_describe(v)}")
+        if not isinstance(v, torch.Tensor) or v.dim() < 1:
+            raise ValueError(f"RaggedTensor: values must be a tensor of at least 1 dimension, got {_describe(v)}")
         if not isinstance(o, torch.Tensor) or o.dim() != 1:
             raise ValueError(f"RaggedTensor: offsets must be a 1-D tensor, got {_describe(o)}")
         if o.dtype != torch.int64:
@@ -56,19 +57,15 @@ class RaggedTensor:
                     f"RaggedTensor: offsets must be non-decreasing; offsets[{i}]={int(o[i])} > "
                     f"offsets[{i + 1}]={int(o[i + 1])}"
                 )
-        if int(o[-1]) != v.numel():
-            raise ValueError(
-                f"RaggedTensor: offsets[-1]={int(o[-1])} must equal len(values)={v.numel()}"
-            )
+        if int(o[-1]) != v.shape[0]:
+            raise ValueError(f"RaggedTensor: offsets[-1]={int(o[-1])} must equal len(values)={v.shape[0]}")
         if w is not None:
             if not isinstance(w, torch.Tensor) or w.dim() != 1:
                 raise ValueError(f"RaggedTensor: weights must be a 1-D tensor, got {_describe(w)}")
             if not w.is_floating_point():
                 raise ValueError(f"RaggedTensor: weights must be floating point, got {w.dtype}")
-            if w.numel() != v.numel():
-                raise ValueError(
-                    f"RaggedTensor: weights has {w.numel()} elements but values has {v.numel()}"
-                )
+            if w.numel() != v.shape[0]:
+                raise ValueError(f"RaggedTensor: weights has {w.numel()} elements but values has {v.shape[0]}")
 
     @property
     def batch_size(self) -> int:
@@ -96,9 +93,7 @@ class RaggedTensor:
         if dense.dim() != 2:
             raise ValueError(f"RaggedTensor.from_dense: expected a [B, L] tensor, got {_describe(dense)}")
         if weights is not None and weights.shape != dense.shape:
-            raise ValueError(
-                f"RaggedTensor.from_dense: weights shape {tuple(weights.shape)} != {tuple(dense.shape)}"
-            )
+            raise ValueError(f"RaggedTensor.from_dense: weights shape {tuple(weights.shape)} != {tuple(dense.shape)}")
         b, length = dense.shape
         if pad is None:
             offsets = torch.arange(0, (b + 1) * length, length, dtype=torch.int64, device=dense.device)
@@ -108,14 +103,16 @@ class RaggedTensor:
         return cls.from_lengths(dense[keep], keep.sum(1), None if weights is None else weights[keep])
 
     def to_dense(self, pad=0, length: int | None = None) -> torch.Tensor:
-        """[B, L] tensor with rows left-aligned and padded with ``pad``; ``length``
-        defaults to the longest row (longer rows are cut)."""
+        """[B, L] (or [B, L, K, ...]) tensor with rows left-aligned and padded
+        with ``pad``; ``length`` defaults to the longest row (longer rows are cut)."""
         lens = self.lengths()
         width = int(lens.max()) if length is None and lens.numel() else (length or 0)
-        out = torch.full((self.batch_size, width), pad, dtype=self.values.dtype, device=self.values.device)
-        if self.values.numel() and width:
+        shape = (self.batch_size, width, *self.values.shape[1:])
+        out = torch.full(shape, pad, dtype=self.values.dtype, device=self.values.device)
+        n = self.values.shape[0]
+        if n and width:
             row = torch.repeat_interleave(torch.arange(self.batch_size, device=lens.device), lens)
-            col = torch.arange(self.values.numel(), device=lens.device) - self.offsets[:-1][row]
+            col = torch.arange(n, device=lens.device) - self.offsets[:-1][row]
             keep = col < width
             out[row[keep], col[keep]] = self.values[keep]
         return out
@@ -135,7 +132,7 @@ class RaggedTensor:
 
     def __repr__(self) -> str:
         w = "" if self.weights is None else ", weighted"
-        return f"RaggedTensor(batch_size={self.batch_size}, nnz={self.values.numel()}, dtype={self.values.dtype}{w})"
+        return f"RaggedTensor(batch_size={self.batch_size}, nnz={self.values.shape[0]}, dtype={self.values.dtype}{w})"
 
 
 def _describe(x) -> str:

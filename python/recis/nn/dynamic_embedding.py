@@ -90,7 +90,6 @@ class DynamicEmbedding(nn.Module):
         out = pool(w, inverse, rt.offsets, rt.weights, self.option.combiner)
         return out.to(device) if device.type != "cpu" else out
 
-
     def _forward_many(self, features: dict) -> dict:
         names = list(features)
         parts = [as_ragged(features[n], pad=self.option.padding_id) for n in names]

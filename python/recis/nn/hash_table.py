@@ -194,8 +194,7 @@ class HashTable:
         ``eviction``). Returns the evicted ids."""
         if self._pending:
             raise RuntimeError(
-                f"table {self.name!r}: evict() with gradients pending; call the optimizer's step() "
-                "or zero_grad() first"
+                f"table {self.name!r}: evict() with gradients pending; call the optimizer's step() or zero_grad() first"
             )
         if not policy:
             ev = self.option.eviction
@@ -224,7 +223,7 @@ class HashTable:
             freq.append(torch.from_numpy(f.astype(np.int64)))
             last.append(torch.from_numpy(s.astype(np.int64)))
         width = self.dim + self.native.slot_width
-        cat = (lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape))  # noqa: E731
+        cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
         counters, epoch = self.native.admission_state()
         return {
             "ids": torch.from_numpy(ids),

@@ -209,9 +209,7 @@ class EmbeddingOption:
         if self.combiner not in ("sum", "mean"):
             raise ValueError(f"EmbeddingOption.combiner must be 'sum' or 'mean', got {self.combiner!r}")
         if self.eval_missing not in ("zeros", "initial"):
-            raise ValueError(
-                f"EmbeddingOption.eval_missing must be 'zeros' or 'initial', got {self.eval_missing!r}"
-            )
+            raise ValueError(f"EmbeddingOption.eval_missing must be 'zeros' or 'initial', got {self.eval_missing!r}")
         if not hasattr(self.initializer, "spec"):
             raise ValueError(f"EmbeddingOption.initializer must be an initializer, got {self.initializer!r}")
         if not hasattr(self.admission, "spec"):

@@ -173,11 +173,26 @@ class SparseAdagrad(SparseOptimizer):
 
     kind = "adagrad"
 
-    def __init__(self, tables, lr: float = 0.01, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.01,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+    ):
         _check_lr(lr)
-        super().__init__(tables, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+        super().__init__(
+            tables,
+            dict(
+                lr=lr,
+                lr_decay=lr_decay,
+                weight_decay=weight_decay,
+                initial_accumulator_value=initial_accumulator_value,
+                eps=eps,
+            ),
+        )
 
     def _hyper(self, g):
         return [g["lr_decay"], g["eps"], g["initial_accumulator_value"], g["weight_decay"]]
@@ -189,11 +204,18 @@ class SparseRowWiseAdagrad(SparseOptimizer):
 
     kind = "rowwise_adagrad"
 
-    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+    def __init__(
+        self,
+        tables,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+    ):
         _check_lr(lr)
-        super().__init__(tables, dict(lr=lr, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value, eps=eps))
+        super().__init__(
+            tables, dict(lr=lr, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps)
+        )
 
     def _hyper(self, g):
         return [g["eps"], g["initial_accumulator_value"], g["weight_decay"]]
@@ -205,8 +227,7 @@ class SparseAdam(SparseOptimizer):
 
     kind = "adam"
 
-    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         _check_lr(lr)
         super().__init__(tables, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -221,6 +242,5 @@ class SparseAdamW(SparseAdam):
 
     kind = "adamw"
 
-    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
+    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
         super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

@@ -1,8 +1,10 @@
 //! RecIS core: the pieces of sparse training that are not PyTorch — the
 //! collisionless id → row hash table with admission and eviction, and fused
-//! sparse optimizers. Pure Rust: nothing here knows about Python.
+//! sparse optimizers, and the feature ops that turn raw values into ids.
+//! Pure Rust: nothing here knows about Python.
 
 pub mod admission;
+pub mod features;
 pub mod hash;
 pub mod init;
 pub mod optim;

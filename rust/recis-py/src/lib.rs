@@ -10,6 +10,7 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2,
 use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use rayon::prelude::*;
 use recis_core::{
     AdmissionPolicy, EvictionPolicy, EvictionScore, Initializer, Missing, SparseOptimizer, TableConfig, TableError,
     NO_ROW,
@@ -445,6 +446,223 @@ fn unique_to_py(
     (into_i64(u.ids).into_pyarray(py), u.rows.into_pyarray(py), inverse.into_pyarray(py), u.counts.into_pyarray(py))
 }
 
+// ----------------------------------------------------------------------------
+// Feature ops: each `*_many` runs one op over a list of features in one call,
+// in parallel across features (and across chunks inside each).
+
+use recis_core::features;
+
+fn slices<'a, T: numpy::Element>(xs: &'a [PyReadonlyArray1<'_, T>], name: &str) -> PyResult<Vec<&'a [T]>> {
+    xs.iter().enumerate().map(|(k, a)| contiguous(a, &format!("{name}[{k}]"))).collect()
+}
+
+fn same_len(a: usize, b: usize, what: &str) -> PyResult<()> {
+    if a != b {
+        return Err(value_err(format!("{what}: {a} inputs but {b} parameters")));
+    }
+    Ok(())
+}
+
+fn check_ragged(offsets: &[i64], values_len: usize, name: &str) -> PyResult<()> {
+    if offsets.is_empty() || offsets[0] != 0 || *offsets.last().unwrap() as usize != values_len {
+        return Err(value_err(format!(
+            "{name}: offsets must start at 0 and end at the number of values ({values_len})"
+        )));
+    }
+    if offsets.windows(2).any(|w| w[1] < w[0]) {
+        return Err(value_err(format!("{name}: offsets must be non-decreasing")));
+    }
+    Ok(())
+}
+
+/// FarmHash Fingerprint64 of bytes.
+#[pyfunction]
+fn fingerprint64(data: &[u8]) -> u64 {
+    features::fingerprint64(data)
+}
+
+#[pyfunction]
+fn hash_strings_many<'py>(
+    py: Python<'py>,
+    columns: Vec<(PyReadonlyArray1<'py, u8>, PyReadonlyArray1<'py, i64>)>,
+    buckets: Vec<u64>,
+) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+    same_len(columns.len(), buckets.len(), "hash_strings_many")?;
+    let mut cols = Vec::with_capacity(columns.len());
+    for (k, (b, o)) in columns.iter().enumerate() {
+        let s = features::Strings { bytes: contiguous(b, "bytes")?, offsets: contiguous(o, "str_offsets")? };
+        s.validate().map_err(|m| value_err(format!("strings[{k}]: {m}")))?;
+        cols.push(s);
+    }
+    let outs: Vec<Vec<i64>> = py.detach(|| {
+        cols.par_iter()
+            .zip(buckets.par_iter())
+            .map(|(s, &b)| {
+                let mut out = vec![0i64; s.len()];
+                features::hash_strings(*s, b, &mut out);
+                out
+            })
+            .collect()
+    });
+    Ok(outs.into_iter().map(|o| o.into_pyarray(py)).collect())
+}
+
+/// Runs `f(input, param, out)` for every (input, param) in parallel.
+fn map_many<'py, P: Sync>(
+    py: Python<'py>,
+    inputs: &[&[i64]],
+    params: &[P],
+    f: impl Fn(&[i64], &P, &mut [i64]) + Sync,
+) -> Vec<Bound<'py, PyArray1<i64>>> {
+    let outs: Vec<Vec<i64>> = py.detach(|| {
+        inputs
+            .par_iter()
+            .zip(params.par_iter())
+            .map(|(x, p)| {
+                let mut out = vec![0i64; x.len()];
+                f(x, p, &mut out);
+                out
+            })
+            .collect()
+    });
+    outs.into_iter().map(|o| o.into_pyarray(py)).collect()
+}
+
+#[pyfunction]
+fn hash_ids_many<'py>(
+    py: Python<'py>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    buckets: Vec<u64>,
+) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+    same_len(ids.len(), buckets.len(), "hash_ids_many")?;
+    let xs = slices(&ids, "ids")?;
+    Ok(map_many(py, &xs, &buckets, |x, &b, o| features::hash_ids(x, b, o)))
+}
+
+#[pyfunction]
+fn mod_many<'py>(
+    py: Python<'py>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    mods: Vec<u64>,
+) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+    same_len(ids.len(), mods.len(), "mod_many")?;
+    if let Some(k) = mods.iter().position(|&m| m == 0) {
+        return Err(value_err(format!("mods[{k}]: mod must be >= 1")));
+    }
+    let xs = slices(&ids, "ids")?;
+    Ok(map_many(py, &xs, &mods, |x, &m, o| features::modulo(x, m, o)))
+}
+
+#[pyfunction]
+fn multi_hash_many<'py>(
+    py: Python<'py>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    buckets: Vec<Vec<u64>>,
+) -> PyResult<Vec<Bound<'py, PyArray2<i64>>>> {
+    same_len(ids.len(), buckets.len(), "multi_hash_many")?;
+    if let Some(k) = buckets.iter().position(|b| b.is_empty() || b.contains(&0)) {
+        return Err(value_err(format!("buckets[{k}]: needs at least one bucket count, each >= 1")));
+    }
+    let xs = slices(&ids, "ids")?;
+    let outs: Vec<Vec<i64>> = py.detach(|| {
+        xs.par_iter()
+            .zip(buckets.par_iter())
+            .map(|(x, b)| {
+                let mut out = vec![0i64; x.len() * b.len()];
+                features::multi_hash(x, b, &mut out);
+                out
+            })
+            .collect()
+    });
+    Ok(outs
+        .into_iter()
+        .zip(&buckets)
+        .map(|(o, b)| Array2::from_shape_vec((o.len() / b.len(), b.len()), o).expect("rows x k").into_pyarray(py))
+        .collect())
+}
+
+#[pyfunction]
+fn bucketize_many<'py>(
+    py: Python<'py>,
+    values: Vec<PyReadonlyArray1<'py, f64>>,
+    boundaries: Vec<PyReadonlyArray1<'py, f64>>,
+) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+    same_len(values.len(), boundaries.len(), "bucketize_many")?;
+    let xs = slices(&values, "values")?;
+    let bs = slices(&boundaries, "boundaries")?;
+    for (k, b) in bs.iter().enumerate() {
+        if b.iter().any(|x| x.is_nan()) || b.windows(2).any(|w| w[0] > w[1]) {
+            return Err(value_err(format!("boundaries[{k}] must be sorted and free of NaN")));
+        }
+    }
+    let outs: Vec<Vec<i64>> = py.detach(|| {
+        xs.par_iter()
+            .zip(bs.par_iter())
+            .map(|(x, b)| {
+                let mut out = vec![0i64; x.len()];
+                features::bucketize(x, b, &mut out);
+                out
+            })
+            .collect()
+    });
+    Ok(outs.into_iter().map(|o| o.into_pyarray(py)).collect())
+}
+
+/// (values, offsets) of a ragged result.
+type RaggedOut<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
+type RaggedPair<'py> =
+    (PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>, PyReadonlyArray1<'py, i64>);
+
+#[pyfunction]
+fn cross_many<'py>(py: Python<'py>, pairs: Vec<RaggedPair<'py>>, buckets: Vec<u64>) -> PyResult<Vec<RaggedOut<'py>>> {
+    same_len(pairs.len(), buckets.len(), "cross_many")?;
+    let mut xs = Vec::with_capacity(pairs.len());
+    for (k, (av, ao, bv, bo)) in pairs.iter().enumerate() {
+        let (av, ao) = (contiguous(av, "a values")?, contiguous(ao, "a offsets")?);
+        let (bv, bo) = (contiguous(bv, "b values")?, contiguous(bo, "b offsets")?);
+        check_ragged(ao, av.len(), &format!("pairs[{k}] first"))?;
+        check_ragged(bo, bv.len(), &format!("pairs[{k}] second"))?;
+        if ao.len() != bo.len() {
+            return Err(value_err(format!("pairs[{k}]: batch sizes differ: {} and {}", ao.len() - 1, bo.len() - 1)));
+        }
+        xs.push(((av, ao), (bv, bo)));
+    }
+    let outs: Vec<(Vec<i64>, Vec<i64>)> =
+        py.detach(|| xs.par_iter().zip(buckets.par_iter()).map(|(&(a, b), &bk)| features::cross(a, b, bk)).collect());
+    Ok(outs.into_iter().map(|(v, o)| (v.into_pyarray(py), o.into_pyarray(py))).collect())
+}
+
+/// For each ragged feature: (index of the kept elements, new offsets).
+#[pyfunction]
+fn truncate_many<'py>(
+    py: Python<'py>,
+    offsets: Vec<PyReadonlyArray1<'py, i64>>,
+    max_lens: Vec<usize>,
+    keep_first: Vec<bool>,
+) -> PyResult<Vec<RaggedOut<'py>>> {
+    same_len(offsets.len(), max_lens.len(), "truncate_many")?;
+    same_len(offsets.len(), keep_first.len(), "truncate_many")?;
+    let os = slices(&offsets, "offsets")?;
+    for (k, o) in os.iter().enumerate() {
+        check_ragged(o, *o.last().unwrap_or(&0) as usize, &format!("offsets[{k}]"))?;
+    }
+    let outs: Vec<(Vec<i64>, Vec<i64>)> = py.detach(|| {
+        os.par_iter()
+            .zip(max_lens.par_iter().zip(keep_first.par_iter()))
+            .map(|(o, (&m, &first))| {
+                let (starts, new_offsets) = features::truncate_ranges(o, m, first);
+                let mut index = Vec::with_capacity(*new_offsets.last().unwrap() as usize);
+                for (i, &s) in starts.iter().enumerate() {
+                    index.extend(s..s + (new_offsets[i + 1] - new_offsets[i]));
+                }
+                (index, new_offsets)
+            })
+            .collect()
+    });
+    Ok(outs.into_iter().map(|(i, o)| (i.into_pyarray(py), o.into_pyarray(py))).collect())
+}
+
 /// Number of threads of the rayon pool used by every batch call.
 #[pyfunction]
 fn num_threads() -> usize {
@@ -456,6 +674,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHashTable>()?;
     m.add_class::<PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(fingerprint64, m)?)?;
+    m.add_function(wrap_pyfunction!(hash_strings_many, m)?)?;
+    m.add_function(wrap_pyfunction!(hash_ids_many, m)?)?;
+    m.add_function(wrap_pyfunction!(mod_many, m)?)?;
+    m.add_function(wrap_pyfunction!(multi_hash_many, m)?)?;
+    m.add_function(wrap_pyfunction!(bucketize_many, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_many, m)?)?;
+    m.add_function(wrap_pyfunction!(truncate_many, m)?)?;
     m.add("NO_ROW", NO_ROW)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
