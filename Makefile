@@ -9,10 +9,10 @@ TORCH  ?= torch==2.13.*
 
 .PHONY: setup build demo test test-rust test-python lint bench bench-peers clean
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "maturin>=1.5,<2" numpy safetensors pytest hypothesis ruff pyarrow scikit-learn
+	$(PY) -m pip install -q "$(TORCH)" "maturin>=1.5,<2" numpy safetensors pytest hypothesis ruff pyarrow scikit-learn pyfarmhash
 	touch $@
 
 setup: $(VENV)/.deps build

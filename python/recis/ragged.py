@@ -117,6 +117,11 @@ class RaggedTensor:
             out[row[keep], col[keep]] = self.values[keep]
         return out
 
+    def to_jagged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, lengths): TorchRec's jagged layout; ``from_lengths`` is
+        the way back."""
+        return self.values, self.lengths()
+
     def to(self, device, non_blocking: bool = False) -> RaggedTensor:
         w = None if self.weights is None else self.weights.to(device, non_blocking=non_blocking)
         return RaggedTensor(
@@ -133,6 +138,31 @@ class RaggedTensor:
     def __repr__(self) -> str:
         w = "" if self.weights is None else ", weighted"
         return f"RaggedTensor(batch_size={self.batch_size}, nnz={self.values.shape[0]}, dtype={self.values.dtype}{w})"
+
+
+def to_keyed_jagged(features: dict[str, RaggedTensor]):
+    """A TorchRec ``KeyedJaggedTensor`` holding several features (keys in dict
+    order). Needs torchrec; weights are kept if every feature has them."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    parts = list(features.values())
+    weighted = [p.weights is not None for p in parts]
+    if any(weighted) and not all(weighted):
+        raise ValueError("to_keyed_jagged: either every feature has weights or none has")
+    return KeyedJaggedTensor(
+        keys=list(features),
+        values=torch.cat([p.values for p in parts]),
+        lengths=torch.cat([p.lengths() for p in parts]),
+        weights=torch.cat([p.weights for p in parts]) if parts and all(weighted) else None,
+    )
+
+
+def from_keyed_jagged(kjt) -> dict[str, RaggedTensor]:
+    """The features of a TorchRec ``KeyedJaggedTensor`` as RaggedTensors."""
+    out = {}
+    for key, jt in kjt.to_dict().items():
+        out[key] = RaggedTensor.from_lengths(jt.values(), jt.lengths().to(torch.int64), jt.weights_or_none())
+    return out
 
 
 def _describe(x) -> str:
