@@ -7,6 +7,7 @@ pub mod admission;
 pub mod features;
 pub mod hash;
 pub mod init;
+pub mod io;
 pub mod optim;
 pub mod store;
 pub mod table;

@@ -1,0 +1,194 @@
+"""`OrcDataset`: training batches from ORC files, with an exact, resumable
+cursor.
+
+The files are cut into units (one stripe each); units are shuffled (seeded,
+per epoch) and sharded across workers (``worker_idx`` of ``worker_num``,
+defaulting to the torch.distributed rank and world size); a pool of Rust
+threads decodes units ahead of use (``prefetch`` units) and batches come out
+in plan order.
+
+A batch is a dict: a column of one value a row is a dense tensor (int64,
+float32 or float64); a list column is a ``RaggedTensor``; a string column not
+hashed is a ``StringColumn``. Nulls read as 0 (ints, booleans), NaN (floats),
+"" (strings; hashed as ""), and [] (lists).
+
+``state_dict()`` is the position after the last batch handed out — epoch,
+unit and row — as plain JSON-able values; a dataset that loads it resumes at
+the next unread sample.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import IterableDataset
+
+from recis import _native
+from recis.features.strings import StringColumn
+from recis.ragged import RaggedTensor
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column to read. ``hash``: hash string values to int64 ids at read
+    time (FarmHash ``Fingerprint64``, as ``recis.features.Hash``), then
+    ``% bucket`` on the unsigned value when ``bucket > 0``."""
+
+    name: str
+    hash: bool = False
+    bucket: int = 0
+
+
+def _default_worker() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class OrcDataset(IterableDataset):
+    """Batches of ``batch_size`` rows from ORC ``paths`` (files or directories
+    of ``*.orc``).
+
+    Example::
+
+        ds = OrcDataset("data/train", batch_size=4096,
+                        columns=["label", "I1", Column("C1", hash=True)])
+        for batch in ds: ...
+        json.dumps(ds.state_dict())   # the position, for a checkpoint
+    """
+
+    def __init__(
+        self,
+        paths,
+        batch_size: int,
+        columns,
+        drop_remainder: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        worker_idx: int | None = None,
+        worker_num: int | None = None,
+        pin_memory: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"OrcDataset: batch_size must be a positive int, got {batch_size!r}")
+        if not columns:
+            raise ValueError("OrcDataset: columns must name at least one column")
+        self.columns = [c if isinstance(c, Column) else Column(c) for c in columns]
+        names = [c.name for c in self.columns]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"OrcDataset: columns requested twice: {dup}")
+        self.source = _native.OrcSource(paths, [(c.name, c.hash, c.bucket) for c in self.columns])
+        rank, world = _default_worker()
+        self.worker_idx = rank if worker_idx is None else worker_idx
+        self.worker_num = world if worker_num is None else worker_num
+        if not 0 <= self.worker_idx < self.worker_num:
+            raise ValueError(f"OrcDataset: worker_idx {self.worker_idx} must be in [0, worker_num={self.worker_num})")
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_threads = num_threads
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
+        self.device = None if device is None else torch.device(device)
+        self.types = self.source.column_types()
+        self.epoch, self.unit, self.row = 0, 0, 0
+
+    @property
+    def files(self) -> list[str]:
+        return self.source.files
+
+    def total_rows(self) -> int:
+        """Rows of every file (all workers)."""
+        return self.source.total_rows()
+
+    def __iter__(self):
+        """Batches from the current position to the end of the epoch; the
+        next iteration starts the next epoch."""
+        reader = self.source.reader(
+            self.shuffle,
+            self.seed,
+            self.epoch,
+            self.worker_idx,
+            self.worker_num,
+            self.unit,
+            self.row,
+            self.batch_size,
+            self.drop_remainder,
+            self.num_threads,
+            self.prefetch,
+        )
+        try:
+            while True:
+                got = reader.next_batch()
+                if got is None:
+                    break
+                cols, rows, (unit, row) = got
+                batch = self._to_batch(cols)
+                self.unit, self.row = unit, row
+                yield batch
+        finally:
+            reader.close()
+        self.epoch, self.unit, self.row = self.epoch + 1, 0, 0
+
+    def _to_batch(self, cols) -> dict:
+        out = {}
+        for (name, dtype, _is_list, _hashed), (values, str_offsets, offsets) in zip(self.types, cols, strict=True):
+            if dtype == "string":
+                value = StringColumn(values, str_offsets, offsets)
+            else:
+                v = torch.from_numpy(values)
+                if offsets is None:
+                    value = v
+                else:
+                    value = RaggedTensor(v, torch.from_numpy(offsets), validate=False)
+                if self.pin_memory:
+                    value = value.pin_memory()
+                if self.device is not None:
+                    value = value.to(self.device, non_blocking=self.pin_memory)
+            out[name] = value
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "unit": self.unit,
+            "row": self.row,
+            "worker_idx": self.worker_idx,
+            "worker_num": self.worker_num,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "files": list(self.files),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes at ``state``'s position. Refuses a state from another
+        sharding (worker_num), shuffle seed or file list: its cursor would
+        point at other samples."""
+        for key, mine in (
+            ("worker_num", self.worker_num),
+            ("worker_idx", self.worker_idx),
+            ("shuffle", self.shuffle),
+            ("seed", self.seed),
+            ("files", list(self.files)),
+        ):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"OrcDataset.load_state_dict: the state was saved with {key}={state[key]!r} but this dataset "
+                    f"has {key}={mine!r}; a cursor only resumes the same sharding of the same files"
+                )
+        plan = self.source.plan_rows(self.shuffle, self.seed, int(state["epoch"]), self.worker_idx, self.worker_num)
+        unit, row = int(state["unit"]), int(state["row"])
+        if unit > len(plan) or (unit < len(plan) and row > plan[unit]):
+            raise ValueError(f"OrcDataset.load_state_dict: cursor (unit {unit}, row {row}) is outside the plan")
+        self.epoch, self.unit, self.row = int(state["epoch"]), unit, row

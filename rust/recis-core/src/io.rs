@@ -1,0 +1,729 @@
+//! ORC reading for training: files are cut into units (one stripe each),
+//! units are shuffled (seeded, per epoch) and sharded across workers, decoded
+//! on a pool of threads with a bounded prefetch window, and delivered in plan
+//! order as batches of contiguous buffers (values, and offsets for list
+//! columns). String columns can be hashed to int64 ids while they are read.
+//!
+//! Position: a reader's cursor is (unit, row): the next unread row. Starting a
+//! reader at a cursor resumes at exactly that row, so the samples seen across
+//! restarts are those of one uninterrupted run.
+//!
+//! Decoding uses the `orc-rust` crate (Arrow arrays), converted here to plain
+//! buffers. Nulls read as fill values: 0 for integers and booleans, NaN for
+//! floats, the empty string for strings (which then hashes as ""), and an
+//! empty list for a null list.
+
+use crate::features::fingerprint64;
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type};
+use orc_rust::arrow_reader::ArrowReaderBuilder;
+use orc_rust::projection::ProjectionMask;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoError(pub String);
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for IoError {}
+
+type Result<T> = std::result::Result<T, IoError>;
+
+/// A decoded unit: the row it starts at and its columns.
+type Decoded = Result<(u64, Vec<Column>)>;
+
+fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(IoError(msg.into()))
+}
+
+/// The element type of a column, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// Integers and booleans, as int64.
+    Int,
+    Float32,
+    Float64,
+    /// Strings, raw (bytes + offsets) or hashed to int64 ids.
+    String,
+}
+
+/// What the reader knows of a column: its element type and whether each row
+/// holds a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnType {
+    pub element: Element,
+    pub list: bool,
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = match self.element {
+            Element::Int => "int",
+            Element::Float32 => "float",
+            Element::Float64 => "double",
+            Element::String => "string",
+        };
+        if self.list {
+            write!(f, "list<{e}>")
+        } else {
+            f.write_str(e)
+        }
+    }
+}
+
+fn element_of(dt: &DataType) -> Option<Element> {
+    Some(match dt {
+        DataType::Boolean | DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => Element::Int,
+        DataType::Float32 => Element::Float32,
+        DataType::Float64 => Element::Float64,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary | DataType::LargeBinary => Element::String,
+        _ => return None,
+    })
+}
+
+fn column_type_of(dt: &DataType) -> Option<ColumnType> {
+    match dt {
+        DataType::List(f) | DataType::LargeList(f) => {
+            element_of(f.data_type()).map(|element| ColumnType { element, list: true })
+        }
+        other => element_of(other).map(|element| ColumnType { element, list: false }),
+    }
+}
+
+/// A column to read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnRequest {
+    pub name: String,
+    /// Hash string values to int64 ids (FarmHash `fingerprint64`).
+    pub hash: bool,
+    /// With `hash`: `fingerprint % bucket` on the unsigned value (0: none).
+    pub bucket: u64,
+}
+
+/// Values of one column for a run of rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Values {
+    Int(Vec<i64>),
+    Float32(Vec<f32>),
+    Float64(Vec<f64>),
+    /// Raw strings: concatenated bytes and `n + 1` offsets.
+    Bytes {
+        data: Vec<u8>,
+        offsets: Vec<i64>,
+    },
+}
+
+impl Values {
+    fn len(&self) -> usize {
+        match self {
+            Values::Int(v) => v.len(),
+            Values::Float32(v) => v.len(),
+            Values::Float64(v) => v.len(),
+            Values::Bytes { offsets, .. } => offsets.len() - 1,
+        }
+    }
+
+    fn empty_like(&self) -> Values {
+        match self {
+            Values::Int(_) => Values::Int(Vec::new()),
+            Values::Float32(_) => Values::Float32(Vec::new()),
+            Values::Float64(_) => Values::Float64(Vec::new()),
+            Values::Bytes { .. } => Values::Bytes { data: Vec::new(), offsets: vec![0] },
+        }
+    }
+
+    /// Appends elements `a..b` of `other` (same variant).
+    fn extend_from(&mut self, other: &Values, a: usize, b: usize) {
+        match (self, other) {
+            (Values::Int(v), Values::Int(o)) => v.extend_from_slice(&o[a..b]),
+            (Values::Float32(v), Values::Float32(o)) => v.extend_from_slice(&o[a..b]),
+            (Values::Float64(v), Values::Float64(o)) => v.extend_from_slice(&o[a..b]),
+            (Values::Bytes { data, offsets }, Values::Bytes { data: od, offsets: oo }) => {
+                let base = *offsets.last().unwrap() - oo[a];
+                data.extend_from_slice(&od[oo[a] as usize..oo[b] as usize]);
+                offsets.extend(oo[a + 1..=b].iter().map(|&x| x + base));
+            }
+            _ => unreachable!("columns keep one variant"),
+        }
+    }
+}
+
+/// One column of a batch: values, and for list columns `rows + 1` offsets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub values: Values,
+    pub offsets: Option<Vec<i64>>,
+}
+
+impl Column {
+    fn rows(&self) -> usize {
+        match &self.offsets {
+            Some(o) => o.len() - 1,
+            None => self.values.len(),
+        }
+    }
+
+    fn empty_like(&self) -> Column {
+        Column { values: self.values.empty_like(), offsets: self.offsets.as_ref().map(|_| vec![0]) }
+    }
+
+    /// Appends rows `a..b` of `other`.
+    fn extend_rows(&mut self, other: &Column, a: usize, b: usize) {
+        match (&mut self.offsets, &other.offsets) {
+            (Some(off), Some(oo)) => {
+                let (ea, eb) = (oo[a] as usize, oo[b] as usize);
+                let base = *off.last().unwrap() - oo[a];
+                off.extend(oo[a + 1..=b].iter().map(|&x| x + base));
+                self.values.extend_from(&other.values, ea, eb);
+            }
+            _ => self.values.extend_from(&other.values, a, b),
+        }
+    }
+}
+
+/// A stripe of one file: the unit of decoding, sharding and shuffling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    pub file: usize,
+    pub stripe: usize,
+    pub offset: u64,
+    pub rows: u64,
+}
+
+/// The files of a dataset with their stripes and the columns' types, checked
+/// to agree across files.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub files: Vec<PathBuf>,
+    pub columns: Vec<ColumnRequest>,
+    pub types: Vec<ColumnType>,
+    /// Every stripe of every file, in file order (zero-row files have none).
+    pub units: Vec<Unit>,
+}
+
+impl Source {
+    pub fn open(files: &[PathBuf], columns: &[ColumnRequest]) -> Result<Source> {
+        if files.is_empty() {
+            return err("no ORC files to read");
+        }
+        if columns.is_empty() {
+            return err("no columns requested");
+        }
+        let mut types: Vec<Option<(ColumnType, usize)>> = vec![None; columns.len()];
+        let mut units = Vec::new();
+        for (fi, path) in files.iter().enumerate() {
+            let file = File::open(path).map_err(|e| IoError(format!("{}: cannot open: {e}", path.display())))?;
+            let builder = ArrowReaderBuilder::try_new(file)
+                .map_err(|e| IoError(format!("{}: not a readable ORC file: {e}", path.display())))?;
+            let meta = builder.file_metadata();
+            if meta.number_of_rows() == 0 {
+                continue;
+            }
+            let schema = builder.schema();
+            for (ci, c) in columns.iter().enumerate() {
+                let field = schema.field_with_name(&c.name).map_err(|_| {
+                    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                    IoError(format!("{}: column {:?} not found (columns: {names:?})", path.display(), c.name))
+                })?;
+                let ty = column_type_of(field.data_type()).ok_or_else(|| {
+                    IoError(format!(
+                        "{}: column {:?} has type {} which RecIS cannot read (ints, floats, booleans, strings and lists of them)",
+                        path.display(),
+                        c.name,
+                        field.data_type()
+                    ))
+                })?;
+                if c.hash && ty.element != Element::String {
+                    return err(format!(
+                        "{}: column {:?} is {ty}, but hashing was asked for (strings only)",
+                        path.display(),
+                        c.name
+                    ));
+                }
+                match types[ci] {
+                    None => types[ci] = Some((ty, fi)),
+                    Some((t, first)) if t != ty => {
+                        return err(format!(
+                            "{}: column {:?} is {ty} but {t} in {}",
+                            path.display(),
+                            c.name,
+                            files[first].display()
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            for (si, s) in meta.stripe_metadatas().iter().enumerate() {
+                if s.number_of_rows() > 0 {
+                    units.push(Unit { file: fi, stripe: si, offset: s.offset(), rows: s.number_of_rows() });
+                }
+            }
+        }
+        let types = match types.into_iter().collect::<Option<Vec<_>>>() {
+            Some(t) => t.into_iter().map(|(t, _)| t).collect(),
+            None => return err("every ORC file is empty: there are no rows to read"),
+        };
+        Ok(Source { files: files.to_vec(), columns: columns.to_vec(), types, units })
+    }
+
+    pub fn total_rows(&self) -> u64 {
+        self.units.iter().map(|u| u.rows).sum()
+    }
+
+    /// Decodes rows `skip..` of a unit into one column per request. A panic
+    /// inside the ORC decoder (it has some on corrupt streams) becomes an
+    /// error naming the file and stripe.
+    pub fn decode(&self, unit: &Unit, skip: u64) -> Result<Vec<Column>> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_unguarded(unit, skip))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown failure");
+                err(format!(
+                    "{} (stripe {}): the ORC decoder failed ({msg}); the file is corrupt",
+                    self.files[unit.file].display(),
+                    unit.stripe
+                ))
+            }
+        }
+    }
+
+    fn decode_unguarded(&self, unit: &Unit, skip: u64) -> Result<Vec<Column>> {
+        let path = &self.files[unit.file];
+        let ctx = |e: &dyn fmt::Display| IoError(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
+        let file = File::open(path).map_err(|e| ctx(&e))?;
+        let builder = ArrowReaderBuilder::try_new(file).map_err(|e| ctx(&e))?;
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        let mask = ProjectionMask::named_roots(builder.file_metadata().root_data_type(), &names);
+        let reader = builder
+            .with_projection(mask)
+            .with_file_byte_range(unit.offset as usize..unit.offset as usize + 1)
+            .with_batch_size(64 * 1024)
+            .build();
+        let mut cols: Option<Vec<Column>> = None;
+        let mut seen = 0u64;
+        for batch in reader {
+            let batch = batch.map_err(|e| ctx(&e))?;
+            let n = batch.num_rows() as u64;
+            if seen + n <= skip {
+                seen += n;
+                continue;
+            }
+            let from = skip.saturating_sub(seen) as usize;
+            seen += n;
+            let decoded = self.convert(&batch, from).map_err(|e| ctx(&e))?;
+            match &mut cols {
+                None => cols = Some(decoded),
+                Some(acc) => {
+                    for (a, d) in acc.iter_mut().zip(&decoded) {
+                        let rows = d.rows();
+                        a.extend_rows(d, 0, rows);
+                    }
+                }
+            }
+        }
+        if seen != unit.rows {
+            return Err(ctx(&format!("stripe holds {seen} rows, its footer says {}", unit.rows)));
+        }
+        Ok(cols.unwrap_or_default())
+    }
+
+    fn convert(&self, batch: &RecordBatch, from: usize) -> std::result::Result<Vec<Column>, String> {
+        self.columns
+            .iter()
+            .zip(&self.types)
+            .map(|(req, ty)| {
+                let array = batch.column_by_name(&req.name).ok_or_else(|| format!("column {:?} missing", req.name))?;
+                let array = array.slice(from, array.len() - from);
+                convert_column(&array, *ty, req).map_err(|e| format!("column {:?}: {e}", req.name))
+            })
+            .collect()
+    }
+}
+
+fn convert_column(array: &ArrayRef, ty: ColumnType, req: &ColumnRequest) -> std::result::Result<Column, String> {
+    if !ty.list {
+        return Ok(Column { values: convert_values(array.as_ref(), ty.element, req)?, offsets: None });
+    }
+    let (offsets, values, nulls): (Vec<i64>, ArrayRef, Option<&arrow::buffer::NullBuffer>) = match array.data_type() {
+        DataType::List(_) => {
+            let l = array.as_list::<i32>();
+            let o = l.value_offsets();
+            let offsets: Vec<i64> = o.iter().map(|&x| (x - o[0]) as i64).collect();
+            let values = l.values().slice(o[0] as usize, (o[o.len() - 1] - o[0]) as usize);
+            (offsets, values, l.nulls())
+        }
+        DataType::LargeList(_) => {
+            let l = array.as_list::<i64>();
+            let o = l.value_offsets();
+            let offsets: Vec<i64> = o.iter().map(|&x| x - o[0]).collect();
+            let values = l.values().slice(o[0] as usize, (o[o.len() - 1] - o[0]) as usize);
+            (offsets, values, l.nulls())
+        }
+        other => return Err(format!("expected a list, found {other}")),
+    };
+    let values = convert_values(values.as_ref(), ty.element, req)?;
+    Ok(drop_null_lists(Column { values, offsets: Some(offsets) }, nulls))
+}
+
+/// A null list reads as an empty list. Arrow lets a null list span elements;
+/// when one does, the column is rebuilt without them.
+fn drop_null_lists(col: Column, nulls: Option<&arrow::buffer::NullBuffer>) -> Column {
+    let Some(nulls) = nulls else { return col };
+    let offsets = col.offsets.as_ref().expect("list column");
+    let rows = offsets.len() - 1;
+    if !(0..rows).any(|i| nulls.is_null(i) && offsets[i + 1] > offsets[i]) {
+        return col;
+    }
+    let mut out = col.empty_like();
+    for i in 0..rows {
+        if nulls.is_null(i) {
+            let o = out.offsets.as_mut().unwrap();
+            o.push(*o.last().unwrap());
+        } else {
+            out.extend_rows(&col, i, i + 1);
+        }
+    }
+    out
+}
+
+fn convert_values(a: &dyn Array, element: Element, req: &ColumnRequest) -> std::result::Result<Values, String> {
+    let n = a.len();
+    Ok(match (element, a.data_type()) {
+        (Element::Int, DataType::Boolean) => {
+            let b = a.as_boolean();
+            Values::Int((0..n).map(|i| (b.is_valid(i) && b.value(i)) as i64).collect())
+        }
+        (Element::Int, DataType::Int8) => Values::Int(ints(a.as_primitive::<Int8Type>())),
+        (Element::Int, DataType::Int16) => Values::Int(ints(a.as_primitive::<Int16Type>())),
+        (Element::Int, DataType::Int32) => Values::Int(ints(a.as_primitive::<Int32Type>())),
+        (Element::Int, DataType::Int64) => Values::Int(ints(a.as_primitive::<Int64Type>())),
+        (Element::Float32, DataType::Float32) => {
+            let p = a.as_primitive::<Float32Type>();
+            Values::Float32((0..n).map(|i| if p.is_valid(i) { p.value(i) } else { f32::NAN }).collect())
+        }
+        (Element::Float64, DataType::Float64) => {
+            let p = a.as_primitive::<Float64Type>();
+            Values::Float64((0..n).map(|i| if p.is_valid(i) { p.value(i) } else { f64::NAN }).collect())
+        }
+        (Element::String, dt) => {
+            let (data, offsets): (&[u8], Vec<i64>) = match dt {
+                DataType::Utf8 => {
+                    let s = a.as_string::<i32>();
+                    (s.value_data(), s.value_offsets().iter().map(|&x| x as i64).collect())
+                }
+                DataType::LargeUtf8 => {
+                    let s = a.as_string::<i64>();
+                    (s.value_data(), s.value_offsets().to_vec())
+                }
+                DataType::Binary => {
+                    let s = a.as_binary::<i32>();
+                    (s.value_data(), s.value_offsets().iter().map(|&x| x as i64).collect())
+                }
+                DataType::LargeBinary => {
+                    let s = a.as_binary::<i64>();
+                    (s.value_data(), s.value_offsets().to_vec())
+                }
+                other => return Err(format!("expected strings, found {other}")),
+            };
+            let nulls = a.nulls();
+            let get = |i: usize| -> &[u8] {
+                if nulls.is_some_and(|nb| nb.is_null(i)) {
+                    &[]
+                } else {
+                    &data[offsets[i] as usize..offsets[i + 1] as usize]
+                }
+            };
+            if req.hash {
+                Values::Int(
+                    (0..n)
+                        .map(|i| {
+                            let h = fingerprint64(get(i));
+                            if req.bucket > 0 {
+                                (h % req.bucket) as i64
+                            } else {
+                                h as i64
+                            }
+                        })
+                        .collect(),
+                )
+            } else {
+                let mut out = Vec::new();
+                let mut offs = Vec::with_capacity(n + 1);
+                offs.push(0i64);
+                for i in 0..n {
+                    out.extend_from_slice(get(i));
+                    offs.push(out.len() as i64);
+                }
+                Values::Bytes { data: out, offsets: offs }
+            }
+        }
+        (e, dt) => return Err(format!("cannot read {dt} as {e:?}")),
+    })
+}
+
+fn ints<T: arrow::datatypes::ArrowPrimitiveType>(p: &arrow::array::PrimitiveArray<T>) -> Vec<i64>
+where
+    T::Native: Into<i64>,
+{
+    (0..p.len()).map(|i| if p.is_valid(i) { p.value(i).into() } else { 0 }).collect()
+}
+
+/// The order in which a worker reads units in an epoch: all units (shuffled
+/// by `seed` and `epoch` when asked), then every `worker_num`-th one from
+/// `worker_idx`. Workers' shards are disjoint and together cover every unit.
+pub fn plan(units: &[Unit], shuffle: bool, seed: u64, epoch: u64, worker_idx: usize, worker_num: usize) -> Vec<Unit> {
+    let mut order: Vec<Unit> = units.to_vec();
+    if shuffle {
+        // Fisher-Yates with a counter-based generator of (seed, epoch).
+        let mut s = crate::hash::IdStream::new(seed, epoch);
+        for i in (1..order.len()).rev() {
+            let j = (s.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+    }
+    order.into_iter().skip(worker_idx).step_by(worker_num.max(1)).collect()
+}
+
+/// A cursor: the next unread row is row `row` of unit `unit` of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    pub unit: usize,
+    pub row: u64,
+}
+
+/// A batch and the cursor just past it.
+pub struct Batch {
+    pub columns: Vec<Column>,
+    pub rows: usize,
+    pub end: Cursor,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    /// Units delivered to the consumer (for the prefetch window).
+    consumed: Mutex<usize>,
+    progress: Condvar,
+}
+
+/// Reads one worker's plan for one epoch from a cursor, in batches.
+pub struct Reader {
+    source: Arc<Source>,
+    plan: Arc<Vec<Unit>>,
+    batch_size: usize,
+    drop_remainder: bool,
+    cursor: Cursor,
+    /// Decoded units waiting, by plan index (with the row they start at).
+    ready: BTreeMap<usize, Decoded>,
+    rx: mpsc::Receiver<(usize, Decoded)>,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    failed: bool,
+}
+
+impl Reader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        source: Arc<Source>,
+        plan: Vec<Unit>,
+        start: Cursor,
+        batch_size: usize,
+        drop_remainder: bool,
+        num_threads: usize,
+        prefetch: usize,
+    ) -> Result<Reader> {
+        if batch_size == 0 {
+            return err("batch_size must be >= 1");
+        }
+        if start.unit > plan.len() || (start.unit < plan.len() && start.row > plan[start.unit].rows) {
+            return err(format!(
+                "cursor (unit {}, row {}) is outside this worker's plan of {} units",
+                start.unit,
+                start.row,
+                plan.len()
+            ));
+        }
+        let plan = Arc::new(plan);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            consumed: Mutex::new(start.unit),
+            progress: Condvar::new(),
+        });
+        let next = Arc::new(AtomicUsize::new(start.unit));
+        let (tx, rx) = mpsc::channel();
+        let window = prefetch.max(1);
+        let threads = (0..num_threads.max(1))
+            .map(|_| {
+                let (source, plan, shared, next, tx) =
+                    (Arc::clone(&source), Arc::clone(&plan), Arc::clone(&shared), Arc::clone(&next), tx.clone());
+                std::thread::spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::AcqRel);
+                    if i >= plan.len() {
+                        return;
+                    }
+                    // Stay within `window` units of what the consumer has taken.
+                    {
+                        let mut consumed = shared.consumed.lock().unwrap_or_else(|e| e.into_inner());
+                        while i >= *consumed + window && !shared.stop.load(Ordering::Acquire) {
+                            consumed = shared.progress.wait(consumed).unwrap_or_else(|e| e.into_inner());
+                        }
+                    }
+                    if shared.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let skip = if i == start.unit { start.row } else { 0 };
+                    let out = source.decode(&plan[i], skip).map(|c| (skip, c));
+                    let failed = out.is_err();
+                    if tx.send((i, out)).is_err() || failed {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        Ok(Reader {
+            source,
+            plan,
+            batch_size,
+            drop_remainder,
+            cursor: start,
+            ready: BTreeMap::new(),
+            rx,
+            shared,
+            threads,
+            failed: false,
+        })
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The decoded unit at plan index `i`, waiting for the decoders.
+    fn unit(&mut self, i: usize) -> Result<&(u64, Vec<Column>)> {
+        while !self.ready.contains_key(&i) {
+            match self.rx.recv() {
+                Ok((k, r)) => {
+                    self.ready.insert(k, r);
+                }
+                Err(_) => return err("the ORC decoding threads stopped unexpectedly"),
+            }
+        }
+        match self.ready.get(&i).unwrap() {
+            Ok(u) => Ok(u),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        self.ready.remove(&i);
+        let mut consumed = self.shared.consumed.lock().unwrap_or_else(|e| e.into_inner());
+        *consumed = (*consumed).max(i + 1);
+        self.shared.progress.notify_all();
+    }
+
+    /// The next batch, or None at the end of the plan. An error (a corrupt
+    /// file) ends the reader: every later call returns None.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if self.failed {
+            return Ok(None);
+        }
+        let mut columns: Option<Vec<Column>> = None;
+        let mut rows = 0usize;
+        let mut cur = self.cursor;
+        let batch_size = self.batch_size;
+        while rows < batch_size && cur.unit < self.plan.len() {
+            let unit_rows = self.plan[cur.unit].rows;
+            if cur.row >= unit_rows {
+                self.release(cur.unit);
+                cur = Cursor { unit: cur.unit + 1, row: 0 };
+                continue;
+            }
+            let decoded = match self.unit(cur.unit) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.failed = true;
+                    self.stop();
+                    return Err(e);
+                }
+            };
+            let (start_row, cols) = (decoded.0, &decoded.1);
+            let a = (cur.row - start_row) as usize;
+            let take = (batch_size - rows).min((unit_rows - cur.row) as usize);
+            let acc = columns.get_or_insert_with(|| cols.iter().map(|c| c.empty_like()).collect());
+            for (dst, src) in acc.iter_mut().zip(cols) {
+                dst.extend_rows(src, a, a + take);
+            }
+            rows += take;
+            cur.row += take as u64;
+            if cur.row >= unit_rows {
+                self.release(cur.unit);
+                cur = Cursor { unit: cur.unit + 1, row: 0 };
+            }
+        }
+        if rows == 0 || (self.drop_remainder && rows < self.batch_size) {
+            // The remainder is dropped: the epoch is over.
+            self.cursor = Cursor { unit: self.plan.len(), row: 0 };
+            return Ok(None);
+        }
+        self.cursor = cur;
+        Ok(Some(Batch { columns: columns.unwrap(), rows, end: cur }))
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.progress.notify_all();
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop();
+        // Unblock senders by draining, then join: no thread outlives the reader.
+        while self.rx.try_recv().is_ok() {}
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Lists the ORC files of paths (files, or directories read non-recursively
+/// for `*.orc` files), sorted by path within each directory.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| IoError(format!("{}: cannot read: {e}", p.display())))?;
+        if meta.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| IoError(format!("{}: cannot list: {e}", p.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "orc") && f.is_file())
+                .collect();
+            if found.is_empty() {
+                return err(format!("{}: directory holds no .orc files", p.display()));
+            }
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
