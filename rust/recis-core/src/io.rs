@@ -18,7 +18,7 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type};
 use orc_rust::arrow_reader::ArrowReaderBuilder;
 use orc_rust::projection::ProjectionMask;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::path::PathBuf;
@@ -40,8 +40,8 @@ impl std::error::Error for IoError {}
 
 type Result<T> = std::result::Result<T, IoError>;
 
-/// A decoded unit: the row it starts at and its columns.
-type Decoded = Result<(u64, Vec<Column>)>;
+/// A decoded unit: its rows from the cursor on, in chunks.
+type Decoded = Result<VecDeque<Chunk>>;
 
 fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(IoError(msg.into()))
@@ -125,15 +125,6 @@ pub enum Values {
 }
 
 impl Values {
-    fn len(&self) -> usize {
-        match self {
-            Values::Int(v) => v.len(),
-            Values::Float32(v) => v.len(),
-            Values::Float64(v) => v.len(),
-            Values::Bytes { offsets, .. } => offsets.len() - 1,
-        }
-    }
-
     fn empty_like(&self) -> Values {
         match self {
             Values::Int(_) => Values::Int(Vec::new()),
@@ -167,13 +158,6 @@ pub struct Column {
 }
 
 impl Column {
-    fn rows(&self) -> usize {
-        match &self.offsets {
-            Some(o) => o.len() - 1,
-            None => self.values.len(),
-        }
-    }
-
     fn empty_like(&self) -> Column {
         Column { values: self.values.empty_like(), offsets: self.offsets.as_ref().map(|_| vec![0]) }
     }
@@ -190,6 +174,13 @@ impl Column {
             _ => self.values.extend_from(&other.values, a, b),
         }
     }
+}
+
+/// Consecutive rows of a unit, decoded.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub columns: Vec<Column>,
+    pub rows: usize,
 }
 
 /// A stripe of one file: the unit of decoding, sharding and shuffling.
@@ -281,11 +272,15 @@ impl Source {
         self.units.iter().map(|u| u.rows).sum()
     }
 
-    /// Decodes rows `skip..` of a unit into one column per request. A panic
+    /// Decodes rows `skip..` of a unit into chunks of rows: the first of
+    /// `first` rows, then `chunk` rows each (the last may be shorter), each a
+    /// column per request. Aligning chunks to the batch grid lets the reader
+    /// hand whole chunks out as batches without copying them again. A panic
     /// inside the ORC decoder (it has some on corrupt streams) becomes an
     /// error naming the file and stripe.
-    pub fn decode(&self, unit: &Unit, skip: u64) -> Result<Vec<Column>> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_unguarded(unit, skip))) {
+    pub fn decode(&self, unit: &Unit, skip: u64, first: usize, chunk: usize) -> Result<Vec<Chunk>> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_unguarded(unit, skip, first, chunk)))
+        {
             Ok(r) => r,
             Err(panic) => {
                 let msg = panic
@@ -302,7 +297,7 @@ impl Source {
         }
     }
 
-    fn decode_unguarded(&self, unit: &Unit, skip: u64) -> Result<Vec<Column>> {
+    fn decode_unguarded(&self, unit: &Unit, skip: u64, first: usize, chunk: usize) -> Result<Vec<Chunk>> {
         let path = &self.files[unit.file];
         let ctx = |e: &dyn fmt::Display| IoError(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
         let file = File::open(path).map_err(|e| ctx(&e))?;
@@ -312,44 +307,51 @@ impl Source {
         let reader = builder
             .with_projection(mask)
             .with_file_byte_range(unit.offset as usize..unit.offset as usize + 1)
-            .with_batch_size(64 * 1024)
+            .with_batch_size(chunk.max(1))
             .build();
-        let mut cols: Option<Vec<Column>> = None;
+        let mut chunks: Vec<Chunk> = Vec::new();
+        // Rows still to put in the chunk being filled, and whether it is open.
+        let mut want = first.max(1);
+        let mut open = false;
         let mut seen = 0u64;
         for batch in reader {
             let batch = batch.map_err(|e| ctx(&e))?;
-            let n = batch.num_rows() as u64;
-            if seen + n <= skip {
-                seen += n;
-                continue;
-            }
-            let from = skip.saturating_sub(seen) as usize;
-            seen += n;
-            let decoded = self.convert(&batch, from).map_err(|e| ctx(&e))?;
-            match &mut cols {
-                None => cols = Some(decoded),
-                Some(acc) => {
-                    for (a, d) in acc.iter_mut().zip(&decoded) {
-                        let rows = d.rows();
-                        a.extend_rows(d, 0, rows);
+            let n = batch.num_rows();
+            let mut at = skip.saturating_sub(seen).min(n as u64) as usize;
+            seen += n as u64;
+            while at < n {
+                let take = want.min(n - at);
+                let part = self.convert(&batch.slice(at, take)).map_err(|e| ctx(&e))?;
+                if open {
+                    let last = chunks.last_mut().unwrap();
+                    for (a, p) in last.columns.iter_mut().zip(&part) {
+                        a.extend_rows(p, 0, take);
                     }
+                    last.rows += take;
+                } else {
+                    chunks.push(Chunk { columns: part, rows: take });
+                }
+                at += take;
+                want -= take;
+                open = want > 0;
+                if !open {
+                    want = chunk.max(1);
                 }
             }
         }
         if seen != unit.rows {
             return Err(ctx(&format!("stripe holds {seen} rows, its footer says {}", unit.rows)));
         }
-        Ok(cols.unwrap_or_default())
+        Ok(chunks)
     }
 
-    fn convert(&self, batch: &RecordBatch, from: usize) -> std::result::Result<Vec<Column>, String> {
+    fn convert(&self, batch: &RecordBatch) -> std::result::Result<Vec<Column>, String> {
         self.columns
             .iter()
             .zip(&self.types)
             .map(|(req, ty)| {
                 let array = batch.column_by_name(&req.name).ok_or_else(|| format!("column {:?} missing", req.name))?;
-                let array = array.slice(from, array.len() - from);
-                convert_column(&array, *ty, req).map_err(|e| format!("column {:?}: {e}", req.name))
+                convert_column(array, *ty, req).map_err(|e| format!("column {:?}: {e}", req.name))
             })
             .collect()
     }
@@ -412,14 +414,8 @@ fn convert_values(a: &dyn Array, element: Element, req: &ColumnRequest) -> std::
         (Element::Int, DataType::Int16) => Values::Int(ints(a.as_primitive::<Int16Type>())),
         (Element::Int, DataType::Int32) => Values::Int(ints(a.as_primitive::<Int32Type>())),
         (Element::Int, DataType::Int64) => Values::Int(ints(a.as_primitive::<Int64Type>())),
-        (Element::Float32, DataType::Float32) => {
-            let p = a.as_primitive::<Float32Type>();
-            Values::Float32((0..n).map(|i| if p.is_valid(i) { p.value(i) } else { f32::NAN }).collect())
-        }
-        (Element::Float64, DataType::Float64) => {
-            let p = a.as_primitive::<Float64Type>();
-            Values::Float64((0..n).map(|i| if p.is_valid(i) { p.value(i) } else { f64::NAN }).collect())
-        }
+        (Element::Float32, DataType::Float32) => Values::Float32(floats(a.as_primitive::<Float32Type>(), f32::NAN)),
+        (Element::Float64, DataType::Float64) => Values::Float64(floats(a.as_primitive::<Float64Type>(), f64::NAN)),
         (Element::String, dt) => {
             let (data, offsets): (&[u8], Vec<i64>) = match dt {
                 DataType::Utf8 => {
@@ -476,11 +472,33 @@ fn convert_values(a: &dyn Array, element: Element, req: &ColumnRequest) -> std::
     })
 }
 
+/// Integers as int64: a bulk conversion of the value buffer, then nulls set
+/// to 0 (only when there are any).
 fn ints<T: arrow::datatypes::ArrowPrimitiveType>(p: &arrow::array::PrimitiveArray<T>) -> Vec<i64>
 where
     T::Native: Into<i64>,
 {
-    (0..p.len()).map(|i| if p.is_valid(i) { p.value(i).into() } else { 0 }).collect()
+    let mut out: Vec<i64> = p.values().iter().map(|&x| x.into()).collect();
+    if let Some(nulls) = p.nulls() {
+        for i in nulls.iter().enumerate().filter(|(_, valid)| !valid).map(|(i, _)| i) {
+            out[i] = 0;
+        }
+    }
+    out
+}
+
+/// Floats: a copy of the value buffer, then nulls set to NaN.
+fn floats<T: arrow::datatypes::ArrowPrimitiveType>(
+    p: &arrow::array::PrimitiveArray<T>,
+    nan: T::Native,
+) -> Vec<T::Native> {
+    let mut out = p.values().to_vec();
+    if let Some(nulls) = p.nulls() {
+        for i in nulls.iter().enumerate().filter(|(_, valid)| !valid).map(|(i, _)| i) {
+            out[i] = nan;
+        }
+    }
+    out
 }
 
 /// The order in which a worker reads units in an epoch: all units (shuffled
@@ -527,8 +545,11 @@ pub struct Reader {
     batch_size: usize,
     drop_remainder: bool,
     cursor: Cursor,
-    /// Decoded units waiting, by plan index (with the row they start at).
+    /// Decoded units waiting, by plan index.
     ready: BTreeMap<usize, Decoded>,
+    /// Chunks of the unit at the cursor not yet handed out.
+    pending: VecDeque<Chunk>,
+    pending_unit: Option<usize>,
     rx: mpsc::Receiver<(usize, Decoded)>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -557,6 +578,15 @@ impl Reader {
                 plan.len()
             ));
         }
+        // Rows between the cursor and the start of each unit: a unit's chunks
+        // are cut so that batch boundaries (every `batch_size` rows from the
+        // cursor) fall on chunk boundaries.
+        let mut before = vec![0u64; plan.len() + 1];
+        for i in start.unit..plan.len() {
+            let rows = plan[i].rows - if i == start.unit { start.row } else { 0 };
+            before[i + 1] = before[i] + rows;
+        }
+        let before = Arc::new(before);
         let plan = Arc::new(plan);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -568,8 +598,14 @@ impl Reader {
         let window = prefetch.max(1);
         let threads = (0..num_threads.max(1))
             .map(|_| {
-                let (source, plan, shared, next, tx) =
-                    (Arc::clone(&source), Arc::clone(&plan), Arc::clone(&shared), Arc::clone(&next), tx.clone());
+                let (source, plan, shared, next, tx, before) = (
+                    Arc::clone(&source),
+                    Arc::clone(&plan),
+                    Arc::clone(&shared),
+                    Arc::clone(&next),
+                    tx.clone(),
+                    Arc::clone(&before),
+                );
                 std::thread::spawn(move || loop {
                     let i = next.fetch_add(1, Ordering::AcqRel);
                     if i >= plan.len() {
@@ -586,7 +622,8 @@ impl Reader {
                         return;
                     }
                     let skip = if i == start.unit { start.row } else { 0 };
-                    let out = source.decode(&plan[i], skip).map(|c| (skip, c));
+                    let first = batch_size - (before[i] % batch_size as u64) as usize;
+                    let out = source.decode(&plan[i], skip, first, batch_size).map(VecDeque::from);
                     let failed = out.is_err();
                     if tx.send((i, out)).is_err() || failed {
                         return;
@@ -601,6 +638,8 @@ impl Reader {
             drop_remainder,
             cursor: start,
             ready: BTreeMap::new(),
+            pending: VecDeque::new(),
+            pending_unit: None,
             rx,
             shared,
             threads,
@@ -616,8 +655,11 @@ impl Reader {
         &self.source
     }
 
-    /// The decoded unit at plan index `i`, waiting for the decoders.
-    fn unit(&mut self, i: usize) -> Result<&(u64, Vec<Column>)> {
+    /// Makes `pending` hold the chunks of unit `i`, waiting for the decoders.
+    fn load(&mut self, i: usize) -> Result<()> {
+        if self.pending_unit == Some(i) {
+            return Ok(());
+        }
         while !self.ready.contains_key(&i) {
             match self.rx.recv() {
                 Ok((k, r)) => {
@@ -626,14 +668,14 @@ impl Reader {
                 Err(_) => return err("the ORC decoding threads stopped unexpectedly"),
             }
         }
-        match self.ready.get(&i).unwrap() {
-            Ok(u) => Ok(u),
-            Err(e) => Err(e.clone()),
-        }
+        self.pending = self.ready.remove(&i).unwrap()?;
+        self.pending_unit = Some(i);
+        Ok(())
     }
 
     fn release(&mut self, i: usize) {
-        self.ready.remove(&i);
+        self.pending.clear();
+        self.pending_unit = None;
         let mut consumed = self.shared.consumed.lock().unwrap_or_else(|e| e.into_inner());
         *consumed = (*consumed).max(i + 1);
         self.shared.progress.notify_all();
@@ -645,40 +687,69 @@ impl Reader {
         if self.failed {
             return Ok(None);
         }
+        let batch_size = self.batch_size;
         let mut columns: Option<Vec<Column>> = None;
         let mut rows = 0usize;
         let mut cur = self.cursor;
-        let batch_size = self.batch_size;
         while rows < batch_size && cur.unit < self.plan.len() {
-            let unit_rows = self.plan[cur.unit].rows;
-            if cur.row >= unit_rows {
+            if cur.row >= self.plan[cur.unit].rows {
                 self.release(cur.unit);
                 cur = Cursor { unit: cur.unit + 1, row: 0 };
                 continue;
             }
-            let decoded = match self.unit(cur.unit) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.failed = true;
-                    self.stop();
-                    return Err(e);
-                }
-            };
-            let (start_row, cols) = (decoded.0, &decoded.1);
-            let a = (cur.row - start_row) as usize;
-            let take = (batch_size - rows).min((unit_rows - cur.row) as usize);
-            let acc = columns.get_or_insert_with(|| cols.iter().map(|c| c.empty_like()).collect());
-            for (dst, src) in acc.iter_mut().zip(cols) {
-                dst.extend_rows(src, a, a + take);
+            if let Err(e) = self.load(cur.unit) {
+                self.failed = true;
+                self.stop();
+                return Err(e);
             }
-            rows += take;
-            cur.row += take as u64;
-            if cur.row >= unit_rows {
+            let Some(mut chunk) = self.pending.pop_front() else {
+                return err(format!("unit {} ended before its footer's row count", cur.unit));
+            };
+            let need = batch_size - rows;
+            if chunk.rows > need {
+                // Chunks are cut on batch boundaries, so this only happens if
+                // a decoder returned a longer one; split it.
+                let rest = Chunk {
+                    columns: chunk
+                        .columns
+                        .iter()
+                        .map(|c| {
+                            let mut r = c.empty_like();
+                            r.extend_rows(c, need, chunk.rows);
+                            r
+                        })
+                        .collect(),
+                    rows: chunk.rows - need,
+                };
+                chunk.columns = chunk
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        let mut h = c.empty_like();
+                        h.extend_rows(c, 0, need);
+                        h
+                    })
+                    .collect();
+                chunk.rows = need;
+                self.pending.push_front(rest);
+            }
+            match &mut columns {
+                // A whole chunk becomes the batch without a copy.
+                None => columns = Some(chunk.columns),
+                Some(acc) => {
+                    for (dst, src) in acc.iter_mut().zip(&chunk.columns) {
+                        dst.extend_rows(src, 0, chunk.rows);
+                    }
+                }
+            }
+            rows += chunk.rows;
+            cur.row += chunk.rows as u64;
+            if cur.row >= self.plan[cur.unit].rows {
                 self.release(cur.unit);
                 cur = Cursor { unit: cur.unit + 1, row: 0 };
             }
         }
-        if rows == 0 || (self.drop_remainder && rows < self.batch_size) {
+        if rows == 0 || (self.drop_remainder && rows < batch_size) {
             // The remainder is dropped: the epoch is over.
             self.cursor = Cursor { unit: self.plan.len(), row: 0 };
             return Ok(None);
