@@ -112,8 +112,40 @@ def main(argv=None) -> int:
     d.add_argument("--log-every", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
+    c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
+    c.add_argument("inputs", nargs="+", help="input files, converted in order")
+    c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")
+    c.add_argument("--format", required=True, choices=["criteo", "avazu", "csv", "tsv", "parquet"])
+    c.add_argument("--rows-per-file", type=int, default=1_000_000)
+    c.add_argument("--compression", default="zstd", choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"])
+    c.add_argument("--no-header", action="store_true", help="the CSV has no header line (avazu dev/test)")
+    c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
+    c.add_argument("--schema", help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)")
+    c.set_defaults(func=convert_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def convert_cmd(args) -> int:
+    from recis.io.convert import ConvertError, convert
+
+    try:
+        files = convert(
+            args.inputs,
+            args.output,
+            args.format,
+            rows_per_file=args.rows_per_file,
+            compression=args.compression,
+            header=not args.no_header,
+            label=not args.no_label,
+            schema=args.schema,
+        )
+    except ConvertError as e:
+        print(f"recis convert: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""recis convert: CSV/TSV/Parquet to ORC, checked against pyarrow's reading."""
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.orc as po
+import pyarrow.parquet as pq
+import pytest
+
+from recis.cli import main
+from recis.io import Column, OrcDataset
+from recis.io.convert import ConvertError, convert
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def criteo_lines(n):
+    lines = []
+    for i in range(n):
+        ints = [str(i * k) if (i + k) % 5 else "" for k in range(13)]
+        cats = [f"{(i * 2654435761 + k) % 2**32:08x}" if (i + k) % 7 else "" for k in range(26)]
+        lines.append("\t".join([str(i % 2), *ints, *cats]))
+    return lines
+
+
+def test_criteo_layout_splits_into_files_of_the_chosen_size(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(criteo_lines(250)) + "\n")
+    files = convert([str(src)], str(tmp_path / "out"), "criteo", rows_per_file=100)
+    assert [os.path.basename(f) for f in files] == ["part-00000.orc", "part-00001.orc", "part-00002.orc"]
+    t = pa.concat_tables([po.read_table(f) for f in files])
+    assert t.num_rows == 250 and t.column_names[:3] == ["label", "I1", "I2"]
+    # I1 of row i is i * 0, empty (null) when i % 5 == 0.
+    assert t["I1"].to_pylist() == [None if i % 5 == 0 else 0 for i in range(250)]
+    row7 = criteo_lines(250)[7].split("\t")
+    assert t["C3"][7].as_py() == (row7[1 + 13 + 2] or None)
+    assert t["I4"][7].as_py() == (int(row7[4]) if row7[4] else None)
+    ds = OrcDataset(str(tmp_path / "out"), 64, ["label", "I1", Column("C1", hash=True)])
+    assert sum(b["label"].numel() for b in ds) == 250
+
+
+def test_avazu_layout_with_and_without_header(tmp_path):
+    header = ",".join(
+        ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id"]
+        + ["app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type"]
+        + ["device_conn_type"]
+        + [f"C{i}" for i in range(14, 22)]
+    )
+    row = "10000174058809263569,0,14102100,1005,0,1fbe01fe,f3845767,28905ebd,ecad2386,7801e8d9,07d7df22,a99f214a,"
+    row += "8a4875bd,be6db1d7,1,0,15706,320,50,1722,0,35,-1,79"
+    (tmp_path / "a.csv").write_text(header + "\n" + row + "\n")
+    (tmp_path / "b.csv").write_text(row + "\n")
+    out = convert([str(tmp_path / "a.csv")], str(tmp_path / "oa"), "avazu")
+    t = po.read_table(out[0])
+    assert t["id"][0].as_py() == "10000174058809263569" and t["C20"][0].as_py() == -1
+    out = convert([str(tmp_path / "b.csv")], str(tmp_path / "ob"), "avazu", header=False)
+    assert po.read_table(out[0]).equals(t)
+
+
+def test_parquet_and_general_csv(tmp_path):
+    table = pa.table({"user": ["a", "b", None], "price": [1.5, None, 3.0], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    out = convert([str(tmp_path / "x.parquet")], str(tmp_path / "p"), "parquet")
+    assert po.read_table(out[0]).equals(table)
+    (tmp_path / "y.csv").write_text("user,price,n\na,1.5,1\nb,,2\n")
+    out = convert([str(tmp_path / "y.csv")], str(tmp_path / "c"), "csv", schema="user:string,price:float32,n:int64")
+    t = po.read_table(out[0])
+    assert t.schema.field("price").type == pa.float32() and t["price"].to_pylist() == [1.5, None]
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(ConvertError, match="missing.csv: no such file"):
+        convert([str(tmp_path / "missing.csv")], str(tmp_path / "o"), "csv")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1\t2\t3\n")  # 3 columns, criteo needs 40
+    with pytest.raises(ConvertError, match="bad.txt"):
+        convert([str(bad)], str(tmp_path / "o"), "criteo")
+    with pytest.raises(ConvertError, match="must be name:type"):
+        convert([str(bad)], str(tmp_path / "o"), "csv", schema="x:decimal")
+    assert main(["convert", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o"), "--format", "csv"]) == 2
+
+
+@pytest.mark.skipif(not (SHARED / "criteo").is_dir(), reason="../shared/data (real Criteo/Avazu slices) not present")
+def test_real_criteo_and_avazu_slices_convert_and_read_back(tmp_path):
+    files = convert([str(SHARED / "criteo" / "criteo_kaggle_head_train.txt")], str(tmp_path / "criteo"), "criteo")
+    t = po.read_table(files[0])
+    assert t.num_rows == 900 and abs(pc.mean(t["label"]).as_py() - 0.196) < 0.01
+    files = convert([str(SHARED / "avazu" / "avazu_train.csv")], str(tmp_path / "avazu"), "avazu")
+    t = po.read_table(files[0])
+    assert t.num_rows == 8087 and abs(pc.mean(t["click"]).as_py() - 0.173) < 0.01
+    dev = convert([str(SHARED / "avazu" / "avazu_dev.csv")], str(tmp_path / "dev"), "avazu", header=False)
+    assert po.read_table(dev[0]).num_rows == 480
+    ds = OrcDataset(str(tmp_path / "avazu"), 1000, ["click", Column("site_id", hash=True)])
+    assert sum(b["click"].numel() for b in ds) == 8087
