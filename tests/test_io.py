@@ -268,3 +268,9 @@ def test_corrupt_stripe_stops_cleanly_with_the_file_named(tmp_path):
 def test_duplicate_columns_are_refused(dataset_dir):
     with pytest.raises(ValueError, match="requested twice"):
         OrcDataset(dataset_dir, 10, ["id", "id"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_pin_memory_without_cuda_is_refused_clearly(dataset_dir):
+    with pytest.raises(ValueError, match="pin_memory=True needs a CUDA device"):
+        OrcDataset(dataset_dir, 10, ["id"], pin_memory=True)

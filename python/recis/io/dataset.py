@@ -99,6 +99,8 @@ class OrcDataset(IterableDataset):
         self.seed = seed
         self.num_threads = num_threads
         self.prefetch = prefetch
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("OrcDataset: pin_memory=True needs a CUDA device, and none is available")
         self.pin_memory = pin_memory
         self.device = None if device is None else torch.device(device)
         self.types = self.source.column_types()
