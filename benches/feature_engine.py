@@ -113,21 +113,12 @@ def torch_truncate_left(x: RaggedTensor, max_len: int) -> RaggedTensor:
 
 
 def plain_torch(batch: dict) -> dict:
-    out = {}
-    bounds = torch.tensor(BOUNDARIES, dtype=torch.float64)
+    out = plain_torch_numeric(batch)
     for i in range(10):
         out[f"cat{i}"] = torch.remainder(torch_hash_strings(batch[f"cat{i}"], 0), 1 << 22)
-    for i in range(6):
-        x = batch[f"ids{i}"]
-        out[f"ids{i}"] = RaggedTensor(torch.remainder(x.values, 1 << 20), x.offsets)
-    for i in range(4):
-        out[f"num{i}"] = torch.bucketize(batch[f"num{i}"], bounds)
     for i in range(3):
         col = batch[f"tags{i}"]
         out[f"tags{i}"] = RaggedTensor(torch_hash_strings(col, 1 << 18), torch.from_numpy(col.offsets))
-    for i in range(2):
-        out[f"cross{i}"] = torch_cross(batch[f"ids{2 * i}"], batch[f"ids{2 * i + 1}"], 1 << 20)
-    out["seq"] = torch_truncate_left(batch["seq"], 50)
     return out
 
 

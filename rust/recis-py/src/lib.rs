@@ -494,32 +494,24 @@ fn hash_strings_many<'py>(
         s.validate().map_err(|m| value_err(format!("strings[{k}]: {m}")))?;
         cols.push(s);
     }
-    let outs: Vec<Vec<i64>> = py.detach(|| {
-        cols.par_iter()
-            .zip(buckets.par_iter())
-            .map(|(s, &b)| {
-                let mut out = vec![0i64; s.len()];
-                features::hash_strings(*s, b, &mut out);
-                out
-            })
-            .collect()
-    });
-    Ok(outs.into_iter().map(|o| o.into_pyarray(py)).collect())
+    Ok(map_many(py, &cols, &buckets, |s| s.len(), |s, &b, o| features::hash_strings(*s, b, o)))
 }
 
-/// Runs `f(input, param, out)` for every (input, param) in parallel.
-fn map_many<'py, P: Sync>(
+/// Runs `f(input, param, out)` for every (input, param) in parallel, `out`
+/// being `len(input)` ids.
+fn map_many<'py, I: Sync, P: Sync>(
     py: Python<'py>,
-    inputs: &[&[i64]],
+    inputs: &[I],
     params: &[P],
-    f: impl Fn(&[i64], &P, &mut [i64]) + Sync,
+    len: impl Fn(&I) -> usize + Sync,
+    f: impl Fn(&I, &P, &mut [i64]) + Sync,
 ) -> Vec<Bound<'py, PyArray1<i64>>> {
     let outs: Vec<Vec<i64>> = py.detach(|| {
         inputs
             .par_iter()
             .zip(params.par_iter())
             .map(|(x, p)| {
-                let mut out = vec![0i64; x.len()];
+                let mut out = vec![0i64; len(x)];
                 f(x, p, &mut out);
                 out
             })
@@ -536,7 +528,7 @@ fn hash_ids_many<'py>(
 ) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
     same_len(ids.len(), buckets.len(), "hash_ids_many")?;
     let xs = slices(&ids, "ids")?;
-    Ok(map_many(py, &xs, &buckets, |x, &b, o| features::hash_ids(x, b, o)))
+    Ok(map_many(py, &xs, &buckets, |x| x.len(), |x, &b, o| features::hash_ids(x, b, o)))
 }
 
 #[pyfunction]
@@ -550,7 +542,7 @@ fn mod_many<'py>(
         return Err(value_err(format!("mods[{k}]: mod must be >= 1")));
     }
     let xs = slices(&ids, "ids")?;
-    Ok(map_many(py, &xs, &mods, |x, &m, o| features::modulo(x, m, o)))
+    Ok(map_many(py, &xs, &mods, |x| x.len(), |x, &m, o| features::modulo(x, m, o)))
 }
 
 #[pyfunction]
@@ -595,17 +587,7 @@ fn bucketize_many<'py>(
             return Err(value_err(format!("boundaries[{k}] must be sorted and free of NaN")));
         }
     }
-    let outs: Vec<Vec<i64>> = py.detach(|| {
-        xs.par_iter()
-            .zip(bs.par_iter())
-            .map(|(x, b)| {
-                let mut out = vec![0i64; x.len()];
-                features::bucketize(x, b, &mut out);
-                out
-            })
-            .collect()
-    });
-    Ok(outs.into_iter().map(|o| o.into_pyarray(py)).collect())
+    Ok(map_many(py, &xs, &bs, |x| x.len(), |x, b, o| features::bucketize(x, b, o)))
 }
 
 /// (values, offsets) of a ragged result.
