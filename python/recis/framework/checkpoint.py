@@ -1,0 +1,277 @@
+"""Checkpoints: atomic, safetensors + JSON, no pickle.
+
+A checkpoint is a directory ``ckpt-<step>`` inside the manager's directory:
+
+- ``table-<name>.safetensors``: a sparse table (ids, rows with optimizer
+  slots, frequency, last step, admission counters);
+- ``dense.safetensors``: the dense model's state dict;
+- ``dense_optimizer.safetensors`` + the JSON part in ``meta.json``: a torch
+  optimizer's state (tensors by flat key, the rest as JSON);
+- ``rng.safetensors``: torch's CPU RNG state;
+- ``meta.json``: the step, every table's config, sparse optimizer, LR
+  scheduler, data reader cursor, numpy/Python RNG states, and user extras.
+
+It is written under a temporary name, its files flushed to disk, then renamed
+to ``ckpt-<step>``; the ``latest`` pointer is replaced (also by rename) only
+after that, and older checkpoints beyond ``keep_last`` are removed last. A
+crash at any point leaves the previous checkpoints and pointer intact; a
+half-written temporary directory is ignored and cleaned up by the next save.
+Loading an untrusted checkpoint cannot run code: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the file or part."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _split_optimizer_state(sd: dict) -> tuple[dict, dict]:
+    """torch optimizer state -> (tensors by flat key, JSON part)."""
+    tensors, plain = {}, {}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v
+            else:
+                entry[k] = v
+        plain[str(pid)] = entry
+    return tensors, {"state": plain, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict, plain: dict) -> dict:
+    state: dict = {int(pid): dict(entry) for pid, entry in plain["state"].items()}
+    for key, v in tensors.items():
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+class CheckpointManager:
+    """Saves and restores training state in ``directory``.
+
+    Example::
+
+        ckpt = CheckpointManager("runs/x/checkpoints", keep_last=3)
+        ckpt.save(step, tables=model.tables_by_name(), model=model, dense_optimizer=opt, dataset=ds)
+        step = ckpt.load(tables=..., model=model, dense_optimizer=opt, dataset=ds)   # latest
+    """
+
+    def __init__(self, directory: str, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"CheckpointManager: keep_last must be >= 1, got {keep_last}")
+        self.directory = directory
+        self.keep_last = keep_last
+        os.makedirs(directory, exist_ok=True)
+
+    # -- saving ---------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        *,
+        tables=None,
+        model: torch.nn.Module | None = None,
+        dense_optimizer=None,
+        sparse_optimizer=None,
+        lr_scheduler=None,
+        dataset=None,
+        extra: dict | None = None,
+    ) -> str:
+        """Writes ``ckpt-<step>`` atomically and points ``latest`` at it."""
+        tables = dict(tables or {})
+        final = os.path.join(self.directory, f"ckpt-{step}")
+        if os.path.exists(final):
+            raise CheckpointError(f"{final} exists already; steps must increase")
+        self._clean_temporaries()
+        tmp = os.path.join(self.directory, f".tmp-ckpt-{step}-{os.getpid()}")
+        os.makedirs(tmp)
+        meta: dict = {"format": FORMAT, "step": step, "tables": {}, "extra": extra or {}}
+        for name, table in tables.items():
+            _save_tensors(table.state_dict(), os.path.join(tmp, f"table-{name}.safetensors"))
+            meta["tables"][name] = {
+                "config": table.option.table_config(),
+                "slot_width": table.native.slot_width,
+                "rows": len(table),
+            }
+        if model is not None:
+            _save_tensors(model.state_dict(), os.path.join(tmp, "dense.safetensors"))
+            meta["dense_keys"] = sorted(model.state_dict())
+        if dense_optimizer is not None:
+            tensors, plain = _split_optimizer_state(dense_optimizer.state_dict())
+            _save_tensors(tensors, os.path.join(tmp, "dense_optimizer.safetensors"))
+            meta["dense_optimizer"] = plain
+        if sparse_optimizer is not None:
+            meta["sparse_optimizer"] = sparse_optimizer.state_dict()
+        if lr_scheduler is not None:
+            meta["lr_scheduler"] = lr_scheduler.state_dict()
+        if dataset is not None:
+            meta["dataset"] = dataset.state_dict()
+        _save_tensors({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
+        np_state = np.random.get_state()
+        meta["rng"] = {
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        self._point_latest(os.path.basename(final))
+        self._prune()
+        return final
+
+    def _point_latest(self, name: str) -> None:
+        tmp = os.path.join(self.directory, f".{LATEST}.tmp")
+        with open(tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.directory, LATEST))
+        _fsync_dir(self.directory)
+
+    def _clean_temporaries(self) -> None:
+        for entry in os.listdir(self.directory):
+            if entry.startswith(".tmp-ckpt-"):
+                shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
+
+    def checkpoints(self) -> list[str]:
+        """Complete checkpoints, oldest first."""
+        found = []
+        for entry in os.listdir(self.directory):
+            if entry.startswith("ckpt-") and os.path.isfile(os.path.join(self.directory, entry, "meta.json")):
+                try:
+                    found.append((int(entry[5:]), entry))
+                except ValueError:
+                    continue
+        return [os.path.join(self.directory, e) for _, e in sorted(found)]
+
+    def _prune(self) -> None:
+        for path in self.checkpoints()[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> str | None:
+        """The checkpoint ``latest`` points at, or the newest complete one."""
+        pointer = os.path.join(self.directory, LATEST)
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                path = os.path.join(self.directory, f.read().strip())
+            if os.path.isfile(os.path.join(path, "meta.json")):
+                return path
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    # -- loading --------------------------------------------------------------
+
+    def load(
+        self,
+        path: str | None = None,
+        *,
+        tables=None,
+        model: torch.nn.Module | None = None,
+        dense_optimizer=None,
+        sparse_optimizer=None,
+        lr_scheduler=None,
+        dataset=None,
+        parts: tuple[str, ...] = ("sparse", "dense", "optimizer", "data", "rng"),
+    ) -> int:
+        """Restores what is given from ``path`` (default: latest) and returns
+        its step. ``parts`` selects what to restore (warm start: e.g.
+        ``("sparse", "dense")``). Everything is checked before anything is
+        changed: a checkpoint of another model or table set is refused."""
+        path = path or self.latest()
+        if path is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint")
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: format {meta.get('format')} is not {FORMAT}")
+        tables = dict(tables or {})
+        if "sparse" in parts:
+            saved = set(meta["tables"])
+            if set(tables) != saved:
+                raise CheckpointError(f"{path}: holds tables {sorted(saved)} but the model has {sorted(tables)}")
+            for name, table in tables.items():
+                mine, theirs = table.option.table_config(), meta["tables"][name]["config"]
+                if mine != theirs:
+                    diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+                    raise CheckpointError(f"{path}: table {name!r} was saved with another config (differs in {diff})")
+                width = meta["tables"][name]["slot_width"]
+                if width != table.native.slot_width:
+                    raise CheckpointError(
+                        f"{path}: table {name!r} was saved with {width} optimizer slot values a row, this table has "
+                        f"{table.native.slot_width} (another sparse optimizer?)"
+                    )
+        dense_state = None
+        if "dense" in parts and model is not None:
+            dense_file = os.path.join(path, "dense.safetensors")
+            if not os.path.isfile(dense_file):
+                raise CheckpointError(f"{path}: has no dense model")
+            dense_state = load_file(dense_file)
+            mine = set(model.state_dict())
+            if set(dense_state) != mine:
+                missing, unexpected = sorted(mine - set(dense_state)), sorted(set(dense_state) - mine)
+                raise CheckpointError(
+                    f"{dense_file}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                )
+            for k, v in model.state_dict().items():
+                if dense_state[k].shape != v.shape:
+                    raise CheckpointError(
+                        f"{dense_file}: {k} has shape {tuple(dense_state[k].shape)}, the model's is {tuple(v.shape)}"
+                    )
+        # Checked: now restore.
+        if "sparse" in parts:
+            for name, table in tables.items():
+                table.load_state_dict(load_file(os.path.join(path, f"table-{name}.safetensors")))
+        if dense_state is not None:
+            model.load_state_dict(dense_state)
+        if "optimizer" in parts:
+            if dense_optimizer is not None and "dense_optimizer" in meta:
+                tensors = load_file(os.path.join(path, "dense_optimizer.safetensors"))
+                dense_optimizer.load_state_dict(_join_optimizer_state(tensors, meta["dense_optimizer"]))
+            if sparse_optimizer is not None and "sparse_optimizer" in meta:
+                sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
+            if lr_scheduler is not None and "lr_scheduler" in meta:
+                lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if "data" in parts and dataset is not None and "dataset" in meta:
+            dataset.load_state_dict(meta["dataset"])
+        if "rng" in parts:
+            torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
+            n = meta["rng"]["numpy"]
+            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+            p = meta["rng"]["python"]
+            random.setstate((p[0], tuple(p[1]), p[2]))
+        return int(meta["step"])
