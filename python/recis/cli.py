@@ -1,98 +1,120 @@
 """The ``recis`` command.
 
-``recis demo``: the main job until the Trainer lands — trains a model of
-dynamic embeddings and an MLP on synthetic CTR data with a hidden click model,
-printing the loss as it falls, held-out AUC (with the AUC of the true click
-probabilities as the ceiling) and samples/s.
+``recis demo``: the main job — generates synthetic Criteo-layout ORC data
+with a hidden click model (once), trains DeepFM on it through the ORC reader,
+prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
+log loss, calibration) and saves a checkpoint.
+``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import recis
-from recis.metrics import auc, log_loss
-from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
-from recis.optim import SparseAdam
-from recis.synthetic import SyntheticCTR
+
+SPARSE = [f"C{i}" for i in range(1, 27)]
+DENSE = [f"I{i}" for i in range(1, 14)]
 
 
-class DemoModel(nn.Module):
-    """All sparse features share one dynamic table (ids are distinct per
-    feature), pooled per feature, then an MLP."""
-
-    def __init__(self, names, dim, hidden=(256, 128)):
-        super().__init__()
-        self.names = list(names)
-        self.embedding = DynamicEmbedding(EmbeddingOption(dim=dim, initializer=NormalInit(0, 0.01)), "sparse")
-        layers, width = [], dim * len(self.names)
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
-
-    def forward(self, features):
-        pooled = self.embedding(features)
-        return self.mlp(torch.cat([pooled[n] for n in self.names], dim=1)).squeeze(1)
+def to_model_input(batch: dict) -> dict:
+    """A reader batch as DeepFM input: the sparse fields, and the 13 dense
+    columns stacked into ``dense``."""
+    out = {f: batch[f] for f in SPARSE}
+    out["dense"] = torch.stack([batch[c] for c in DENSE], dim=1).float()
+    return out
 
 
 def demo(args) -> int:
+    from recis.datagen import generate
+    from recis.framework import CheckpointManager
+    from recis.io import OrcDataset
+    from recis.metrics import AUROC, Calibration, LogLoss
+    from recis.models import DeepFM
+    from recis.optim import SparseAdam
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    data = SyntheticCTR(num_features=args.features, vocab=args.vocab, seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    eval_batches = [data.batch(args.batch_size, rng) for _ in range(args.eval_batches)]
-    model = DemoModel(data.feature_names(), args.dim)
+    data_dir = os.path.join(args.workdir, "data")
+    files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    if len(files) != 4:
+        t0 = time.perf_counter()
+        files = generate(data_dir, args.rows, files=4, vocab=args.vocab, seed=args.seed)
+        print(f"datagen: {args.rows:,} rows into {data_dir} ({time.perf_counter() - t0:.1f} s)")
+    columns = ["label", *DENSE, *SPARSE]
+    train = OrcDataset(files[:3], args.batch_size, columns, shuffle=True, seed=args.seed, num_threads=args.threads)
+    held_out = OrcDataset(files[3:], args.batch_size, columns, num_threads=args.threads)
+    model = DeepFM(SPARSE, num_dense=len(DENSE), dim=args.dim, hidden=(400, 400, 400), seed=args.seed)
     sparse_opt = SparseAdam(model, lr=args.lr)
-    dense_opt = torch.optim.Adam(model.mlp.parameters(), lr=args.lr)
+    dense_opt = torch.optim.Adam([p for p in model.parameters()], lr=args.lr)
     print(
-        f"recis {recis.__version__}: {args.features} sparse features, Zipf({data.zipf_s}) over "
-        f"{args.vocab:,} ids each, dim {args.dim}, batch {args.batch_size}, {args.steps} steps, "
-        f"{args.threads} threads"
+        f"recis {recis.__version__}: DeepFM (26 sparse fields, 13 dense, dim {args.dim}, MLP 400-400-400) "
+        f"on {train.total_rows():,} rows, batch {args.batch_size}, {args.epochs} epoch(s), {args.threads} threads"
     )
+    step, window, t_window, t_start, seen = 0, [], time.perf_counter(), time.perf_counter(), 0
     model.train()
-    window, t_window, t_start = [], time.perf_counter(), time.perf_counter()
-    for step in range(1, args.steps + 1):
-        feats, _, labels = data.batch(args.batch_size, rng)
-        loss = F.binary_cross_entropy_with_logits(model(feats), labels)
-        loss.backward()
-        sparse_opt.step()
-        dense_opt.step()
-        sparse_opt.zero_grad()
-        dense_opt.zero_grad()
-        window.append(float(loss.detach()))
-        if step % args.log_every == 0 or step == args.steps:
-            now = time.perf_counter()
-            rate = len(window) * args.batch_size / (now - t_window)
-            print(
-                f"step {step:5d}  loss {np.mean(window):.4f}  ids {len(model.embedding.table):,}  {rate:,.0f} samples/s"
-            )
-            window, t_window = [], now
+    for _ in range(args.epochs):
+        for batch in train:
+            logits = model(to_model_input(batch))
+            loss = F.binary_cross_entropy_with_logits(logits, batch["label"].float())
+            loss.backward()
+            sparse_opt.step()
+            dense_opt.step()
+            sparse_opt.zero_grad()
+            dense_opt.zero_grad()
+            step += 1
+            seen += batch["label"].numel()
+            window.append((float(loss.detach()), batch["label"].numel()))
+            if step % args.log_every == 0:
+                now = time.perf_counter()
+                rate = sum(n for _, n in window) / (now - t_window)
+                print(
+                    f"step {step:5d}  loss {np.mean([x for x, _ in window]):.4f}  ids {len(model.embedding.table):,}"
+                    f"  {rate:,.0f} samples/s"
+                )
+                window, t_window = [], now
     train_time = time.perf_counter() - t_start
     model.eval()
-    ys, ps = [], []
+    auroc, ll, cal = AUROC(), LogLoss(), Calibration()
     with torch.no_grad():
-        for feats, _, labels in eval_batches:
-            ps.append(torch.sigmoid(model(feats)).numpy())
-            ys.append(labels.numpy())
-    y, p = np.concatenate(ys), np.concatenate(ps)
-    stats = model.embedding.table.stats()
+        for batch in held_out:
+            p = torch.sigmoid(model(to_model_input(batch)))
+            y = batch["label"]
+            auroc.update(y, p)
+            ll.update(y, p)
+            cal.update(y, p)
     print(
-        f"eval: AUC {auc(y, p):.4f}  log loss {log_loss(y, p):.4f}  CTR {y.mean():.4f}  "
-        f"mean prediction {p.mean():.4f}  ({y.size:,} held-out samples)"
+        f"eval ({held_out.total_rows():,} held-out rows): AUC {auroc.compute():.4f}  log loss {ll.compute():.4f}  "
+        f"calibration {cal.compute():.3f}"
     )
     print(
-        f"train: {args.steps * args.batch_size / train_time:,.0f} samples/s overall; table holds "
-        f"{stats['len']:,} ids in {stats['total_bytes'] / 2**20:.1f} MiB"
+        f"train: {seen / train_time:,.0f} samples/s over {step} steps; tables hold {len(model.embedding.table):,} ids"
     )
+    ckpt = CheckpointManager(os.path.join(args.workdir, "checkpoints"), keep_last=2)
+    path = ckpt.save(
+        int(time.time() * 1000),
+        tables={t.name: t for t in model.tables()},
+        model=model,
+        dense_optimizer=dense_opt,
+        sparse_optimizer=sparse_opt,
+        dataset=train,
+    )
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def datagen_cmd(args) -> int:
+    from recis.datagen import generate
+
+    for p in generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed):
+        print(p)
     return 0
 
 
@@ -100,18 +122,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="recis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"recis {recis.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train on synthetic CTR data; print loss, AUC and samples/s")
-    d.add_argument("--steps", type=int, default=300)
+    d = sub.add_parser("demo", help="datagen → ORC → train DeepFM → evaluate → checkpoint")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--rows", type=int, default=400_000, help="rows generated (3/4 train, 1/4 held out)")
+    d.add_argument("--epochs", type=int, default=1)
     d.add_argument("--batch-size", type=int, default=4096)
-    d.add_argument("--features", type=int, default=8)
     d.add_argument("--vocab", type=int, default=1_000_000)
     d.add_argument("--dim", type=int, default=16)
-    d.add_argument("--lr", type=float, default=3e-3)
+    d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--eval-batches", type=int, default=10)
-    d.add_argument("--log-every", type=int, default=50)
+    d.add_argument("--log-every", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
+    g = sub.add_parser("datagen", help="synthetic Criteo-layout ORC files with a hidden click model")
+    g.add_argument("--output", "-o", required=True)
+    g.add_argument("--rows", type=int, default=1_000_000)
+    g.add_argument("--files", type=int, default=4)
+    g.add_argument("--vocab", type=int, default=1_000_000)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")
     c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")

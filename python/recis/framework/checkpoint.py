@@ -207,7 +207,8 @@ class CheckpointManager:
     ) -> int:
         """Restores what is given from ``path`` (default: latest) and returns
         its step. ``parts`` selects what to restore (warm start: e.g.
-        ``("sparse", "dense")``). Everything is checked before anything is
+        ``("sparse", "dense")``; without "optimizer", tables keep the saved
+        embeddings and start their optimizer slots afresh). Everything is checked before anything is
         changed: a checkpoint of another model or table set is refused."""
         path = path or self.latest()
         if path is None:
@@ -230,7 +231,7 @@ class CheckpointManager:
                     diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
                     raise CheckpointError(f"{path}: table {name!r} was saved with another config (differs in {diff})")
                 width = meta["tables"][name]["slot_width"]
-                if width != table.native.slot_width:
+                if "optimizer" in parts and width != table.native.slot_width:
                     raise CheckpointError(
                         f"{path}: table {name!r} was saved with {width} optimizer slot values a row, this table has "
                         f"{table.native.slot_width} (another sparse optimizer?)"
@@ -255,7 +256,9 @@ class CheckpointManager:
         # Checked: now restore.
         if "sparse" in parts:
             for name, table in tables.items():
-                table.load_state_dict(load_file(os.path.join(path, f"table-{name}.safetensors")))
+                table.load_state_dict(
+                    load_file(os.path.join(path, f"table-{name}.safetensors")), embeddings_only="optimizer" not in parts
+                )
         if dense_state is not None:
             model.load_state_dict(dense_state)
         if "optimizer" in parts:

@@ -82,6 +82,7 @@ class HashTable:
         self.step = 0
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self._optimizer_kind: str | None = None
+        self._slot_init = 0.0
 
     @property
     def dim(self) -> int:
@@ -185,6 +186,7 @@ class HashTable:
         if self._optimizer_kind is None:
             self.native.set_slots(width, init)
             self._optimizer_kind = kind
+            self._slot_init = init
 
     # -- maintenance -------------------------------------------------------------
 
@@ -235,13 +237,22 @@ class HashTable:
             "step": torch.tensor([self.step], dtype=torch.int64),
         }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Replaces the table's contents with ``state`` (from ``state_dict``)."""
+    def load_state_dict(self, state: dict[str, torch.Tensor], embeddings_only: bool = False) -> None:
+        """Replaces the table's contents with ``state`` (from ``state_dict``).
+        ``embeddings_only`` (a warm start): keep the saved embeddings and
+        metadata, and start this table's optimizer slots afresh."""
         missing = {"ids", "values", "frequency", "last_step"} - set(state)
         if missing:
             raise ValueError(f"table {self.name!r}: state is missing {sorted(missing)}")
         width = self.dim + self.native.slot_width
         values = state["values"]
+        if embeddings_only:
+            if values.dim() != 2 or values.shape[1] < self.dim:
+                raise ValueError(
+                    f"table {self.name!r}: state rows {tuple(values.shape)} hold no dim-{self.dim} embedding"
+                )
+            slots = torch.full((values.shape[0], self.native.slot_width), self._slot_init, dtype=torch.float32)
+            values = torch.cat([values[:, : self.dim].to(torch.float32), slots], dim=1)
         if values.dim() != 2 or values.shape[1] != width:
             raise ValueError(
                 f"table {self.name!r}: state rows have width {tuple(values.shape)[1:]} but this table's "

@@ -1,0 +1,65 @@
+"""DeepFM (Guo et al., 2017) on dynamic embeddings: a first-order term, the
+factorization-machine second-order term over the sparse fields' embeddings,
+and an MLP over the embeddings and dense features, summed into one logit.
+
+Sparse fields share one dynamic table for the second-order/deep embeddings
+and one of width 1 for the first-order weights (ids of different fields must
+differ, as hashed or salted ids do; give fields their own ``shared_name``
+otherwise). Each table is looked up once a step for all fields.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
+
+
+class DeepFM(nn.Module):
+    def __init__(
+        self,
+        sparse_fields: list[str],
+        num_dense: int = 0,
+        dim: int = 16,
+        hidden: tuple[int, ...] = (400, 400, 400),
+        option: EmbeddingOption | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not sparse_fields:
+            raise ValueError("DeepFM: needs at least one sparse field")
+        self.sparse_fields = list(sparse_fields)
+        self.num_dense = num_dense
+        option = option or EmbeddingOption(dim=dim, initializer=NormalInit(0.0, 0.01), seed=seed)
+        if option.dim != dim:
+            raise ValueError(f"DeepFM: option.dim {option.dim} != dim {dim}")
+        first = EmbeddingOption(dim=1, initializer=NormalInit(0.0, 0.0001), seed=seed + 1)
+        self.embedding = DynamicEmbedding(option, "deepfm_embedding")
+        self.first_order = DynamicEmbedding(first, "deepfm_first_order")
+        self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
+        layers, width = [], dim * len(self.sparse_fields) + num_dense
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def tables(self):
+        return [self.embedding.table, self.first_order.table]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits [B] of a batch holding the sparse fields (RaggedTensor or
+        [B, L] ids) and, with ``num_dense``, a ``"dense"`` [B, num_dense] float tensor."""
+        fields = {f: batch[f] for f in self.sparse_fields}
+        emb = self.embedding(fields)
+        first = self.first_order(fields)
+        v = torch.stack([emb[f] for f in self.sparse_fields], dim=1)  # [B, F, D]
+        logit = torch.stack([first[f] for f in self.sparse_fields], dim=1).sum(dim=(1, 2))
+        logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)
+        deep_in = v.flatten(1)
+        if self.num_dense:
+            dense = batch["dense"].to(deep_in.dtype)
+            logit = logit + self.dense_linear(dense).squeeze(1)
+            deep_in = torch.cat([deep_in, dense], dim=1)
+        return logit + self.mlp(deep_in).squeeze(1)
