@@ -1,5 +1,6 @@
-"""Training framework: checkpoints (the Trainer and hooks are to come)."""
+"""Training framework: Trainer, TrainingArguments, checkpoints."""
 
 from recis.framework.checkpoint import CheckpointError, CheckpointManager
+from recis.framework.trainer import Trainer, TrainingArguments, TrainingError
 
-__all__ = ["CheckpointError", "CheckpointManager"]
+__all__ = ["CheckpointError", "CheckpointManager", "Trainer", "TrainingArguments", "TrainingError"]

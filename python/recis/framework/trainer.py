@@ -1,0 +1,246 @@
+"""`Trainer`: the training and evaluation loops around a model with dynamic
+embeddings.
+
+It owns the loop (gradient accumulation, mixed precision, logging, periodic
+evaluation and eviction, checkpoints and resume); the model, the data and
+the optimizers are the user's. The model maps a batch (after ``input_fn``) to
+logits [B]; the loss is binary cross-entropy against ``batch[label_key]``
+unless ``loss_fn`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from recis.framework.checkpoint import CheckpointManager
+from recis.metrics import AUROC, GAUC, Calibration, LogLoss
+from recis.optim.sparse import collect_tables
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why
+    and which checkpoint is the last good one."""
+
+
+@dataclass
+class TrainingArguments:
+    """How to train. Fields:
+
+    output_dir: logs (``log.jsonl``) and checkpoints (``checkpoints/``) go here.
+    epochs: passes over the training data (ignored when ``max_steps`` is set).
+    max_steps: stop after this many optimizer steps.
+    gradient_accumulation_steps: micro-batches summed into one optimizer step
+        (dense and sparse); the loss of each is divided by this.
+    mixed_precision: None or "bf16" (``torch.autocast``; the tables and their
+        gradients stay float32).
+    log_every_steps: progress line and log record every this many steps.
+    eval_every_steps: evaluate every this many steps (and at the end).
+    save_every_steps: checkpoint every this many steps (and at the end).
+    keep_checkpoints: keep the last this many.
+    evict_every_steps: run each table's ``EmbeddingOption.eviction`` policy.
+    resume: start from the latest checkpoint in ``output_dir`` if there is one.
+    label_key / group_key: batch keys of the label and of the GAUC group.
+    """
+
+    output_dir: str
+    epochs: int = 1
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str | None = None
+    log_every_steps: int = 10
+    eval_every_steps: int | None = None
+    save_every_steps: int | None = None
+    keep_checkpoints: int = 3
+    evict_every_steps: int | None = None
+    resume: bool = True
+    label_key: str = "label"
+    group_key: str | None = None
+
+    def __post_init__(self):
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("TrainingArguments.gradient_accumulation_steps must be >= 1")
+        if self.mixed_precision not in (None, "bf16"):
+            raise ValueError(
+                f"TrainingArguments.mixed_precision must be None or 'bf16', got {self.mixed_precision!r} "
+                "(fp16 needs a grad scaler that also unscales sparse gradients: not supported yet)"
+            )
+        for name in ("log_every_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "max_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"TrainingArguments.{name} must be >= 1 or None, got {v}")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments,
+        train_dataset,
+        eval_dataset=None,
+        dense_optimizer: torch.optim.Optimizer | None = None,
+        sparse_optimizer=None,
+        lr_scheduler=None,
+        input_fn=None,
+        loss_fn=None,
+        hooks=(),
+    ):
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.dense_optimizer = dense_optimizer
+        self.sparse_optimizer = sparse_optimizer
+        self.lr_scheduler = lr_scheduler
+        self.input_fn = input_fn or (lambda b: b)
+        self.loss_fn = loss_fn
+        self.hooks = list(hooks)
+        self.tables = {t.name: t for t in collect_tables(model)}
+        if len(self.tables) != len(collect_tables(model)):
+            raise ValueError("Trainer: the model's tables must have distinct names (they name checkpoint files)")
+        self.global_step = 0
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.checkpoints = CheckpointManager(os.path.join(args.output_dir, "checkpoints"), args.keep_checkpoints)
+        self._log_path = os.path.join(args.output_dir, "log.jsonl")
+
+    # -- state -------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return dict(
+            tables=self.tables,
+            model=self.model,
+            dense_optimizer=self.dense_optimizer,
+            sparse_optimizer=self.sparse_optimizer,
+            lr_scheduler=self.lr_scheduler,
+            dataset=self.train_dataset if hasattr(self.train_dataset, "state_dict") else None,
+        )
+
+    def save(self) -> str:
+        return self.checkpoints.save(self.global_step, **self._state(), extra={"args": asdict(self.args)})
+
+    def _log(self, record: dict) -> None:
+        with open(self._log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- loops ---------------------------------------------------------------------
+
+    def _loss(self, batch) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.mixed_precision == "bf16"):
+            logits = self.model(self.input_fn(batch))
+        if self.loss_fn is not None:
+            return self.loss_fn(logits.float(), batch)
+        return F.binary_cross_entropy_with_logits(logits.float(), batch[self.args.label_key].float())
+
+    def _optimizer_step(self) -> None:
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
+            self.sparse_optimizer.zero_grad()
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.step()
+            self.dense_optimizer.zero_grad()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def train(self) -> dict:
+        """Trains to the end (epochs or max_steps); returns the last logs."""
+        a = self.args
+        if a.resume and self.checkpoints.latest() is not None:
+            self.global_step = self.checkpoints.load(**self._state())
+            print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
+        self.model.train()
+        k = a.gradient_accumulation_steps
+        micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
+        logs: dict = {}
+        start_epoch = getattr(self.train_dataset, "epoch", 0)
+        done = a.max_steps is not None and self.global_step >= a.max_steps
+        for _ in range(start_epoch, a.epochs if a.max_steps is None else 1 << 62):
+            if done:
+                break
+            for batch in self.train_dataset:
+                loss = self._loss(batch)
+                if not math.isfinite(float(loss.detach())):
+                    last = self.checkpoints.latest()
+                    raise TrainingError(
+                        f"non-finite loss ({float(loss.detach())}) at step {self.global_step + 1}; stopped without "
+                        f"updating; the last good checkpoint is {last or 'none (none was saved)'}"
+                    )
+                (loss / k).backward()
+                micro += 1
+                window_batches += 1
+                window_loss += float(loss.detach())
+                window_n += int(batch[a.label_key].numel())
+                if micro % k:
+                    continue
+                self._optimizer_step()
+                self.global_step += 1
+                step = self.global_step
+                if a.evict_every_steps and step % a.evict_every_steps == 0:
+                    for t in self.tables.values():
+                        if t.option.eviction is not None:
+                            t.evict(step=t.step)
+                if step % a.log_every_steps == 0:
+                    now = time.perf_counter()
+                    logs = {
+                        "step": step,
+                        "loss": window_loss / window_batches,
+                        "samples_per_s": window_n / (now - t_window),
+                        "table_rows": {n: len(t) for n, t in self.tables.items()},
+                    }
+                    print(f"step {step:6d}  loss {logs['loss']:.4f}  {logs['samples_per_s']:,.0f} samples/s")
+                    self._log(logs)
+                    window_batches, window_loss, window_n, t_window = 0, 0.0, 0, now
+                    for h in self.hooks:
+                        if hasattr(h, "on_log"):
+                            h.on_log(self, logs)
+                if a.eval_every_steps and step % a.eval_every_steps == 0 and self.eval_dataset is not None:
+                    self.evaluate()
+                if a.save_every_steps and step % a.save_every_steps == 0:
+                    self.save()
+                if a.max_steps is not None and step >= a.max_steps:
+                    done = True
+                    break
+        if self.eval_dataset is not None:
+            logs["eval"] = self.evaluate()
+        if not self.checkpoints.checkpoints() or not self.checkpoints.latest().endswith(f"ckpt-{self.global_step}"):
+            self.save()
+        return logs
+
+    def evaluate(self) -> dict:
+        """AUC, log loss, calibration (and GAUC with ``group_key``) over the
+        evaluation data; inserts nothing into the tables."""
+        a = self.args
+        was_training = self.model.training
+        self.model.eval()
+        auroc, ll, cal = AUROC(), LogLoss(), Calibration()
+        gauc = GAUC() if a.group_key else None
+        with torch.no_grad():
+            for batch in self.eval_dataset:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.mixed_precision == "bf16"):
+                    p = torch.sigmoid(self.model(self.input_fn(batch)).float())
+                y = batch[a.label_key]
+                auroc.update(y, p)
+                ll.update(y, p)
+                cal.update(y, p)
+                if gauc is not None:
+                    gauc.update(y, p, batch[a.group_key])
+        metrics = {
+            "step": self.global_step,
+            "auc": auroc.compute(),
+            "log_loss": ll.compute(),
+            "calibration": cal.compute(),
+        }
+        if gauc is not None:
+            metrics["gauc"] = gauc.compute()
+        print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        self._log({"eval": metrics})
+        for h in self.hooks:
+            if hasattr(h, "on_evaluate"):
+                h.on_evaluate(self, metrics)
+        self.model.train(was_training)
+        return metrics

@@ -1,0 +1,136 @@
+"""Trainer: gradient accumulation, exact resume through the ORC reader, NaN stop."""
+
+import pytest
+import torch
+
+from recis.datagen import generate
+from recis.framework import Trainer, TrainingArguments, TrainingError
+from recis.io import OrcDataset
+from recis.models import DeepFM
+from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
+from recis.optim import SparseAdam
+
+SPARSE = [f"C{i}" for i in range(1, 27)]
+DENSE = [f"I{i}" for i in range(1, 14)]
+
+
+def to_input(batch):
+    out = {f: batch[f] for f in SPARSE}
+    out["dense"] = torch.stack([batch[c] for c in DENSE], dim=1).float()
+    return out
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = DynamicEmbedding(EmbeddingOption(dim=4, initializer=NormalInit(0, 0.1), seed=1), "emb")
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, batch):
+        return self.head(self.emb(batch["ids"])).squeeze(1)
+
+
+def small_parts():
+    torch.manual_seed(0)
+    m = Small()
+    return m, SparseAdam(m, lr=0.05), torch.optim.Adam(m.head.parameters(), lr=0.05)
+
+
+def test_k_micro_batches_equal_one_batch_k_times_larger(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (64, 3), generator=g)
+    y = (ids[:, 0] % 2).float()
+    micro = [{"ids": ids[:32], "label": y[:32]}, {"ids": ids[32:], "label": y[32:]}]
+    whole = [{"ids": ids, "label": y}]
+    results = []
+    for data, k, name in ((micro, 2, "a"), (whole, 1, "b")):
+        m, sp, de = small_parts()
+        args = TrainingArguments(str(tmp_path / name), max_steps=1, gradient_accumulation_steps=k, resume=False)
+        Trainer(m, args, data, dense_optimizer=de, sparse_optimizer=sp).train()
+        results.append((m.head.weight.detach().clone(), m.emb.table.embeddings(torch.arange(100))))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def orc_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    generate(str(d), 6000, files=3, vocab=5000, seed=1)
+    return d
+
+
+def deepfm_parts(orc_dir):
+    torch.manual_seed(0)
+    m = DeepFM(SPARSE, num_dense=13, dim=8, hidden=(32,), seed=0)
+    ds = OrcDataset(str(orc_dir), 500, ["label", *DENSE, *SPARSE], shuffle=True, seed=3)
+    return m, ds, SparseAdam(m, lr=0.01), torch.optim.Adam(m.parameters(), lr=0.01)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(orc_dir, tmp_path):
+    m, ds, sp, de = deepfm_parts(orc_dir)
+    Trainer(
+        m,
+        TrainingArguments(str(tmp_path / "whole"), max_steps=8),
+        ds,
+        dense_optimizer=de,
+        sparse_optimizer=sp,
+        input_fn=to_input,
+    ).train()
+    # Interrupted after 5 steps (a new process would start like this), then resumed to 8.
+    m1, ds1, sp1, de1 = deepfm_parts(orc_dir)
+    Trainer(
+        m1,
+        TrainingArguments(str(tmp_path / "cut"), max_steps=5),
+        ds1,
+        dense_optimizer=de1,
+        sparse_optimizer=sp1,
+        input_fn=to_input,
+    ).train()
+    m2, ds2, sp2, de2 = deepfm_parts(orc_dir)
+    t2 = Trainer(
+        m2,
+        TrainingArguments(str(tmp_path / "cut"), max_steps=8),
+        ds2,
+        dense_optimizer=de2,
+        sparse_optimizer=sp2,
+        input_fn=to_input,
+    )
+    t2.train()
+    assert t2.global_step == 8
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    for t, t_other in zip(m.tables(), m2.tables(), strict=True):
+        a, b = t.state_dict(), t_other.state_dict()
+        oa, ob = torch.argsort(a["ids"]), torch.argsort(b["ids"])
+        assert torch.equal(a["ids"][oa], b["ids"][ob]) and torch.equal(a["values"][oa], b["values"][ob])
+
+
+def test_training_improves_held_out_auc_and_logs(orc_dir, tmp_path):
+    m, ds, sp, de = deepfm_parts(orc_dir)
+    held = OrcDataset(str(orc_dir), 1000, ["label", *DENSE, *SPARSE])
+    args = TrainingArguments(str(tmp_path), epochs=2, log_every_steps=4, resume=False, mixed_precision="bf16")
+    logs = Trainer(m, args, ds, held, dense_optimizer=de, sparse_optimizer=sp, input_fn=to_input).train()
+    assert logs["eval"]["auc"] > 0.6
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) >= 3
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_named(tmp_path):
+    m, sp, de = small_parts()
+    good = [{"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}] * 3
+    Trainer(m, TrainingArguments(str(tmp_path), max_steps=3), good, dense_optimizer=de, sparse_optimizer=sp).train()
+    with torch.no_grad():
+        m.head.weight.fill_(float("nan"))
+    before = m.emb.table.embeddings(torch.tensor([1, 2]))
+    t = Trainer(
+        m, TrainingArguments(str(tmp_path), max_steps=6, resume=False), good, dense_optimizer=de, sparse_optimizer=sp
+    )
+    with pytest.raises(TrainingError, match=r"non-finite loss .* last good checkpoint is .*ckpt-3"):
+        t.train()
+    assert torch.equal(m.emb.table.embeddings(torch.tensor([1, 2])), before)
+    assert t.checkpoints.load(tables={"emb": Small().emb.table}, parts=("sparse",)) == 3
+
+
+def test_fp16_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a grad scaler"):
+        TrainingArguments(str(tmp_path), mixed_precision="fp16")
