@@ -14,9 +14,7 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import recis
 
@@ -34,9 +32,8 @@ def to_model_input(batch: dict) -> dict:
 
 def demo(args) -> int:
     from recis.datagen import generate
-    from recis.framework import CheckpointManager
+    from recis.framework import Trainer, TrainingArguments
     from recis.io import OrcDataset
-    from recis.metrics import AUROC, Calibration, LogLoss
     from recis.models import DeepFM
     from recis.optim import SparseAdam
 
@@ -53,60 +50,30 @@ def demo(args) -> int:
     held_out = OrcDataset(files[3:], args.batch_size, columns, num_threads=args.threads)
     model = DeepFM(SPARSE, num_dense=len(DENSE), dim=args.dim, hidden=(400, 400, 400), seed=args.seed)
     sparse_opt = SparseAdam(model, lr=args.lr)
-    dense_opt = torch.optim.Adam([p for p in model.parameters()], lr=args.lr)
+    dense_opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     print(
         f"recis {recis.__version__}: DeepFM (26 sparse fields, 13 dense, dim {args.dim}, MLP 400-400-400) "
         f"on {train.total_rows():,} rows, batch {args.batch_size}, {args.epochs} epoch(s), {args.threads} threads"
     )
-    step, window, t_window, t_start, seen = 0, [], time.perf_counter(), time.perf_counter(), 0
-    model.train()
-    for _ in range(args.epochs):
-        for batch in train:
-            logits = model(to_model_input(batch))
-            loss = F.binary_cross_entropy_with_logits(logits, batch["label"].float())
-            loss.backward()
-            sparse_opt.step()
-            dense_opt.step()
-            sparse_opt.zero_grad()
-            dense_opt.zero_grad()
-            step += 1
-            seen += batch["label"].numel()
-            window.append((float(loss.detach()), batch["label"].numel()))
-            if step % args.log_every == 0:
-                now = time.perf_counter()
-                rate = sum(n for _, n in window) / (now - t_window)
-                print(
-                    f"step {step:5d}  loss {np.mean([x for x, _ in window]):.4f}  ids {len(model.embedding.table):,}"
-                    f"  {rate:,.0f} samples/s"
-                )
-                window, t_window = [], now
-    train_time = time.perf_counter() - t_start
-    model.eval()
-    auroc, ll, cal = AUROC(), LogLoss(), Calibration()
-    with torch.no_grad():
-        for batch in held_out:
-            p = torch.sigmoid(model(to_model_input(batch)))
-            y = batch["label"]
-            auroc.update(y, p)
-            ll.update(y, p)
-            cal.update(y, p)
+    targs = TrainingArguments(
+        output_dir=args.workdir, epochs=args.epochs, log_every_steps=args.log_every, keep_checkpoints=2, resume=False
+    )
+    trainer = Trainer(
+        model, targs, train, held_out, dense_optimizer=dense_opt, sparse_optimizer=sparse_opt, input_fn=to_model_input
+    )
+    t0 = time.perf_counter()
+    logs = trainer.train()
+    elapsed = time.perf_counter() - t0
+    ev = logs["eval"]
     print(
-        f"eval ({held_out.total_rows():,} held-out rows): AUC {auroc.compute():.4f}  log loss {ll.compute():.4f}  "
-        f"calibration {cal.compute():.3f}"
+        f"held-out ({held_out.total_rows():,} rows): AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  "
+        f"calibration {ev['calibration']:.3f}"
     )
     print(
-        f"train: {seen / train_time:,.0f} samples/s over {step} steps; tables hold {len(model.embedding.table):,} ids"
+        f"train + eval: {train.total_rows() * args.epochs / elapsed:,.0f} training samples/s over "
+        f"{trainer.global_step} steps; tables hold {len(model.embedding.table):,} ids; "
+        f"checkpoint: {trainer.checkpoints.latest()}; log: {os.path.join(args.workdir, 'log.jsonl')}"
     )
-    ckpt = CheckpointManager(os.path.join(args.workdir, "checkpoints"), keep_last=2)
-    path = ckpt.save(
-        int(time.time() * 1000),
-        tables={t.name: t for t in model.tables()},
-        model=model,
-        dense_optimizer=dense_opt,
-        sparse_optimizer=sparse_opt,
-        dataset=train,
-    )
-    print(f"checkpoint: {path}")
     return 0
 
 
