@@ -1,0 +1,262 @@
+"""DeepFM: RecIS against a plain-PyTorch DeepFM with fixed-size hashed
+embeddings, in one run.
+
+``--mode speed``: the standard DeepFM shape (26 sparse fields of 1-3 ids, 13
+dense, dim 16, MLP 400-400-400, batch 4096, 2 threads) — samples/s of RecIS,
+of the plain-PyTorch baseline (``nn.EmbeddingBag(sparse=True)`` per field,
+ids mod ``--hash-size``, ``SparseAdam`` + ``Adam``), and of the dense-only
+ceiling: the same MLP's forward, backward and Adam step on a ready
+[4096, 429] input.
+
+``--mode quality``: held-out AUC on the real Avazu and Criteo slices in
+``../shared/data`` (fixed 80/20 split, several seeds, same features, dims and
+epochs); each categorical value becomes the id ``fingerprint64("field=value")``
+(the baseline takes it mod ``--hash-size``).
+
+    .venv/bin/python benches/deepfm.py --mode speed
+    .venv/bin/python benches/deepfm.py --mode quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import pyarrow.csv as pcsv
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recis import RaggedTensor, _native
+from recis.metrics import auc
+from recis.models import DeepFM
+from recis.optim import SparseAdam
+from recis.synthetic import SyntheticCTR
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+
+
+class PlainDeepFM(nn.Module):
+    """DeepFM with one fixed-size ``nn.EmbeddingBag`` per field (ids mod hash_size)."""
+
+    def __init__(self, fields, num_dense, dim, hidden, hash_size):
+        super().__init__()
+        self.fields, self.hash_size = list(fields), hash_size
+        self.emb = nn.ModuleList(nn.EmbeddingBag(hash_size, dim, mode="sum", sparse=True) for _ in fields)
+        self.first = nn.ModuleList(nn.EmbeddingBag(hash_size, 1, mode="sum", sparse=True) for _ in fields)
+        for e in self.emb:
+            nn.init.normal_(e.weight, 0, 0.01)
+        for e in self.first:
+            nn.init.normal_(e.weight, 0, 0.0001)
+        self.num_dense = num_dense
+        self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
+        layers, width = [], dim * len(self.fields) + num_dense
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def sparse_parameters(self):
+        return [*self.emb.parameters(), *self.first.parameters()]
+
+    def dense_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith(("emb.", "first."))]
+
+    def forward(self, batch):
+        vs, firsts = [], []
+        for f, e, e1 in zip(self.fields, self.emb, self.first, strict=True):
+            rt = batch[f]
+            ids = torch.remainder(rt.values, self.hash_size)
+            vs.append(e(ids, rt.offsets[:-1]))
+            firsts.append(e1(ids, rt.offsets[:-1]))
+        v = torch.stack(vs, 1)
+        logit = torch.stack(firsts, 1).sum((1, 2)) + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)
+        deep_in = v.flatten(1)
+        if self.num_dense:
+            logit = logit + self.dense_linear(batch["dense"]).squeeze(1)
+            deep_in = torch.cat([deep_in, batch["dense"]], 1)
+        return logit + self.mlp(deep_in).squeeze(1)
+
+
+def make_pair(fields, num_dense, dim, hidden, hash_size, lr, seed):
+    torch.manual_seed(seed)
+    ours = DeepFM(fields, num_dense=num_dense, dim=dim, hidden=hidden, seed=seed)
+    ours_opts = [SparseAdam(ours, lr=lr), torch.optim.Adam(ours.parameters(), lr=lr)]
+    torch.manual_seed(seed)
+    plain = PlainDeepFM(fields, num_dense, dim, hidden, hash_size)
+    plain_opts = [
+        torch.optim.SparseAdam(plain.sparse_parameters(), lr=lr),
+        torch.optim.Adam(plain.dense_parameters(), lr=lr),
+    ]
+    return (ours, ours_opts), (plain, plain_opts)
+
+
+def step(model, opts, batch):
+    loss = F.binary_cross_entropy_with_logits(model(batch), batch["label"])
+    loss.backward()
+    for o in opts:
+        o.step()
+        o.zero_grad()
+    return float(loss.detach())
+
+
+def speed(args):
+    data = SyntheticCTR(num_features=26, num_dense=13, vocab=args.vocab, min_ids=1, max_ids=3)
+    rng = np.random.default_rng(0)
+    fields = data.feature_names()
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        feats, dense, labels = data.batch(args.batch_size, rng)
+        batches.append({**feats, "dense": dense, "label": labels})
+    hidden = (400, 400, 400)
+    rates = {"recis": [], "plain torch": [], "dense-only ceiling": []}
+    for r in range(args.rounds):
+        (ours, oo), (plain, po) = make_pair(fields, 13, 16, hidden, args.hash_size, 1e-3, r)
+        for name, (m, opts) in (("recis", (ours, oo)), ("plain torch", (plain, po))):
+            for b in batches[: args.warmup]:
+                step(m, opts, b)
+            t0 = time.perf_counter()
+            for b in batches[args.warmup :]:
+                step(m, opts, b)
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        del ours, plain, oo, po
+        torch.manual_seed(r)
+        layers, width = [], 26 * 16 + 13
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+        opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+        x = torch.randn(args.batch_size, 26 * 16 + 13)
+        y = batches[0]["label"]
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                t0 = time.perf_counter()
+            F.binary_cross_entropy_with_logits(mlp(x).squeeze(1), y).backward()
+            opt.step()
+            opt.zero_grad()
+        rates["dense-only ceiling"].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(
+        f"\nDeepFM, batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.rounds} rounds "
+        f"({args.warmup} warm-up + {args.steps} timed steps each), samples/s:"
+    )
+    for k, v in med.items():
+        print(f"  {k:20s} {v:>10,.0f}")
+    print(f"  recis / plain torch:        {med['recis'] / med['plain torch']:.2f}x")
+    print(f"  recis / dense-only ceiling: {med['recis'] / med['dense-only ceiling']:.2f}x")
+
+
+def categorical(table, fields):
+    """{field: RaggedTensor of one id a row}: fingerprint64("field=value")."""
+    out = {}
+    n = table.num_rows
+    offsets = torch.arange(n + 1, dtype=torch.int64)
+    for f in fields:
+        vals = table.column(f).to_pylist()
+        ids = [_native.fingerprint64(f"{f}={v}".encode()) for v in vals]
+        out[f] = RaggedTensor(torch.tensor([i - 2**64 if i >= 2**63 else i for i in ids]), offsets, validate=False)
+    return out
+
+
+def load_real(name):
+    if name == "avazu":
+        path = os.path.join(SHARED, "avazu", "avazu_train.csv")
+        t = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"id": "string"}))
+        label = np.asarray(t.column("click").to_pylist(), dtype=np.float32)
+        fields = [c for c in t.column_names if c not in ("id", "click")]
+        return categorical(t, fields), None, label, fields
+    path = os.path.join(SHARED, "criteo", "criteo_kaggle_head_train.txt")
+    names = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    t = pcsv.read_csv(
+        path,
+        read_options=pcsv.ReadOptions(column_names=names),
+        parse_options=pcsv.ParseOptions(delimiter="\t"),
+        convert_options=pcsv.ConvertOptions(column_types={n: "string" for n in names[14:]}),
+    )
+    label = np.asarray(t.column("label").to_pylist(), dtype=np.float32)
+    dense = np.stack(
+        [np.nan_to_num(np.asarray(t.column(f"I{i}").to_pylist(), dtype=np.float64), nan=0.0) for i in range(1, 14)], 1
+    )
+    dense = torch.from_numpy(np.log1p(np.maximum(dense, 0)).astype(np.float32))
+    fields = names[14:]
+    return categorical(t, fields), dense, label, fields
+
+
+def take(feats, dense, label, idx):
+    b = {
+        f: RaggedTensor(rt.values[idx], torch.arange(len(idx) + 1, dtype=torch.int64), validate=False)
+        for f, rt in feats.items()
+    }
+    if dense is not None:
+        b["dense"] = dense[idx]
+    b["label"] = torch.from_numpy(label[idx])
+    return b
+
+
+def quality(args):
+    if not os.path.isdir(SHARED):
+        print(f"{SHARED} not present: the real-data comparison needs ../shared/data")
+        return
+    print(
+        f"held-out AUC, 80/20 split, DeepFM dim 16, MLP {args.quality_hidden}, {args.epochs} epochs, "
+        f"batch {args.quality_batch}, plain torch hash size {args.hash_size:,}"
+    )
+    hidden = tuple(int(x) for x in args.quality_hidden.split("-"))
+    for name in ("avazu", "criteo"):
+        feats, dense, label, fields = load_real(name)
+        n = len(label)
+        split = np.random.default_rng(0).permutation(n)
+        train_idx, test_idx = split[: int(0.8 * n)], split[int(0.8 * n) :]
+        test = take(feats, dense, label, test_idx)
+        res = {"recis": [], "plain torch": []}
+        for seed in range(args.seeds):
+            (ours, oo), (plain, po) = make_pair(
+                fields, 0 if dense is None else 13, 16, hidden, args.hash_size, args.quality_lr, seed
+            )
+            order_rng = np.random.default_rng(seed)
+            for _ in range(args.epochs):
+                order = order_rng.permutation(train_idx)
+                for k in range(0, len(order), args.quality_batch):
+                    b = take(feats, dense, label, order[k : k + args.quality_batch])
+                    step(ours, oo, b)
+                    step(plain, po, b)
+            ours.eval()
+            plain.eval()
+            with torch.no_grad():
+                res["recis"].append(auc(test["label"].numpy(), torch.sigmoid(ours(test)).numpy()))
+                res["plain torch"].append(auc(test["label"].numpy(), torch.sigmoid(plain(test)).numpy()))
+        print(
+            f"  {name:7s} ({n:,} rows, {len(test_idx):,} held out): "
+            + "  ".join(f"{k} {np.mean(v):.4f} ± {np.std(v):.4f}" for k, v in res.items())
+            + f"   (seeds: {args.seeds})"
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=1_000_000)
+    ap.add_argument("--hash-size", type=int, default=1 << 20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--quality-batch", type=int, default=256)
+    ap.add_argument("--quality-lr", type=float, default=1e-3)
+    ap.add_argument("--quality-hidden", default="400-400-400")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    speed(args) if args.mode == "speed" else quality(args)
+
+
+if __name__ == "__main__":
+    main()
