@@ -15,6 +15,7 @@ epochs); each categorical value becomes the id ``fingerprint64("field=value")``
 
     .venv/bin/python benches/deepfm.py --mode speed
     .venv/bin/python benches/deepfm.py --mode quality
+    .venv/bin/python benches/deepfm.py --mode phases    # where a RecIS step's time goes
 """
 
 from __future__ import annotations
@@ -152,6 +153,51 @@ def speed(args):
     print(f"  recis / dense-only ceiling: {med['recis'] / med['dense-only ceiling']:.2f}x")
 
 
+def phases(args):
+    """Where a RecIS DeepFM step spends its time."""
+    data = SyntheticCTR(num_features=26, num_dense=13, vocab=args.vocab, min_ids=1, max_ids=3)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        feats, dense, labels = data.batch(args.batch_size, rng)
+        batches.append({**feats, "dense": dense, "label": labels})
+    torch.manual_seed(0)
+    m = DeepFM(data.feature_names(), num_dense=13, dim=16, hidden=(400, 400, 400))
+    sparse, dense_opt = SparseAdam(m, lr=1e-3), torch.optim.Adam(m.parameters(), lr=1e-3)
+    spent: dict[str, float] = {}
+
+    def lap(name, t0):
+        now = time.perf_counter()
+        spent[name] = spent.get(name, 0.0) + now - t0
+        return now
+
+    for i, b in enumerate(batches):
+        if i == args.warmup:
+            spent.clear()
+        t = time.perf_counter()
+        pooled = m.embedding({f: b[f] for f in m.sparse_fields})
+        t = lap("embedding forward (dedup, lookup/insert, gather, pool)", t)
+        rows = torch.stack([pooled[f] for f in m.sparse_fields], 1)
+        v, first = rows[..., :16], rows[..., 16]
+        logit = first.sum(1) + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1) + m.dense_linear(b["dense"]).squeeze(1)
+        logit = logit + m.mlp(torch.cat([v.flatten(1), b["dense"]], 1)).squeeze(1)
+        t = lap("FM + MLP forward", t)
+        F.binary_cross_entropy_with_logits(logit, b["label"]).backward()
+        t = lap("backward (MLP + sparse pooling)", t)
+        sparse.step()
+        sparse.zero_grad()
+        t = lap("sparse Adam step", t)
+        dense_opt.step()
+        dense_opt.zero_grad()
+        lap("dense Adam step", t)
+    total = sum(spent.values())
+    for k, v in spent.items():
+        print(f"  {k:55s} {v / args.steps * 1e3:7.1f} ms")
+    print(
+        f"  {'total':55s} {total / args.steps * 1e3:7.1f} ms -> {args.batch_size * args.steps / total:,.0f} samples/s"
+    )
+
+
 def categorical(table, fields):
     """{field: RaggedTensor of one id a row}: fingerprint64("field=value")."""
     out = {}
@@ -240,7 +286,7 @@ def quality(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["speed", "quality"], default="speed")
+    ap.add_argument("--mode", choices=["speed", "quality", "phases"], default="speed")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -255,7 +301,7 @@ def main():
     ap.add_argument("--quality-hidden", default="400-400-400")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    speed(args) if args.mode == "speed" else quality(args)
+    {"speed": speed, "quality": quality, "phases": phases}[args.mode](args)
 
 
 if __name__ == "__main__":

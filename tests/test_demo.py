@@ -21,7 +21,7 @@ def test_deepfm_forward_backward_shapes():
     assert out.shape == (2,)
     out.sum().backward()
     assert m.mlp[0].weight.grad is not None
-    assert len(m.embedding.table) == 5 and len(m.first_order.table) == 5
+    assert len(m.embedding.table) == 5 and m.embedding.table.dim == 5  # embedding + first-order weight
 
 
 def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):

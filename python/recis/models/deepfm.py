@@ -2,10 +2,10 @@
 factorization-machine second-order term over the sparse fields' embeddings,
 and an MLP over the embeddings and dense features, summed into one logit.
 
-Sparse fields share one dynamic table for the second-order/deep embeddings
-and one of width 1 for the first-order weights (ids of different fields must
-differ, as hashed or salted ids do; give fields their own ``shared_name``
-otherwise). Each table is looked up once a step for all fields.
+Sparse fields share one dynamic table whose rows hold an id's embedding
+(``dim`` values) and its first-order weight (one more value), so a step looks
+every field up in one call. Ids of different fields must differ, as hashed or
+salted ids do.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ class DeepFM(nn.Module):
             raise ValueError("DeepFM: needs at least one sparse field")
         self.sparse_fields = list(sparse_fields)
         self.num_dense = num_dense
-        option = option or EmbeddingOption(dim=dim, initializer=NormalInit(0.0, 0.01), seed=seed)
-        if option.dim != dim:
-            raise ValueError(f"DeepFM: option.dim {option.dim} != dim {dim}")
-        first = EmbeddingOption(dim=1, initializer=NormalInit(0.0, 0.0001), seed=seed + 1)
+        option = option or EmbeddingOption(dim=dim + 1, initializer=NormalInit(0.0, 0.01), seed=seed)
+        if option.dim != dim + 1:
+            raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
+        self.dim = dim
         self.embedding = DynamicEmbedding(option, "deepfm_embedding")
-        self.first_order = DynamicEmbedding(first, "deepfm_first_order")
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
         layers, width = [], dim * len(self.sparse_fields) + num_dense
         for h in hidden:
@@ -46,16 +45,15 @@ class DeepFM(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def tables(self):
-        return [self.embedding.table, self.first_order.table]
+        return [self.embedding.table]
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B] of a batch holding the sparse fields (RaggedTensor or
         [B, L] ids) and, with ``num_dense``, a ``"dense"`` [B, num_dense] float tensor."""
-        fields = {f: batch[f] for f in self.sparse_fields}
-        emb = self.embedding(fields)
-        first = self.first_order(fields)
-        v = torch.stack([emb[f] for f in self.sparse_fields], dim=1)  # [B, F, D]
-        logit = torch.stack([first[f] for f in self.sparse_fields], dim=1).sum(dim=(1, 2))
+        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
+        rows = torch.stack([pooled[f] for f in self.sparse_fields], dim=1)  # [B, F, D + 1]
+        v, first = rows[..., : self.dim], rows[..., self.dim]
+        logit = first.sum(dim=1)
         logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)
         deep_in = v.flatten(1)
         if self.num_dense:
