@@ -117,18 +117,29 @@ def test_training_improves_held_out_auc_and_logs(orc_dir, tmp_path):
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_named(tmp_path):
     m, sp, de = small_parts()
-    good = [{"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}] * 3
-    Trainer(m, TrainingArguments(str(tmp_path), max_steps=3), good, dense_optimizer=de, sparse_optimizer=sp).train()
-    with torch.no_grad():
-        m.head.weight.fill_(float("nan"))
-    before = m.emb.table.embeddings(torch.tensor([1, 2]))
-    t = Trainer(
-        m, TrainingArguments(str(tmp_path), max_steps=6, resume=False), good, dense_optimizer=de, sparse_optimizer=sp
-    )
-    with pytest.raises(TrainingError, match=r"non-finite loss .* last good checkpoint is .*ckpt-3"):
+    good = {"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}
+    bad = {"ids": torch.tensor([[1, 2]]), "label": torch.tensor([float("nan")])}
+    args = TrainingArguments(str(tmp_path), max_steps=6, save_every_steps=3, log_every_steps=1, resume=False)
+
+    class Snapshot:
+        def on_log(self, trainer, logs):
+            self.rows = trainer.model.emb.table.embeddings(torch.tensor([1, 2]))
+
+    snap = Snapshot()
+    t = Trainer(m, args, [good] * 4 + [bad, good], dense_optimizer=de, sparse_optimizer=sp, hooks=[snap])
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5; .* last good checkpoint is .*ckpt-3"):
         t.train()
-    assert torch.equal(m.emb.table.embeddings(torch.tensor([1, 2])), before)
+    assert t.global_step == 4
+    assert torch.equal(m.emb.table.embeddings(torch.tensor([1, 2])), snap.rows)  # the bad step changed nothing
     assert t.checkpoints.load(tables={"emb": Small().emb.table}, parts=("sparse",)) == 3
+
+
+def test_fresh_run_over_existing_checkpoints_is_refused(tmp_path):
+    m, sp, de = small_parts()
+    data = [{"ids": torch.tensor([[1]]), "label": torch.tensor([1.0])}]
+    Trainer(m, TrainingArguments(str(tmp_path), max_steps=1), data, dense_optimizer=de, sparse_optimizer=sp).train()
+    with pytest.raises(TrainingError, match="holds checkpoints but resume=False"):
+        Trainer(m, TrainingArguments(str(tmp_path), max_steps=2, resume=False), data, sparse_optimizer=sp).train()
 
 
 def test_fp16_is_refused_clearly(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -39,6 +40,11 @@ def demo(args) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    # Each demo run trains afresh: the previous run's checkpoints and log go
+    # (the generated data is kept and reused).
+    shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
+    if os.path.exists(os.path.join(args.workdir, "log.jsonl")):
+        os.remove(os.path.join(args.workdir, "log.jsonl"))
     data_dir = os.path.join(args.workdir, "data")
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
     if len(files) != 4:

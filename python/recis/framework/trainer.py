@@ -153,6 +153,11 @@ class Trainer:
         if a.resume and self.checkpoints.latest() is not None:
             self.global_step = self.checkpoints.load(**self._state())
             print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
+        elif not a.resume and self.checkpoints.checkpoints():
+            raise TrainingError(
+                f"{self.checkpoints.directory} holds checkpoints but resume=False: resume=True continues from them, "
+                "or give another output_dir (nothing was changed)"
+            )
         self.model.train()
         k = a.gradient_accumulation_steps
         micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
