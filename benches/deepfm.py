@@ -175,12 +175,9 @@ def phases(args):
         if i == args.warmup:
             spent.clear()
         t = time.perf_counter()
-        pooled = m.embedding({f: b[f] for f in m.sparse_fields})
+        rows = m.lookup(b)
         t = lap("embedding forward (dedup, lookup/insert, gather, pool)", t)
-        rows = torch.stack([pooled[f] for f in m.sparse_fields], 1)
-        v, first = rows[..., :16], rows[..., 16]
-        logit = first.sum(1) + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1) + m.dense_linear(b["dense"]).squeeze(1)
-        logit = logit + m.mlp(torch.cat([v.flatten(1), b["dense"]], 1)).squeeze(1)
+        logit = m.logits(rows, b)
         t = lap("FM + MLP forward", t)
         F.binary_cross_entropy_with_logits(logit, b["label"]).backward()
         t = lap("backward (MLP + sparse pooling)", t)

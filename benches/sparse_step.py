@@ -68,8 +68,7 @@ class RecisContender:
     def bytes_per_id(self):
         s = self.emb.table.stats()
         width = self.emb.table.dim + self.emb.table.native.slot_width
-        overhead = (s["id_map_bytes"] + s["meta_bytes"] + s["other_bytes"]) / s["len"]
-        return s["len"], width * 4, overhead
+        return s["len"], width * 4, s["overhead_bytes_per_id"]
 
 
 class TorchContender:

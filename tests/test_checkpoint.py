@@ -144,8 +144,7 @@ def test_warm_start_of_selected_parts(tmp_path):
     assert b[2].state_dict()["state"] == {}  # dense optimizer not restored
 
 
-def test_ragged_input_model_round_trip_uses_no_pickle(tmp_path):
-    # RaggedTensor batches and numpy RNG state restored too.
+def test_numpy_rng_state_is_restored_after_ragged_input_training(tmp_path):
     a = make()
     rt = RaggedTensor(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3]))
     a[0](rt).sum().backward()

@@ -5,6 +5,7 @@ import re
 import torch
 
 from recis.cli import main
+from recis.datagen import SPARSE_FIELDS
 from recis.framework import CheckpointManager
 from recis.models import DeepFM
 from recis.ragged import RaggedTensor
@@ -37,6 +38,6 @@ def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):
     assert auc > 0.6, out
     ckpt = CheckpointManager(str(workdir / "checkpoints"))
     assert ckpt.latest() is not None
-    m = DeepFM([f"C{i}" for i in range(1, 27)], num_dense=13, dim=16, hidden=(400, 400, 400))
+    m = DeepFM(SPARSE_FIELDS, num_dense=13, dim=16, hidden=(400, 400, 400))
     ckpt.load(tables={t.name: t for t in m.tables()}, model=m, parts=("sparse", "dense"))
     assert len(m.embedding.table) > 0

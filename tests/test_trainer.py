@@ -3,21 +3,15 @@
 import pytest
 import torch
 
-from recis.datagen import generate
+from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate
+from recis.datagen import to_model_input as to_input
 from recis.framework import Trainer, TrainingArguments, TrainingError
 from recis.io import OrcDataset
 from recis.models import DeepFM
 from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
 from recis.optim import SparseAdam
 
-SPARSE = [f"C{i}" for i in range(1, 27)]
-DENSE = [f"I{i}" for i in range(1, 14)]
-
-
-def to_input(batch):
-    out = {f: batch[f] for f in SPARSE}
-    out["dense"] = torch.stack([batch[c] for c in DENSE], dim=1).float()
-    return out
+SPARSE, DENSE = SPARSE_FIELDS, DENSE_COLUMNS
 
 
 class Small(torch.nn.Module):

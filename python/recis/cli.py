@@ -19,20 +19,9 @@ import torch
 
 import recis
 
-SPARSE = [f"C{i}" for i in range(1, 27)]
-DENSE = [f"I{i}" for i in range(1, 14)]
-
-
-def to_model_input(batch: dict) -> dict:
-    """A reader batch as DeepFM input: the sparse fields, and the 13 dense
-    columns stacked into ``dense``."""
-    out = {f: batch[f] for f in SPARSE}
-    out["dense"] = torch.stack([batch[c] for c in DENSE], dim=1).float()
-    return out
-
 
 def demo(args) -> int:
-    from recis.datagen import generate
+    from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate, to_model_input
     from recis.framework import Trainer, TrainingArguments
     from recis.io import OrcDataset
     from recis.models import DeepFM
@@ -51,10 +40,10 @@ def demo(args) -> int:
         t0 = time.perf_counter()
         files = generate(data_dir, args.rows, files=4, vocab=args.vocab, seed=args.seed)
         print(f"datagen: {args.rows:,} rows into {data_dir} ({time.perf_counter() - t0:.1f} s)")
-    columns = ["label", *DENSE, *SPARSE]
+    columns = ["label", *DENSE_COLUMNS, *SPARSE_FIELDS]
     train = OrcDataset(files[:3], args.batch_size, columns, shuffle=True, seed=args.seed, num_threads=args.threads)
     held_out = OrcDataset(files[3:], args.batch_size, columns, num_threads=args.threads)
-    model = DeepFM(SPARSE, num_dense=len(DENSE), dim=args.dim, hidden=(400, 400, 400), seed=args.seed)
+    model = DeepFM(SPARSE_FIELDS, num_dense=len(DENSE_COLUMNS), dim=args.dim, hidden=(400, 400, 400), seed=args.seed)
     sparse_opt = SparseAdam(model, lr=args.lr)
     dense_opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     print(

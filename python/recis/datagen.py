@@ -14,6 +14,19 @@ import pyarrow.orc as po
 
 from recis.synthetic import SyntheticCTR
 
+SPARSE_FIELDS = [f"C{i}" for i in range(1, 27)]
+DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
+
+
+def to_model_input(batch: dict) -> dict:
+    """A reader batch of this layout as DeepFM input: the sparse fields, and
+    the 13 dense columns stacked into ``dense``."""
+    import torch
+
+    out = {f: batch[f] for f in SPARSE_FIELDS}
+    out["dense"] = torch.stack([batch[c] for c in DENSE_COLUMNS], dim=1).float()
+    return out
+
 
 def generate(
     output_dir: str,

@@ -101,8 +101,9 @@ class Trainer:
         self.input_fn = input_fn or (lambda b: b)
         self.loss_fn = loss_fn
         self.hooks = list(hooks)
-        self.tables = {t.name: t for t in collect_tables(model)}
-        if len(self.tables) != len(collect_tables(model)):
+        tables = collect_tables(model)
+        self.tables = {t.name: t for t in tables}
+        if len(self.tables) != len(tables):
             raise ValueError("Trainer: the model's tables must have distinct names (they name checkpoint files)")
         self.global_step = 0
         os.makedirs(args.output_dir, exist_ok=True)

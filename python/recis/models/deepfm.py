@@ -50,8 +50,15 @@ class DeepFM(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B] of a batch holding the sparse fields (RaggedTensor or
         [B, L] ids) and, with ``num_dense``, a ``"dense"`` [B, num_dense] float tensor."""
+        return self.logits(self.lookup(batch), batch)
+
+    def lookup(self, batch: dict) -> torch.Tensor:
+        """The sparse part: pooled rows of every field, [B, F, dim + 1]."""
         pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
-        rows = torch.stack([pooled[f] for f in self.sparse_fields], dim=1)  # [B, F, D + 1]
+        return torch.stack([pooled[f] for f in self.sparse_fields], dim=1)
+
+    def logits(self, rows: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The dense part: first-order, FM and MLP terms from ``lookup``'s rows."""
         v, first = rows[..., : self.dim], rows[..., self.dim]
         logit = first.sum(dim=1)
         logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)

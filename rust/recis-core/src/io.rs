@@ -540,7 +540,6 @@ struct Shared {
 
 /// Reads one worker's plan for one epoch from a cursor, in batches.
 pub struct Reader {
-    source: Arc<Source>,
     plan: Arc<Vec<Unit>>,
     batch_size: usize,
     drop_remainder: bool,
@@ -632,7 +631,6 @@ impl Reader {
             })
             .collect();
         Ok(Reader {
-            source,
             plan,
             batch_size,
             drop_remainder,
@@ -645,14 +643,6 @@ impl Reader {
             threads,
             failed: false,
         })
-    }
-
-    pub fn cursor(&self) -> Cursor {
-        self.cursor
-    }
-
-    pub fn source(&self) -> &Source {
-        &self.source
     }
 
     /// Makes `pending` hold the chunks of unit `i`, waiting for the decoders.
