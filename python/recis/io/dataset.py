@@ -12,6 +12,11 @@ float32 or float64); a list column is a ``RaggedTensor``; a string column not
 hashed is a ``StringColumn``. Nulls read as 0 (ints, booleans), NaN (floats),
 "" (strings; hashed as ""), and [] (lists).
 
+Files are memory-mapped while a unit is decoded: write them before training
+reads them, and do not truncate or rewrite a file a reader has open (as
+with any memory-mapped reader, a file that shrinks under the map ends the
+process with SIGBUS).
+
 ``state_dict()`` is the position after the last batch handed out — epoch,
 unit and row — as plain JSON-able values; a dataset that loads it resumes at
 the next unread sample.

@@ -8,16 +8,21 @@
 //! reader at a cursor resumes at exactly that row, so the samples seen across
 //! restarts are those of one uninterrupted run.
 //!
-//! Decoding uses the `orc-rust` crate (Arrow arrays), converted here to plain
+//! Decoding: integer, float and list-of-those columns go through our own
+//! decoder (`orc_decode`, on slices of the memory-mapped file); the other
+//! kinds through the `orc-rust` crate (Arrow arrays), converted here to plain
 //! buffers. Nulls read as fill values: 0 for integers and booleans, NaN for
 //! floats, the empty string for strings (which then hashes as ""), and an
 //! empty list for a null list.
 
 use crate::features::fingerprint64;
+use crate::orc_decode;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type};
+use bytes::Buf;
 use orc_rust::arrow_reader::ArrowReaderBuilder;
 use orc_rust::projection::ProjectionMask;
+use orc_rust::reader::ChunkReader;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fs::File;
@@ -300,9 +305,107 @@ impl Source {
     fn decode_unguarded(&self, unit: &Unit, skip: u64, first: usize, chunk: usize) -> Result<Vec<Chunk>> {
         let path = &self.files[unit.file];
         let ctx = |e: &dyn fmt::Display| IoError(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
-        let file = File::open(path).map_err(|e| ctx(&e))?;
-        let builder = ArrowReaderBuilder::try_new(file).map_err(|e| ctx(&e))?;
-        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        let mut file = MappedFile::open(path).map_err(|e| ctx(&e))?;
+        let meta = orc_rust::reader::metadata::read_metadata(&mut file).map_err(|e| ctx(&e))?;
+        let stripe = meta
+            .stripe_metadatas()
+            .iter()
+            .find(|s| s.offset() == unit.offset)
+            .ok_or_else(|| ctx(&"no stripe starts where the plan says; the file changed since it was opened"))?;
+        let footer_bytes = file.get_bytes(stripe.footer_offset(), stripe.footer_length()).map_err(|e| ctx(&e))?;
+        let footer = orc_decode::read_footer(footer_bytes, meta.compression()).map_err(|e| ctx(&e))?;
+        // Columns our decoder takes in this stripe, and the rest.
+        let mut fast = Vec::new();
+        let mut slow = Vec::new();
+        for (i, (req, ty)) in self.columns.iter().zip(&self.types).enumerate() {
+            let dt = meta.root_data_type().children().iter().find(|c| c.name() == req.name).map(|c| c.data_type());
+            let kind = dt.and_then(|dt| orc_decode::fast_kind(dt, &footer));
+            let element = match kind.map(|k| k.0) {
+                Some(orc_decode::Leaf::Int) => Some(Element::Int),
+                Some(orc_decode::Leaf::Float32) => Some(Element::Float32),
+                Some(orc_decode::Leaf::Float64) => Some(Element::Float64),
+                None => None,
+            };
+            match (dt, kind) {
+                (Some(dt), Some((leaf, list))) if element == Some(ty.element) && list == ty.list && !req.hash => {
+                    fast.push((i, dt.clone(), leaf))
+                }
+                _ => slow.push(i),
+            }
+        }
+        let mut sizes = Vec::new();
+        let mut left = unit.rows.saturating_sub(skip) as usize;
+        let mut want = first.max(1);
+        while left > 0 {
+            let n = want.min(left);
+            sizes.push(n);
+            left -= n;
+            want = chunk.max(1);
+        }
+        let mem = file.0.clone();
+        let mut slow_chunks = if slow.is_empty() {
+            None
+        } else {
+            Some(self.decode_orc_rust(file, &slow, unit, skip, first, chunk).map_err(|e| ctx(&e))?.into_iter())
+        };
+        let mut decoders = Vec::new();
+        if !fast.is_empty() {
+            let ids: Vec<usize> = fast
+                .iter()
+                .flat_map(|(_, dt, _)| std::iter::once(dt.column_index()).chain(dt.children_indices()))
+                .collect();
+            let streams = orc_decode::Streams::new(&mem, stripe.offset(), &footer, &ids, meta.compression())
+                .map_err(|e| ctx(&e))?;
+            for (i, dt, leaf) in &fast {
+                let name = &self.columns[*i].name;
+                let d = orc_decode::ColumnDecoder::new(dt, *leaf, &streams)
+                    .map_err(|e| ctx(&format!("column {name:?}: {e}")))?;
+                decoders.push((*i, d));
+            }
+            let mut left = skip as usize;
+            while left > 0 {
+                let n = left.min(1 << 16);
+                for (i, d) in &mut decoders {
+                    d.read(n).map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[*i].name)))?;
+                }
+                left -= n;
+            }
+        }
+        let mut chunks = Vec::with_capacity(sizes.len());
+        for &rows in &sizes {
+            let mut columns: Vec<Option<Column>> = vec![None; self.columns.len()];
+            if let Some(it) = &mut slow_chunks {
+                let c = it
+                    .next()
+                    .filter(|c| c.rows == rows)
+                    .ok_or_else(|| ctx(&format!("stripe holds fewer rows than its footer's {}", unit.rows)))?;
+                for (&i, col) in slow.iter().zip(c.columns) {
+                    columns[i] = Some(col);
+                }
+            }
+            for (i, d) in &mut decoders {
+                let col = d.read(rows).map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[*i].name)))?;
+                columns[*i] = Some(col);
+            }
+            chunks
+                .push(Chunk { columns: columns.into_iter().map(|c| c.expect("every column decoded")).collect(), rows });
+        }
+        Ok(chunks)
+    }
+
+    /// Columns `cols` of rows `skip..` of a unit through `orc-rust`, in the
+    /// chunks of [`Source::decode`].
+    fn decode_orc_rust(
+        &self,
+        file: MappedFile,
+        cols: &[usize],
+        unit: &Unit,
+        skip: u64,
+        first: usize,
+        chunk: usize,
+    ) -> std::result::Result<Vec<Chunk>, String> {
+        let builder = ArrowReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
+        let names: Vec<&str> = cols.iter().map(|&i| self.columns[i].name.as_str()).collect();
         let mask = ProjectionMask::named_roots(builder.file_metadata().root_data_type(), &names);
         let reader = builder
             .with_projection(mask)
@@ -315,13 +418,13 @@ impl Source {
         let mut open = false;
         let mut seen = 0u64;
         for batch in reader {
-            let batch = batch.map_err(|e| ctx(&e))?;
+            let batch = batch.map_err(|e| e.to_string())?;
             let n = batch.num_rows();
             let mut at = skip.saturating_sub(seen).min(n as u64) as usize;
             seen += n as u64;
             while at < n {
                 let take = want.min(n - at);
-                let part = self.convert(&batch.slice(at, take)).map_err(|e| ctx(&e))?;
+                let part = self.convert(&batch.slice(at, take), cols)?;
                 if open {
                     let last = chunks.last_mut().unwrap();
                     for (a, p) in last.columns.iter_mut().zip(&part) {
@@ -340,18 +443,17 @@ impl Source {
             }
         }
         if seen != unit.rows {
-            return Err(ctx(&format!("stripe holds {seen} rows, its footer says {}", unit.rows)));
+            return Err(format!("stripe holds {seen} rows, its footer says {}", unit.rows));
         }
         Ok(chunks)
     }
 
-    fn convert(&self, batch: &RecordBatch) -> std::result::Result<Vec<Column>, String> {
-        self.columns
-            .iter()
-            .zip(&self.types)
-            .map(|(req, ty)| {
+    fn convert(&self, batch: &RecordBatch, cols: &[usize]) -> std::result::Result<Vec<Column>, String> {
+        cols.iter()
+            .map(|&i| {
+                let (req, ty) = (&self.columns[i], self.types[i]);
                 let array = batch.column_by_name(&req.name).ok_or_else(|| format!("column {:?} missing", req.name))?;
-                convert_column(array, *ty, req).map_err(|e| format!("column {:?}: {e}", req.name))
+                convert_column(array, ty, req).map_err(|e| format!("column {:?}: {e}", req.name))
             })
             .collect()
     }
@@ -470,6 +572,52 @@ fn convert_values(a: &dyn Array, element: Element, req: &ColumnRequest) -> std::
         }
         (e, dt) => return Err(format!("cannot read {dt} as {e:?}")),
     })
+}
+
+/// A file memory-mapped for the decoder: it reads each stream as a slice of
+/// the page cache (`get_bytes` below), where orc-rust's `File` reader
+/// allocates a zeroed buffer per stream and reads into it.
+struct MappedFile(bytes::Bytes);
+
+impl MappedFile {
+    fn open(path: &std::path::Path) -> std::io::Result<MappedFile> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(MappedFile(bytes::Bytes::new()));
+        }
+        // SAFETY: the map is read-only. Like any memory-mapped reader (Arrow's
+        // `memory_map`), it needs the file not to shrink while a unit is being
+        // decoded; datasets are written before training reads them.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        Ok(MappedFile(bytes::Bytes::from_owner(map)))
+    }
+
+    fn range(&self, offset: u64, length: u64) -> std::io::Result<std::ops::Range<usize>> {
+        let end = offset.checked_add(length).filter(|&e| e <= self.0.len() as u64).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("bytes {offset}..{} are past the end of the file ({} bytes)", offset + length, self.0.len()),
+            )
+        })?;
+        Ok(offset as usize..end as usize)
+    }
+}
+
+impl ChunkReader for MappedFile {
+    type T = bytes::buf::Reader<bytes::Bytes>;
+
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn get_read(&self, offset_from_start: u64) -> std::io::Result<Self::T> {
+        let r = self.range(offset_from_start, 0)?;
+        Ok(self.0.slice(r.start..).reader())
+    }
+
+    fn get_bytes(&self, offset_from_start: u64, length: u64) -> std::io::Result<bytes::Bytes> {
+        Ok(self.0.slice(self.range(offset_from_start, length)?))
+    }
 }
 
 /// Integers as int64: a bulk conversion of the value buffer, then nulls set

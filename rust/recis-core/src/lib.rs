@@ -9,6 +9,7 @@ pub mod hash;
 pub mod init;
 pub mod io;
 pub mod optim;
+mod orc_decode;
 pub mod store;
 pub mod table;
 
