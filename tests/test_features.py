@@ -62,7 +62,17 @@ def test_fingerprint64_matches_pyfarmhash(data):
 
 
 def test_fingerprint64_published_vectors():
-    assert _native.fingerprint64(b"") == 11160318154034397263
+    # The README's table; each equals pyfarmhash (checked below too).
+    vectors = {
+        b"": 11160318154034397263,
+        b"a": 12917804110809363939,
+        b"hello": 13009744463427800296,
+        b"user_42": 2770529383709671217,
+        b"0123456789" * 7: 5261878338456922136,
+        b"x" * 200: 13938988265971950527,
+    }
+    for data, h in vectors.items():
+        assert _native.fingerprint64(data) == h == farmhash.fingerprint64(data)
     for n in (63, 64, 65, 127, 128, 129, 192, 256, 1000, 4096):
         data = bytes(range(256)) * (n // 256 + 1)
         assert _native.fingerprint64(data[:n]) == farmhash.fingerprint64(data[:n])
