@@ -22,7 +22,8 @@ def test_deepfm_forward_backward_shapes():
     assert out.shape == (2,)
     out.sum().backward()
     assert m.mlp[0].weight.grad is not None
-    assert len(m.embedding.table) == 5 and m.embedding.table.dim == 5  # embedding + first-order weight
+    a, b = m.embedding.table("a"), m.embedding.table("b")
+    assert (len(a), len(b), a.dim, b.dim) == (3, 2, 5, 5)  # a table per field; embedding + first-order weight
 
 
 def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):
@@ -40,4 +41,4 @@ def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):
     assert ckpt.latest() is not None
     m = DeepFM(SPARSE_FIELDS, num_dense=13, dim=16, hidden=(400, 400, 400))
     ckpt.load(tables={t.name: t for t in m.tables()}, model=m, parts=("sparse", "dense"))
-    assert len(m.embedding.table) > 0
+    assert all(len(t) > 0 for t in m.tables())

@@ -66,7 +66,7 @@ def demo(args) -> int:
     )
     print(
         f"train + eval: {train.total_rows() * args.epochs / elapsed:,.0f} training samples/s over "
-        f"{trainer.global_step} steps; tables hold {len(model.embedding.table):,} ids; "
+        f"{trainer.global_step} steps; tables hold {sum(len(t) for t in model.tables()):,} ids; "
         f"checkpoint: {trainer.checkpoints.latest()}; log: {os.path.join(args.workdir, 'log.jsonl')}"
     )
     return 0

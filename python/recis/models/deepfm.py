@@ -2,18 +2,20 @@
 factorization-machine second-order term over the sparse fields' embeddings,
 and an MLP over the embeddings and dense features, summed into one logit.
 
-Sparse fields share one dynamic table whose rows hold an id's embedding
-(``dim`` values) and its first-order weight (one more value), so a step looks
-every field up in one call. Ids of different fields must differ, as hashed or
-salted ids do.
+Each sparse field has its own dynamic table (the same id in two fields is
+two rows) whose rows hold an id's embedding (``dim`` values) and its
+first-order weight (one more value); an ``EmbeddingEngine`` looks every field
+up in one coalesced pass.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
+from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
 
 
 class DeepFM(nn.Module):
@@ -35,7 +37,11 @@ class DeepFM(nn.Module):
         if option.dim != dim + 1:
             raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
         self.dim = dim
-        self.embedding = DynamicEmbedding(option, "deepfm_embedding")
+        # One table per field, seeded apart so that equal ids of two fields
+        # start from different rows.
+        self.embedding = EmbeddingEngine(
+            {f: replace(option, seed=(option.seed + i) % 2**64) for i, f in enumerate(self.sparse_fields)}
+        )
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
         layers, width = [], dim * len(self.sparse_fields) + num_dense
         for h in hidden:
@@ -45,7 +51,7 @@ class DeepFM(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def tables(self):
-        return [self.embedding.table]
+        return self.embedding.tables()
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B] of a batch holding the sparse fields (RaggedTensor or

@@ -1,6 +1,7 @@
 """Dynamic embedding modules: hash tables, their options, pooled lookups."""
 
 from recis.nn.dynamic_embedding import DynamicEmbedding
+from recis.nn.engine import EmbeddingEngine
 from recis.nn.hash_table import NO_ROW, HashTable
 from recis.nn.options import (
     AlwaysAdmit,
@@ -24,6 +25,7 @@ __all__ = [
     "ConstantInit",
     "CountAdmit",
     "DynamicEmbedding",
+    "EmbeddingEngine",
     "EmbeddingOption",
     "EvictionOption",
     "HashTable",

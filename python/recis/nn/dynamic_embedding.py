@@ -47,6 +47,8 @@ class DynamicEmbedding(nn.Module):
 
     def __init__(self, option: EmbeddingOption, name: str = "embedding", table: HashTable | None = None):
         super().__init__()
+        if option.combiner == "tuple":
+            raise ValueError(f"{name}: combiner 'tuple' (sequences) is for EmbeddingEngine; DynamicEmbedding pools")
         self.option = option
         self.name = name
         self.table = table if table is not None else table_for(option, name)

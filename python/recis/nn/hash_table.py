@@ -133,10 +133,11 @@ class HashTable:
 
     # -- gradients --------------------------------------------------------------
 
-    def add_pending(self, rows: np.ndarray, weights: torch.Tensor) -> None:
+    def add_pending(self, rows: np.ndarray, weights: torch.Tensor, part=None) -> None:
         """Records a looked-up block of rows whose ``.grad`` the next optimizer
-        step applies."""
-        self._pending.append((rows, weights))
+        step applies. ``part``: the rows are a share of a block ``weights``
+        that several tables fill (``nn.engine``)."""
+        self._pending.append((rows, weights, part))
 
     def pending_gradients(self):
         """Gradients of every pending lookup that received one, as
@@ -146,14 +147,18 @@ class HashTable:
         sums entries of the same row. None if there is nothing to apply."""
         rows, index, grads = [], [], []
         base = 0
-        for r, w in self._pending:
-            g = w.grad
-            if g is None:
+        for r, w, part in self._pending:
+            if part is not None:
+                got = part_gradient(w, part)
+                if got is None:
+                    continue
+                idx, vals = got
+            elif w.grad is None:
                 continue
-            if g.is_sparse:
-                idx, vals = g._indices()[0], g._values()
+            elif w.grad.is_sparse:
+                idx, vals = w.grad._indices()[0], w.grad._values()
             else:
-                idx, vals = torch.arange(len(r)), g
+                idx, vals = torch.arange(len(r)), w.grad
             rows.append(r)
             index.append(idx + base if base else idx)
             grads.append(vals)
@@ -272,3 +277,38 @@ class HashTable:
             )
         if "step" in state:
             self.step = int(state["step"][0])
+
+
+class SharedBlock:
+    """One leaf ``W`` shared by several tables' pending lookups, with the
+    group's lookup positions (``inverse``). torch's sparse gradients of
+    ``embedding_bag``/``embedding`` hold one entry per position, in order;
+    that lets a table take its entries as a slice. Checked once per block
+    (``ordered``); if a torch version ever orders them otherwise, tables
+    fall back to selecting their entries by row range."""
+
+    def __init__(self, w: torch.Tensor, inverse: torch.Tensor):
+        self.w = w
+        self.inverse = inverse
+        self._ordered: bool | None = None
+
+    def ordered(self, idx: torch.Tensor) -> bool:
+        if self._ordered is None:
+            self._ordered = idx.numel() == self.inverse.numel() and torch.equal(idx, self.inverse)
+        return self._ordered
+
+
+def part_gradient(w: torch.Tensor, part) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(index into the part's rows, gradient rows) of a table's share of a
+    shared block ``w``; None if ``w`` got no gradient."""
+    block, lo, hi, plo, phi = part
+    g = w.grad
+    if g is None:
+        return None
+    if not g.is_sparse:
+        return torch.arange(hi - lo), g[lo:hi]
+    idx, vals = g._indices()[0], g._values()
+    if block.ordered(idx):
+        return idx[plo:phi] - lo, vals[plo:phi]
+    mask = (idx >= lo) & (idx < hi)
+    return idx[mask] - lo, vals[mask]

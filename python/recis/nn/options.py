@@ -173,7 +173,8 @@ class EmbeddingOption:
         dtype: storage type of the rows; float32.
         initializer: value of a new row (default uniform ±0.05).
         combiner: pooling of a bag of ids: "sum" or "mean" (with weights,
-            "mean" divides by the sum of the weights).
+            "mean" divides by the sum of the weights); "tuple" (in an
+            ``EmbeddingEngine``): no pooling, a sequence [B, L, dim].
         admission: when a new id gets a row (default: always).
         eviction: which ids to remove when eviction runs (default: none).
         trainable: whether the optimizer updates this table.
@@ -206,8 +207,8 @@ class EmbeddingOption:
             raise ValueError(f"EmbeddingOption.dim must be a positive int, got {self.dim!r}")
         if self.dtype != torch.float32:
             raise ValueError(f"EmbeddingOption.dtype: only torch.float32 rows are supported, got {self.dtype}")
-        if self.combiner not in ("sum", "mean"):
-            raise ValueError(f"EmbeddingOption.combiner must be 'sum' or 'mean', got {self.combiner!r}")
+        if self.combiner not in ("sum", "mean", "tuple"):
+            raise ValueError(f"EmbeddingOption.combiner must be 'sum', 'mean' or 'tuple', got {self.combiner!r}")
         if self.eval_missing not in ("zeros", "initial"):
             raise ValueError(f"EmbeddingOption.eval_missing must be 'zeros' or 'initial', got {self.eval_missing!r}")
         if not hasattr(self.initializer, "spec"):

@@ -793,6 +793,39 @@ impl PyOrcReader {
 }
 
 /// Number of threads of the rayon pool used by every batch call.
+/// `lookup_unique` (or `lookup_or_insert_unique` where `insert[i]`) of
+/// several tables in one call, the tables in parallel.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn lookup_unique_many<'py>(
+    py: Python<'py>,
+    tables: Vec<Bound<'py, PyHashTable>>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    steps: Vec<u64>,
+    insert: Vec<bool>,
+) -> PyResult<
+    Vec<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>)>,
+> {
+    same_len(tables.len(), ids.len(), "lookup_unique_many")?;
+    same_len(tables.len(), steps.len(), "lookup_unique_many")?;
+    same_len(tables.len(), insert.len(), "lookup_unique_many")?;
+    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
+    let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
+    let found = py.detach(|| {
+        (0..ts.len())
+            .into_par_iter()
+            .map(|i| {
+                if insert[i] {
+                    ts[i].lookup_or_insert_unique(ids[i], steps[i])
+                } else {
+                    Ok(ts[i].lookup_unique(ids[i]))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
+}
+
 #[pyfunction]
 fn num_threads() -> usize {
     rayon::current_num_threads()
@@ -803,6 +836,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHashTable>()?;
     m.add_class::<PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint64, m)?)?;
     m.add_class::<PyOrcSource>()?;
     m.add_class::<PyOrcReader>()?;
