@@ -15,40 +15,33 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
+from recis.models.common import dense_input, mlp, sparse_engine
+from recis.nn import EmbeddingOption
 
 
 class DeepFM(nn.Module):
     def __init__(
         self,
-        sparse_fields: list[str],
+        sparse_fields,
         num_dense: int = 0,
         dim: int = 16,
         hidden: tuple[int, ...] = (400, 400, 400),
         option: EmbeddingOption | None = None,
         seed: int = 0,
     ):
+        """``sparse_fields``: names, or {name: EmbeddingOption} with
+        ``dim + 1`` each; ``option``: one option for every named field
+        (seeded apart per field)."""
         super().__init__()
-        if not sparse_fields:
-            raise ValueError("DeepFM: needs at least one sparse field")
-        self.sparse_fields = list(sparse_fields)
+        if option is not None:
+            if option.dim != dim + 1:
+                raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
+            sparse_fields = {f: replace(option, seed=(option.seed + i) % 2**64) for i, f in enumerate(sparse_fields)}
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed)
         self.num_dense = num_dense
-        option = option or EmbeddingOption(dim=dim + 1, initializer=NormalInit(0.0, 0.01), seed=seed)
-        if option.dim != dim + 1:
-            raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
         self.dim = dim
-        # One table per field, seeded apart so that equal ids of two fields
-        # start from different rows.
-        self.embedding = EmbeddingEngine(
-            {f: replace(option, seed=(option.seed + i) % 2**64) for i, f in enumerate(self.sparse_fields)}
-        )
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
-        layers, width = [], dim * len(self.sparse_fields) + num_dense
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        self.mlp = nn.Sequential(*layers)
+        self.mlp, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden)
 
     def tables(self):
         return self.embedding.tables()
@@ -69,8 +62,8 @@ class DeepFM(nn.Module):
         logit = first.sum(dim=1)
         logit = logit + 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1)
         deep_in = v.flatten(1)
-        if self.num_dense:
-            dense = batch["dense"].to(deep_in.dtype)
+        dense = dense_input(batch, self.num_dense, deep_in.dtype)
+        if dense is not None:
             logit = logit + self.dense_linear(dense).squeeze(1)
             deep_in = torch.cat([deep_in, dense], dim=1)
         return logit + self.mlp(deep_in).squeeze(1)

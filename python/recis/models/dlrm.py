@@ -1,0 +1,44 @@
+"""DLRM (Naumov et al., 2019): a bottom MLP maps the dense features to the
+embedding width; the pairwise dot products of that vector and every sparse
+field's pooled embedding, with the vector itself, feed a top MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recis.models.common import dense_input, mlp, sparse_engine
+
+
+class DLRM(nn.Module):
+    def __init__(
+        self,
+        sparse_fields,
+        num_dense: int,
+        dim: int = 16,
+        bottom: tuple[int, ...] = (512, 256),
+        top: tuple[int, ...] = (512, 256),
+        seed: int = 0,
+    ):
+        super().__init__()
+        if num_dense < 1:
+            raise ValueError("DLRM: needs dense features (num_dense >= 1) for its bottom MLP")
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed)
+        self.num_dense, self.dim = num_dense, dim
+        self.bottom, _ = mlp(num_dense, bottom, out=dim)
+        self.bottom.append(nn.ReLU())
+        n = len(self.sparse_fields) + 1
+        self.register_buffer("_pairs", torch.triu_indices(n, n, offset=1), persistent=False)
+        self.top, _ = mlp(dim + n * (n - 1) // 2, top)
+
+    def tables(self):
+        return self.embedding.tables()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits [B]: the sparse fields (RaggedTensor or [B, L] ids) and
+        ``"dense"`` [B, num_dense]."""
+        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
+        x = self.bottom(dense_input(batch, self.num_dense))
+        t = torch.stack([x] + [pooled[f] for f in self.sparse_fields], dim=1)  # [B, n, dim]
+        dots = torch.bmm(t, t.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
+        return self.top(torch.cat([x, dots], dim=1)).squeeze(1)

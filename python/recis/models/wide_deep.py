@@ -1,0 +1,43 @@
+"""Wide & Deep (Cheng et al., 2016): a wide linear model over the sparse ids
+(a learned weight per id) and the dense features, plus a deep MLP over the
+fields' embeddings and the dense features, summed into one logit.
+
+Each field's table row holds the id's embedding (``dim`` values) and its
+wide weight (one more), so one lookup serves both parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recis.models.common import dense_input, mlp, sparse_engine
+
+
+class WideDeep(nn.Module):
+    def __init__(
+        self,
+        sparse_fields,
+        num_dense: int = 0,
+        dim: int = 16,
+        hidden: tuple[int, ...] = (400, 400, 400),
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed)
+        self.num_dense, self.dim = num_dense, dim
+        self.wide_dense = nn.Linear(num_dense, 1) if num_dense else None
+        self.deep, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden)
+
+    def tables(self):
+        return self.embedding.tables()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
+        rows = torch.stack([pooled[f] for f in self.sparse_fields], dim=1)  # [B, F, dim + 1]
+        emb, wide = rows[..., : self.dim], rows[..., self.dim].sum(1)
+        deep_in = emb.flatten(1)
+        dense = dense_input(batch, self.num_dense, deep_in.dtype)
+        if dense is not None:
+            wide = wide + self.wide_dense(dense).squeeze(1)
+            deep_in = torch.cat([deep_in, dense], dim=1)
+        return wide + self.deep(deep_in).squeeze(1)
