@@ -5,6 +5,10 @@ with a hidden click model (once), trains DeepFM on it through the ORC reader,
 prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
 log loss, calibration) and saves a checkpoint.
 ``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
+``recis train --config FILE.toml``: a job described in TOML (``recis.config``
+documents every field); resumes from the job's latest checkpoint.
+``recis eval --config FILE.toml [--checkpoint DIR]``: evaluates a checkpoint
+on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -72,6 +76,78 @@ def demo(args) -> int:
     return 0
 
 
+def train_cmd(args) -> int:
+    from recis.config import ConfigError, Job, load_config
+    from recis.framework import CheckpointError, TrainingError
+
+    torch.set_num_threads(args.threads)
+    try:
+        job = Job(load_config(args.config))
+        cfg = job.cfg
+        print(
+            f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
+            f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
+            f"output {cfg.trainer.output_dir}"
+        )
+        t0 = time.perf_counter()
+        logs = job.trainer.train()
+    except (ConfigError, CheckpointError, TrainingError, ValueError, KeyError) as e:
+        print(f"recis train: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - t0
+    ev = logs.get("eval")
+    if ev:
+        print(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}")
+    print(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
+    return 0
+
+
+def eval_cmd(args) -> int:
+    from recis.config import ConfigError, Job, load_config
+    from recis.framework import CheckpointError
+
+    torch.set_num_threads(args.threads)
+    try:
+        job = Job(load_config(args.config), for_training=False)
+        if job.eval_dataset is None:
+            raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
+        path = args.checkpoint or job.trainer.checkpoints.latest()
+        if path is None:
+            raise CheckpointError(f"{job.trainer.checkpoints.directory}: no checkpoint to evaluate")
+        step = job.trainer.checkpoints.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
+        job.trainer.global_step = step
+        print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
+        job.trainer.evaluate()
+    except (ConfigError, CheckpointError, ValueError, KeyError) as e:
+        print(f"recis eval: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def inspect_cmd(args) -> int:
+    from recis.framework import CheckpointError, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"recis inspect: {e}", file=sys.stderr)
+        return 2
+    print(f"{info['path']}: step {info['step']}")
+    print("sparse tables:")
+    for name, t in info["tables"].items():
+        print(
+            f"  {name:24s} {t['rows']:>12,} rows  dim {t['dim']:<4d} "
+            f"optimizer slots {t['slot_width']}  ({t['bytes']:,} bytes)"
+        )
+    print(f"dense tensors ({len(info['dense'])}, {sum(n for _, n in info['dense'].values()):,} values):")
+    for name, (shape, _) in info["dense"].items():
+        print(f"  {name:40s} {list(shape)}")
+    for key in ("sparse_optimizer", "dense_optimizer", "lr_scheduler", "dataset"):
+        if key in info["parts"]:
+            print(f"{key}: {info['parts'][key]}")
+    return 0
+
+
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
@@ -113,6 +189,18 @@ def main(argv=None) -> int:
     c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
     c.add_argument("--schema", help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)")
     c.set_defaults(func=convert_cmd)
+    t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--threads", type=int, default=2)
+    t.set_defaults(func=train_cmd)
+    e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
+    e.add_argument("--config", required=True)
+    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(func=eval_cmd)
+    i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
+    i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")
+    i.set_defaults(func=inspect_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -191,6 +191,15 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    @classmethod
+    def reading(cls, directory: str) -> CheckpointManager:
+        """A manager of an existing directory, to read (creates nothing)."""
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"{directory}: no such checkpoint directory")
+        m = cls.__new__(cls)
+        m.directory, m.keep_last = directory, 1
+        return m
+
     # -- loading --------------------------------------------------------------
 
     def load(
@@ -278,3 +287,55 @@ class CheckpointManager:
             p = meta["rng"]["python"]
             random.setstate((p[0], tuple(p[1]), p[2]))
         return int(meta["step"])
+
+
+def inspect_checkpoint(path: str) -> dict:
+    """What a checkpoint holds, read from its headers (no tensor is loaded):
+    {path, step, tables: {name: rows, dim, slot_width, bytes}, dense: {name:
+    (shape, values)}, parts: JSON parts (optimizers, scheduler, dataset)}.
+    ``path``: a ``ckpt-N`` directory, or a checkpoints directory (its latest)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        found = CheckpointManager.reading(path).latest()
+        if found is None:
+            raise CheckpointError(f"{path}: not a checkpoint (no meta.json) nor a directory of checkpoints")
+        path = found
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+
+    def shapes(file):
+        out = {}
+        if os.path.isfile(file):
+            with safe_open(file, "pt") as st:
+                for k in st.keys():
+                    shape = st.get_slice(k).get_shape()
+                    out[k] = (tuple(shape), int(np.prod(shape)) if shape else 1)
+        return out
+
+    tables = {}
+    for name, t in meta.get("tables", {}).items():
+        file = os.path.join(path, f"table-{name}.safetensors")
+        tables[name] = {
+            "rows": t["rows"],
+            "dim": t["config"]["dim"],
+            "slot_width": t["slot_width"],
+            "bytes": os.path.getsize(file) if os.path.isfile(file) else 0,
+        }
+    parts = {}
+    if "sparse_optimizer" in meta:
+        so = meta["sparse_optimizer"]
+        parts["sparse_optimizer"] = {"kind": so.get("kind"), "lr": [g.get("lr") for g in so.get("param_groups", [])]}
+    for key in ("dense_optimizer", "lr_scheduler"):
+        if key in meta:
+            parts[key] = "saved"
+    if "dataset" in meta:
+        d = meta["dataset"]
+        parts["dataset"] = {k: d[k] for k in ("epoch", "unit", "row", "worker_idx", "worker_num") if k in d}
+    return {
+        "path": path,
+        "step": meta["step"],
+        "tables": tables,
+        "dense": shapes(os.path.join(path, "dense.safetensors")),
+        "parts": parts,
+    }

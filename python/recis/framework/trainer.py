@@ -136,7 +136,20 @@ class Trainer:
             logits = self.model(self.input_fn(batch))
         if self.loss_fn is not None:
             return self.loss_fn(logits.float(), batch)
-        return F.binary_cross_entropy_with_logits(logits.float(), batch[self.args.label_key].float())
+        return F.binary_cross_entropy_with_logits(logits.float(), self._labels(batch))
+
+    def _labels(self, batch) -> torch.Tensor:
+        key = self.args.label_key
+        if key not in batch:
+            raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
+        y = batch[key]
+        bad = (y != 0) & (y != 1)
+        if bool(bad.any()):
+            raise TrainingError(
+                f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
+                "(binary cross-entropy needs clicks as 0/1); nothing was updated"
+            )
+        return y.float()
 
     def _optimizer_step(self) -> None:
         if self.sparse_optimizer is not None:
@@ -229,7 +242,7 @@ class Trainer:
             for batch in self.eval_dataset:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.mixed_precision == "bf16"):
                     p = torch.sigmoid(self.model(self.input_fn(batch)).float())
-                y = batch[a.label_key]
+                y = self._labels(batch)
                 auroc.update(y, p)
                 ll.update(y, p)
                 cal.update(y, p)

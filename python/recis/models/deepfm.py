@@ -20,6 +20,8 @@ from recis.nn import EmbeddingOption
 
 
 class DeepFM(nn.Module):
+    extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
+
     def __init__(
         self,
         sparse_fields,

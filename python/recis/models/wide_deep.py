@@ -14,6 +14,8 @@ from recis.models.common import dense_input, mlp, sparse_engine
 
 
 class WideDeep(nn.Module):
+    extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
+
     def __init__(
         self,
         sparse_fields,

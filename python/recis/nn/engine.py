@@ -27,7 +27,7 @@ from torch import nn
 
 from recis import _native
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool
-from recis.nn.hash_table import HashTable, SharedBlock, ids_to_numpy, table_for
+from recis.nn.hash_table import HashTable, SharedBlock, ids_to_numpy
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -66,7 +66,10 @@ class EmbeddingEngine(nn.Module):
                         f"(differs in {diff})"
                     )
             else:
-                self._tables[table_name] = table_for(option, table_name)
+                # Sharing is resolved inside the engine, not through the
+                # process-wide registry of DynamicEmbedding modules: two
+                # engines never share a table by accident.
+                self._tables[table_name] = HashTable(option, table_name)
             self.table_of[name] = table_name
 
     def tables(self) -> list[HashTable]:

@@ -1,0 +1,152 @@
+"""`recis train --config` / `eval` / `inspect`, and bad configs."""
+
+import json
+import re
+from dataclasses import fields
+
+import pyarrow as pa
+import pyarrow.orc as po
+import pytest
+
+from recis import config as cfgmod
+from recis.cli import main
+from recis.config import ConfigError, load_config
+from recis.datagen import generate
+
+CONFIG = """
+[data]
+train = ["data/part-00000.orc", "data/part-00001.orc"]
+eval = ["data/part-00002.orc"]
+dense = ["I1", "I2", "I3"]
+dense_transform = "log1p"
+batch_size = 512
+
+[model]
+name = "{model}"
+dim = 8
+
+[[feature]]
+name = "C1"
+[[feature]]
+name = "C2"
+combiner = "mean"
+[[feature]]
+name = "C3"
+shared = "c34"
+[[feature]]
+name = "C4"
+shared = "c34"
+
+[optimizer]
+sparse_lr = 0.01
+dense_lr = 0.002
+
+[trainer]
+output_dir = "out"
+log_every_steps = 5
+save_every_steps = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("job")
+    generate(str(d / "data"), 15000, files=3, vocab=3000, seed=0)
+    return d
+
+
+def write(d, text, name="job.toml"):
+    (d / name).write_text(text)
+    return str(d / name)
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dlrm", "dcnv2", "wide_deep"])
+def test_train_eval_inspect_and_resume(data_dir, model, capsys, tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "data").symlink_to(data_dir / "data")
+    path = write(job, CONFIG.format(model=model))
+    assert main(["train", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"eval: AUC 0\.\d+", out), out
+    ckpt = job / "out" / "checkpoints"
+    assert main(["eval", "--config", path]) == 0
+    assert "auc" in capsys.readouterr().out
+    assert main(["inspect", str(ckpt)]) == 0
+    listing = capsys.readouterr().out
+    for table in ("C1", "C2", "c34"):
+        assert re.search(rf"^\s+{table}\s+[\d,]+ rows", listing, re.M), listing
+    assert "C3" not in listing.split("dense tensors")[0]  # C3 and C4 share c34
+    steps = int(re.search(r"step (\d+)", listing).group(1))
+    # A second run resumes from the checkpoint at the end: no more steps.
+    assert main(["train", "--config", path]) == 0
+    assert f"resumed from {ckpt}/ckpt-{steps} at step {steps}" in capsys.readouterr().out
+
+
+def test_every_field_is_documented():
+    doc = cfgmod.__doc__
+    for cls, section in [
+        (cfgmod.DataConfig, "[data]"),
+        (cfgmod.FeatureConfig, "[[feature]]"),
+        (cfgmod.OptimizerConfig, "[optimizer]"),
+        (cfgmod.TrainerConfig, "[trainer]"),
+    ]:
+        part = doc.split(section, 1)[1].split("\n[", 1)[0]
+        for f in fields(cls):
+            assert re.search(rf"^{f.name} = ", part, re.M), (section, f.name)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("epochs = 1", "epoch = 1"), r"\[trainer\]: unknown field\(s\) \['epoch'\]"),
+        (("[optimizer]", "[optimiser]"), r"unknown section\(s\) \['optimiser'\]"),
+        (("batch_size = 512", 'batch_size = "512"'), r"\[data\].batch_size: expected int"),
+        (('name = "C1"', 'name = "C1"\ncolour = 1'), r"\[\[feature\]\] #1 \(C1\): unknown field\(s\) \['colour'\]"),
+        (("dim = 8", "dim = 8\nhiden = [3]"), r"\[model\] unknown field\(s\) \['hiden'\]"),
+        (('output_dir = "out"', ""), r"\[trainer\]: missing required field\(s\) \['output_dir'\]"),
+        (('combiner = "mean"', 'combiner = "max"'), r"C2\)\.combiner: 'max' is not one of"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, edit, message):
+    text = CONFIG.format(model="deepfm").replace("log_every_steps = 5", "log_every_steps = 5\nepochs = 1")
+    path = write(tmp_path, text.replace(*edit, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_column_bad_labels_and_foreign_checkpoint(data_dir, tmp_path, capsys):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "data").symlink_to(data_dir / "data")
+    text = CONFIG.format(model="deepfm")
+    path = write(job, text.replace('name = "C1"', 'name = "C1"\ncolumn = "C99"'))
+    assert main(["train", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "part-00000.orc" in err and 'column "C99" not found' in err, err
+    # Train once, then point a config with other features at its checkpoints.
+    path = write(job, text)
+    assert main(["train", "--config", path]) == 0
+    ckpt_dir = job / "out" / "checkpoints"
+    before = sorted(p.name for p in ckpt_dir.iterdir())
+    meta = json.loads((ckpt_dir / before[0] / "meta.json").read_text()) if before[0].startswith("ckpt") else None
+    other = write(job, text.replace('name = "C2"', 'name = "C5"'), "other.toml")
+    assert main(["train", "--config", other]) == 2
+    assert "holds tables" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == before
+    if meta is not None:
+        assert json.loads((ckpt_dir / before[0] / "meta.json").read_text()) == meta
+    # Labels outside {0, 1}.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    t = po.read_table(data_dir / "data" / "part-00000.orc")
+    t = t.set_column(t.column_names.index("label"), "label", pa.array([2] * t.num_rows))
+    po.write_table(t, bad / "part-00000.orc")
+    path = write(
+        bad,
+        text.replace('"data/part-00000.orc", "data/part-00001.orc"', '"part-00000.orc"').replace(
+            'eval = ["data/part-00002.orc"]', ""
+        ),
+    )
+    assert main(["train", "--config", path]) == 2
+    assert "label column 'label': value 2" in capsys.readouterr().err
