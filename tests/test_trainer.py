@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate
 from recis.datagen import to_model_input as to_input
@@ -112,15 +113,20 @@ def test_training_improves_held_out_auc_and_logs(orc_dir, tmp_path):
 def test_non_finite_loss_stops_with_the_last_good_checkpoint_named(tmp_path):
     m, sp, de = small_parts()
     good = {"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}
-    bad = {"ids": torch.tensor([[1, 2]]), "label": torch.tensor([float("nan")])}
+    bad = {"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0]), "poison": torch.tensor(float("nan"))}
     args = TrainingArguments(str(tmp_path), max_steps=6, save_every_steps=3, log_every_steps=1, resume=False)
+
+    def loss_fn(logits, batch):  # a NaN loss on the poisoned batch
+        return F.binary_cross_entropy_with_logits(logits, batch["label"]) + batch.get("poison", 0.0)
 
     class Snapshot:
         def on_log(self, trainer, logs):
             self.rows = trainer.model.emb.table.embeddings(torch.tensor([1, 2]))
 
     snap = Snapshot()
-    t = Trainer(m, args, [good] * 4 + [bad, good], dense_optimizer=de, sparse_optimizer=sp, hooks=[snap])
+    t = Trainer(
+        m, args, [good] * 4 + [bad, good], dense_optimizer=de, sparse_optimizer=sp, loss_fn=loss_fn, hooks=[snap]
+    )
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5; .* last good checkpoint is .*ckpt-3"):
         t.train()
     assert t.global_step == 4

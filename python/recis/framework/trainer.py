@@ -147,7 +147,8 @@ class Trainer:
         if bool(bad.any()):
             raise TrainingError(
                 f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
-                "(binary cross-entropy needs clicks as 0/1); nothing was updated"
+                "(binary cross-entropy needs clicks as 0/1); nothing was updated; the last good checkpoint is "
+                f"{self.checkpoints.latest() or 'none (none was saved)'}"
             )
         return y.float()
 
