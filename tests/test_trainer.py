@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate
 from recis.datagen import to_model_input as to_input
 from recis.framework import Trainer, TrainingArguments, TrainingError
+from recis.framework.scaler import DynamicLossScaler
 from recis.io import OrcDataset
 from recis.models import DeepFM
 from recis.nn import DynamicEmbedding, EmbeddingOption, NormalInit
@@ -142,6 +143,54 @@ def test_fresh_run_over_existing_checkpoints_is_refused(tmp_path):
         Trainer(m, TrainingArguments(str(tmp_path), max_steps=2, resume=False), data, sparse_optimizer=sp).train()
 
 
-def test_fp16_is_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match="fp16 needs a grad scaler"):
-        TrainingArguments(str(tmp_path), mixed_precision="fp16")
+def test_loss_scaling_unscales_dense_and_sparse_gradients_exactly():
+    """Power-of-two scaling then unscaling is exact: a scaled run (no
+    autocast) equals an unscaled one bit for bit, through an EmbeddingEngine
+    whose tables share one gradient block."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(5):
+        b = {f: torch.randint(0, 50, (64, 2), generator=g) for f in ("a", "b", "c")}
+        b["dense"] = torch.randn(64, 2, generator=g)
+        batches.append((b, torch.randint(0, 2, (64,), generator=g).float()))
+    results = []
+    for scaler in (None, DynamicLossScaler(init_scale=2.0**12)):
+        torch.manual_seed(0)
+        m = DeepFM(["a", "b", "c"], num_dense=2, dim=4, hidden=(8,))
+        sp, de = SparseAdam(m, lr=0.05), torch.optim.Adam(m.parameters(), lr=0.05)
+        for b, y in batches:
+            loss = F.binary_cross_entropy_with_logits(m(b), y)
+            (loss if scaler is None else scaler.scale_loss(loss)).backward()
+            if scaler is not None:
+                assert scaler.unscale(de, sp)
+            sp.step(), de.step(), sp.zero_grad(), de.zero_grad()
+        results.append(([p.detach().clone() for p in m.parameters()], [t.state_dict()["values"] for t in m.tables()]))
+    for x, y in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path):
+    m, sp, de = small_parts()
+    data = [{"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}] * 3
+    args = TrainingArguments(str(tmp_path), max_steps=1, mixed_precision="fp16", resume=False)
+    t = Trainer(m, args, data, dense_optimizer=de, sparse_optimizer=sp)
+    t.scaler = DynamicLossScaler(init_scale=2.0**140)  # the scaled loss overflows float32
+    head = m.head.weight.detach().clone()
+    t.train()
+    assert t.scaler.scale == 2.0**139 and t.scaler.skipped == 1
+    assert torch.equal(m.head.weight, head)
+    assert torch.equal(m.emb.table.embeddings(torch.tensor([1, 2])), m.emb.table.initial_values(torch.tensor([1, 2])))
+
+
+def test_fp16_trains_and_resumes_its_scale(orc_dir, tmp_path):
+    m, ds, sp, de = deepfm_parts(orc_dir)
+    args = TrainingArguments(str(tmp_path), max_steps=8, mixed_precision="fp16", log_every_steps=2, resume=False)
+    t = Trainer(m, args, ds, dense_optimizer=de, sparse_optimizer=sp, input_fn=to_input)
+    t.scaler.growth_interval = 3  # let the scale grow inside the run
+    t.train()
+    assert t.scaler.scale == 2.0**18 and t.scaler.skipped == 0
+    m2, ds2, sp2, de2 = deepfm_parts(orc_dir)
+    args2 = TrainingArguments(str(tmp_path), max_steps=9, mixed_precision="fp16")
+    t2 = Trainer(m2, args2, ds2, dense_optimizer=de2, sparse_optimizer=sp2, input_fn=to_input)
+    t2.train()
+    assert t2.scaler.state_dict()["scale"] == 2.0**18

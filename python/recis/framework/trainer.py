@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from recis.framework.checkpoint import CheckpointManager
+from recis.framework.scaler import DynamicLossScaler
 from recis.metrics import AUROC, GAUC, Calibration, LogLoss
 from recis.optim.sparse import collect_tables
 
@@ -38,8 +39,10 @@ class TrainingArguments:
     max_steps: stop after this many optimizer steps.
     gradient_accumulation_steps: micro-batches summed into one optimizer step
         (dense and sparse); the loss of each is divided by this.
-    mixed_precision: None or "bf16" (``torch.autocast``; the tables and their
-        gradients stay float32).
+    mixed_precision: None, "bf16" or "fp16" (``torch.autocast``; the tables
+        and their gradients stay float32). fp16 adds dynamic loss scaling of
+        dense and sparse gradients (``recis.framework.scaler``): a step with
+        an inf/NaN gradient is skipped and the scale halves.
     log_every_steps: progress line and log record every this many steps.
     eval_every_steps: evaluate every this many steps (and at the end).
     save_every_steps: checkpoint every this many steps (and at the end).
@@ -66,10 +69,9 @@ class TrainingArguments:
     def __post_init__(self):
         if self.gradient_accumulation_steps < 1:
             raise ValueError("TrainingArguments.gradient_accumulation_steps must be >= 1")
-        if self.mixed_precision not in (None, "bf16"):
+        if self.mixed_precision not in (None, "bf16", "fp16"):
             raise ValueError(
-                f"TrainingArguments.mixed_precision must be None or 'bf16', got {self.mixed_precision!r} "
-                "(fp16 needs a grad scaler that also unscales sparse gradients: not supported yet)"
+                f"TrainingArguments.mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
         for name in ("log_every_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "max_steps"):
             v = getattr(self, name)
@@ -106,6 +108,7 @@ class Trainer:
         if len(self.tables) != len(tables):
             raise ValueError("Trainer: the model's tables must have distinct names (they name checkpoint files)")
         self.global_step = 0
+        self.scaler = DynamicLossScaler() if args.mixed_precision == "fp16" else None
         os.makedirs(args.output_dir, exist_ok=True)
         self.checkpoints = CheckpointManager(os.path.join(args.output_dir, "checkpoints"), args.keep_checkpoints)
         self._log_path = os.path.join(args.output_dir, "log.jsonl")
@@ -123,7 +126,14 @@ class Trainer:
         )
 
     def save(self) -> str:
-        return self.checkpoints.save(self.global_step, **self._state(), extra={"args": asdict(self.args)})
+        extra = {"args": asdict(self.args)}
+        if self.scaler is not None:
+            extra["loss_scaler"] = self.scaler.state_dict()
+        return self.checkpoints.save(self.global_step, **self._state(), extra=extra)
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
+        return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def _log(self, record: dict) -> None:
         with open(self._log_path, "a") as f:
@@ -132,7 +142,7 @@ class Trainer:
     # -- loops ---------------------------------------------------------------------
 
     def _loss(self, batch) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.mixed_precision == "bf16"):
+        with self._autocast():
             logits = self.model(self.input_fn(batch))
         if self.loss_fn is not None:
             return self.loss_fn(logits.float(), batch)
@@ -153,6 +163,17 @@ class Trainer:
         return y.float()
 
     def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            finite = self.scaler.unscale(self.dense_optimizer, self.sparse_optimizer)
+            self.scaler.update(finite)
+            if not finite:
+                # Skipped: an inf/NaN gradient at this scale; nothing changes.
+                for opt in (self.sparse_optimizer, self.dense_optimizer):
+                    if opt is not None:
+                        opt.zero_grad()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()  # the schedule follows the step count
+                return
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.step()
             self.sparse_optimizer.zero_grad()
@@ -167,6 +188,11 @@ class Trainer:
         a = self.args
         if a.resume and self.checkpoints.latest() is not None:
             self.global_step = self.checkpoints.load(**self._state())
+            if self.scaler is not None:
+                with open(os.path.join(self.checkpoints.latest(), "meta.json")) as f:
+                    saved = json.load(f).get("extra", {}).get("loss_scaler")
+                if saved is not None:
+                    self.scaler.load_state_dict(saved)
             print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
         elif not a.resume and self.checkpoints.checkpoints():
             raise TrainingError(
@@ -190,7 +216,7 @@ class Trainer:
                         f"non-finite loss ({float(loss.detach())}) at step {self.global_step + 1}; stopped without "
                         f"updating; the last good checkpoint is {last or 'none (none was saved)'}"
                     )
-                (loss / k).backward()
+                (loss / k if self.scaler is None else self.scaler.scale_loss(loss) / k).backward()
                 micro += 1
                 window_batches += 1
                 window_loss += float(loss.detach())
@@ -212,6 +238,9 @@ class Trainer:
                         "samples_per_s": window_n / (now - t_window),
                         "table_rows": {n: len(t) for n, t in self.tables.items()},
                     }
+                    if self.scaler is not None:
+                        logs["loss_scale"] = self.scaler.scale
+                        logs["skipped_steps"] = self.scaler.skipped
                     print(f"step {step:6d}  loss {logs['loss']:.4f}  {logs['samples_per_s']:,.0f} samples/s")
                     self._log(logs)
                     window_batches, window_loss, window_n, t_window = 0, 0.0, 0, now
@@ -241,7 +270,7 @@ class Trainer:
         gauc = GAUC() if a.group_key else None
         with torch.no_grad():
             for batch in self.eval_dataset:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.mixed_precision == "bf16"):
+                with self._autocast():
                     p = torch.sigmoid(self.model(self.input_fn(batch)).float())
                 y = self._labels(batch)
                 auroc.update(y, p)

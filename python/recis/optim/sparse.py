@@ -106,6 +106,23 @@ class SparseOptimizer(torch.optim.Optimizer):
                 table.step += 1
         return loss
 
+    @torch.no_grad()
+    def unscale_(self, factor: float) -> bool:
+        """Multiplies every pending gradient by ``factor`` (each lookup block
+        once, even when several tables share it); True if all are finite.
+        For loss scaling (``recis.framework.scaler``)."""
+        seen: set[int] = set()
+        finite = True
+        for t in self.tables.values():
+            for _rows, w, _part in t._pending:
+                if id(w) in seen or w.grad is None:
+                    continue
+                seen.add(id(w))
+                g = w.grad._values() if w.grad.is_sparse else w.grad
+                g.mul_(factor)
+                finite &= bool(torch.isfinite(g).all())
+        return finite
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for t in self.tables.values():
             t.clear_pending()
