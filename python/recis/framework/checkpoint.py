@@ -177,17 +177,17 @@ class CheckpointManager:
         return [os.path.join(self.directory, e) for _, e in sorted(found)]
 
     def _prune(self) -> None:
+        # Renamed away first: a crash mid-delete leaves a temporary, never a
+        # checkpoint with some of its files gone.
         for path in self.checkpoints()[: -self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+            doomed = os.path.join(self.directory, f".tmp-ckpt-pruned-{os.path.basename(path)}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def latest(self) -> str | None:
-        """The checkpoint ``latest`` points at, or the newest complete one."""
-        pointer = os.path.join(self.directory, LATEST)
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                path = os.path.join(self.directory, f.read().strip())
-            if os.path.isfile(os.path.join(path, "meta.json")):
-                return path
+        """The newest complete checkpoint. The ``latest`` pointer names it
+        too, except after a crash between a checkpoint's rename and the
+        pointer's update; the complete directory is the truth then."""
         found = self.checkpoints()
         return found[-1] if found else None
 
