@@ -33,7 +33,7 @@ def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 0  # a second run trains afresh over the first one's outputs
     out = capsys.readouterr().out.split("recis 0.1.0")[-1]
-    losses = [float(x) for x in re.findall(r"step +\d+  loss (\d\.\d+)", out)]
+    losses = [float(x) for x in re.findall(r"\] +\d+/\d+  loss (\d\.\d+)  ", out)]
     assert len(losses) >= 3 and losses[-1] < losses[0], out
     auc = float(re.search(r"AUC (\d\.\d+)", out).group(1))
     assert auc > 0.6, out

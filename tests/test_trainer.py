@@ -194,3 +194,32 @@ def test_fp16_trains_and_resumes_its_scale(orc_dir, tmp_path):
     t2 = Trainer(m2, args2, ds2, dense_optimizer=de2, sparse_optimizer=sp2, input_fn=to_input)
     t2.train()
     assert t2.scaler.state_dict()["scale"] == 2.0**18
+
+
+def test_tensorboard_events_and_png_curves_match_the_log(orc_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m, ds, sp, de = deepfm_parts(orc_dir)
+    ev = OrcDataset(str(orc_dir), 500, ["label", *DENSE, *SPARSE])
+    args = TrainingArguments(
+        str(tmp_path), max_steps=6, log_every_steps=2, eval_every_steps=3, tensorboard=True, plot=True, resume=False
+    )
+    t = Trainer(m, args, ds, ev, dense_optimizer=de, sparse_optimizer=sp, input_fn=to_input)
+    t.train()
+    with open(tmp_path / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[:2] == (400, 1000)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    from recis.framework.curves import read_log
+
+    loss, auc = read_log(tmp_path / "log.jsonl")
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("train/loss")] == [
+        (s, round(v, 5)) for s, v in sorted(loss.items())
+    ]
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("eval/auc")] == [
+        (s, round(v, 5)) for s, v in sorted(auc.items())
+    ]
+    assert sorted(auc) == [3, 6]

@@ -36,8 +36,10 @@ def demo(args) -> int:
     # Each demo run trains afresh: the previous run's checkpoints and log go
     # (the generated data is kept and reused).
     shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
-    if os.path.exists(os.path.join(args.workdir, "log.jsonl")):
-        os.remove(os.path.join(args.workdir, "log.jsonl"))
+    shutil.rmtree(os.path.join(args.workdir, "tensorboard"), ignore_errors=True)
+    for name in ("log.jsonl", "curves.png"):
+        if os.path.exists(os.path.join(args.workdir, name)):
+            os.remove(os.path.join(args.workdir, name))
     data_dir = os.path.join(args.workdir, "data")
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
     if len(files) != 4:
@@ -55,7 +57,12 @@ def demo(args) -> int:
         f"on {train.total_rows():,} rows, batch {args.batch_size}, {args.epochs} epoch(s), {args.threads} threads"
     )
     targs = TrainingArguments(
-        output_dir=args.workdir, epochs=args.epochs, log_every_steps=args.log_every, keep_checkpoints=2, resume=False
+        output_dir=args.workdir,
+        epochs=args.epochs,
+        log_every_steps=args.log_every,
+        eval_every_steps=args.eval_every,
+        keep_checkpoints=2,
+        resume=False,
     )
     trainer = Trainer(
         model, targs, train, held_out, dense_optimizer=dense_opt, sparse_optimizer=sparse_opt, input_fn=to_model_input
@@ -73,6 +80,9 @@ def demo(args) -> int:
         f"{trainer.global_step} steps; tables hold {sum(len(t) for t in model.tables()):,} ids; "
         f"checkpoint: {trainer.checkpoints.latest()}; log: {os.path.join(args.workdir, 'log.jsonl')}"
     )
+    if trainer.curves_png:
+        tb = os.path.join(args.workdir, "tensorboard")
+        print(f"curves: {trainer.curves_png}; TensorBoard: tensorboard --logdir {tb}")
     return 0
 
 
@@ -99,6 +109,8 @@ def train_cmd(args) -> int:
     if ev:
         print(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}")
     print(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
+    if job.trainer.curves_png:
+        print(f"curves: {job.trainer.curves_png}")
     return 0
 
 
@@ -170,6 +182,7 @@ def main(argv=None) -> int:
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--log-every", type=int, default=10)
+    d.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (for the AUC curve)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=demo)
     g = sub.add_parser("datagen", help="synthetic Criteo-layout ORC files with a hidden click model")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from recis.framework.checkpoint import CheckpointManager
+from recis.framework.curves import TensorBoardLog, plot_curves, wanted
 from recis.framework.scaler import DynamicLossScaler
 from recis.metrics import AUROC, GAUC, Calibration, LogLoss
 from recis.optim.sparse import collect_tables
@@ -50,6 +51,11 @@ class TrainingArguments:
     evict_every_steps: run each table's ``EmbeddingOption.eviction`` policy.
     resume: start from the latest checkpoint in ``output_dir`` if there is one.
     label_key / group_key: batch keys of the label and of the GAUC group.
+    tensorboard: TensorBoard event files in ``output_dir/tensorboard`` (None:
+        if the ``tensorboard`` package is installed).
+    plot: a PNG of the loss and AUC curves, ``output_dir/curves.png``, at the
+        end (None: if ``matplotlib`` is installed).
+    progress: a progress line per log step on stdout.
     """
 
     output_dir: str
@@ -65,6 +71,9 @@ class TrainingArguments:
     resume: bool = True
     label_key: str = "label"
     group_key: str | None = None
+    tensorboard: bool | None = None
+    plot: bool | None = None
+    progress: bool = True
 
     def __post_init__(self):
         if self.gradient_accumulation_steps < 1:
@@ -112,6 +121,11 @@ class Trainer:
         os.makedirs(args.output_dir, exist_ok=True)
         self.checkpoints = CheckpointManager(os.path.join(args.output_dir, "checkpoints"), args.keep_checkpoints)
         self._log_path = os.path.join(args.output_dir, "log.jsonl")
+        self._tb = None
+        self._last_eval: dict | None = None
+        self._want_tb = wanted(args.tensorboard, "tensorboard", "tensorboard")
+        self._want_plot = wanted(args.plot, "matplotlib", "plot")
+        self.curves_png = os.path.join(args.output_dir, "curves.png") if self._want_plot else None
 
     # -- state -------------------------------------------------------------------
 
@@ -138,6 +152,13 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self._log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._want_tb:
+            if self._tb is None:
+                self._tb = TensorBoardLog(os.path.join(self.args.output_dir, "tensorboard"))
+            if "eval" in record:
+                self._tb.eval(record["eval"])
+            else:
+                self._tb.train(record)
 
     # -- loops ---------------------------------------------------------------------
 
@@ -241,7 +262,8 @@ class Trainer:
                     if self.scaler is not None:
                         logs["loss_scale"] = self.scaler.scale
                         logs["skipped_steps"] = self.scaler.skipped
-                    print(f"step {step:6d}  loss {logs['loss']:.4f}  {logs['samples_per_s']:,.0f} samples/s")
+                    if a.progress:
+                        print(self._progress_line(logs), flush=True)
                     self._log(logs)
                     window_batches, window_loss, window_n, t_window = 0, 0.0, 0, now
                     for h in self.hooks:
@@ -255,10 +277,34 @@ class Trainer:
                     done = True
                     break
         if self.eval_dataset is not None:
-            logs["eval"] = self.evaluate()
+            last = self._last_eval
+            logs["eval"] = last if last is not None and last["step"] == self.global_step else self.evaluate()
         if not self.checkpoints.checkpoints() or not self.checkpoints.latest().endswith(f"ckpt-{self.global_step}"):
             self.save()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.curves_png is not None and os.path.exists(self._log_path):
+            plot_curves(self._log_path, self.curves_png, title=type(self.model).__name__)
         return logs
+
+    def _progress_line(self, logs: dict) -> str:
+        a, step = self.args, logs["step"]
+        if a.max_steps is not None:
+            total = a.max_steps
+        else:
+            n = getattr(self.train_dataset, "__len__", None)
+            total = len(self.train_dataset) * a.epochs // a.gradient_accumulation_steps if n else None
+        if total:
+            done = min(step / total, 1.0)
+            bar = "#" * int(done * 20)
+            head = f"[{bar:<20s}] {step}/{total}"
+        else:
+            head = f"step {step:6d}"
+        line = f"{head}  loss {logs['loss']:.4f}  {logs['samples_per_s']:,.0f} samples/s"
+        if "loss_scale" in logs:
+            line += f"  scale {logs['loss_scale']:g}"
+        return line
 
     def evaluate(self) -> dict:
         """AUC, log loss, calibration (and GAUC with ``group_key``) over the
@@ -288,6 +334,7 @@ class Trainer:
             metrics["gauc"] = gauc.compute()
         print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
         self._log({"eval": metrics})
+        self._last_eval = metrics
         for h in self.hooks:
             if hasattr(h, "on_evaluate"):
                 h.on_evaluate(self, metrics)

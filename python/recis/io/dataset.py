@@ -115,6 +115,11 @@ class OrcDataset(IterableDataset):
     def files(self) -> list[str]:
         return self.source.files
 
+    def __len__(self) -> int:
+        """Batches of this worker in the current epoch (from its start)."""
+        rows = sum(self.source.plan_rows(self.shuffle, self.seed, self.epoch, self.worker_idx, self.worker_num))
+        return rows // self.batch_size if self.drop_remainder else -(-rows // self.batch_size)
+
     def total_rows(self) -> int:
         """Rows of every file (all workers)."""
         return self.source.total_rows()

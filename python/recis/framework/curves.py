@@ -1,0 +1,96 @@
+"""Training curves: TensorBoard event files while training, and a PNG of
+the loss and evaluation AUC from ``log.jsonl`` at the end.
+
+Both use optional packages made for the job (``tensorboard`` through
+``torch.utils.tensorboard``; ``matplotlib``); ``make demo`` / ``make test``
+install them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def wanted(flag: bool | None, module: str, what: str) -> bool:
+    """None: if ``module`` is installed; True: required (an error if not)."""
+    if flag is None:
+        return available(module)
+    if flag and not available(module):
+        raise ValueError(f"TrainingArguments.{what}=True needs the {module!r} package (pip install {module})")
+    return bool(flag)
+
+
+class TensorBoardLog:
+    """Scalars of the Trainer's log records as TensorBoard events."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+
+    def train(self, logs: dict) -> None:
+        step = logs["step"]
+        self.writer.add_scalar("train/loss", logs["loss"], step)
+        self.writer.add_scalar("train/samples_per_s", logs["samples_per_s"], step)
+        if "loss_scale" in logs:
+            self.writer.add_scalar("train/loss_scale", logs["loss_scale"], step)
+        self.writer.add_scalar("train/table_rows", sum(logs["table_rows"].values()), step)
+        self.writer.flush()
+
+    def eval(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if k != "step":
+                self.writer.add_scalar(f"eval/{k}", v, metrics["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_log(path: str) -> tuple[dict[int, float], dict[int, float]]:
+    """(step -> training loss, step -> eval AUC) from a ``log.jsonl``; a step
+    logged again after a resume keeps its last record."""
+    loss, auc = {}, {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "eval" in rec:
+                auc[rec["eval"]["step"]] = rec["eval"]["auc"]
+            elif "loss" in rec:
+                loss[rec["step"]] = rec["loss"]
+    return loss, auc
+
+
+def plot_curves(log_path: str, png_path: str, title: str = "") -> str:
+    """Writes a PNG of the training loss and the evaluation AUC by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss, auc = read_log(log_path)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = sorted(loss)
+    ax1.plot(steps, [loss[s] for s in steps], color="tab:blue")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss (log loss)")
+    ax1.grid(alpha=0.3)
+    steps = sorted(auc)
+    ax2.plot(steps, [auc[s] for s in steps], marker="o", color="tab:orange")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("evaluation AUC")
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
