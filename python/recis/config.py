@@ -195,7 +195,7 @@ def load_config(path: str) -> JobConfig:
                 f"{path}: missing section [{section}]" if section != "feature" else f"{path}: no [[feature]]"
             )
     base = os.path.dirname(os.path.abspath(path))
-    rel = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    rel = lambda p: os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))  # noqa: E731
     data = _typed(DataConfig, raw["data"], f"{path}: [data]")
     data.train, data.eval = [rel(p) for p in data.train], [rel(p) for p in data.eval]
     if not data.train:

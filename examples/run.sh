@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Real-data examples: convert the slices in ../shared/data to ORC, train
+# DeepFM with `recis train --config`, evaluate with `recis eval`.
+#   examples/run.sh avazu|criteo [SHARED_DATA_DIR]
+# Outputs go to runs/examples/<name>/ (data, checkpoints, log, curves.png).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name=${1:?usage: examples/run.sh avazu|criteo [SHARED_DATA_DIR]}
+shared=${2:-../shared/data}
+recis=${RECIS:-.venv/bin/recis}
+out=runs/examples/$name
+rm -rf "$out"
+case $name in
+  avazu)
+    $recis convert --format avazu "$shared/avazu/avazu_train.csv" -o "$out/train"
+    $recis convert --format avazu --no-header "$shared/avazu/avazu_dev.csv" "$shared/avazu/avazu_test.csv" -o "$out/eval"
+    ;;
+  criteo)
+    # 900 labelled rows: part-00000 (720) trains, part-00001 (180) evaluates.
+    $recis convert --format criteo --rows-per-file 720 "$shared/criteo/criteo_kaggle_head_train.txt" -o "$out/data"
+    ;;
+  *) echo "unknown example $name (avazu, criteo)" >&2; exit 2 ;;
+esac
+$recis train --config "examples/$name.toml"
+$recis eval --config "examples/$name.toml"
