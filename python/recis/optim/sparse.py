@@ -90,18 +90,36 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             kernel = self._kernel(group)
             lr = float(group["lr"])
+            # One native call for the group's tables, applied in parallel.
+            work = []
             for p in group["params"]:
                 table = self.tables[id(p)]
                 pending = table.pending_gradients()
                 if pending is not None:
-                    rows, index, grads, unique = pending
-                    state = self.state[p]
-                    step = int(state.get("step", 0)) + 1
-                    try:
-                        table.native.apply_gradients_indexed(rows, index, grads, unique, kernel, lr, step)
-                    except ValueError as e:
-                        raise ValueError(f"table {table.name!r}: {e}") from None
-                    state["step"] = step
+                    work.append((p, table, pending, int(self.state[p].get("step", 0)) + 1))
+            if work:
+                errors = _native.apply_gradients_many(
+                    [t.native for _, t, _, _ in work],
+                    [pd[0] for _, _, pd, _ in work],
+                    [pd[1] for _, _, pd, _ in work],
+                    [pd[2] for _, _, pd, _ in work],
+                    [pd[3] for _, _, pd, _ in work],
+                    kernel,
+                    lr,
+                    [s for _, _, _, s in work],
+                )
+                failed = None
+                for (p, table, _, step), err in zip(work, errors, strict=True):
+                    if err is None:
+                        self.state[p]["step"] = step
+                    elif failed is None:
+                        failed = f"table {table.name!r}: {err}"
+                if failed is not None:
+                    for p in group["params"]:
+                        self.tables[id(p)].clear_pending()
+                    raise ValueError(failed)
+            for p in group["params"]:
+                table = self.tables[id(p)]
                 table.clear_pending()
                 table.step += 1
         return loss

@@ -826,6 +826,55 @@ fn lookup_unique_many<'py>(
     Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
 }
 
+/// `apply_gradients_indexed` of several tables in one call, the tables in
+/// parallel. Returns one entry per table: None, or the error that left that
+/// table unchanged.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn apply_gradients_many<'py>(
+    py: Python<'py>,
+    tables: Vec<Bound<'py, PyHashTable>>,
+    rows: Vec<PyReadonlyArray1<'py, u32>>,
+    index: Vec<PyReadonlyArray1<'py, i64>>,
+    grads: Vec<PyReadonlyArray2<'py, f32>>,
+    rows_unique: Vec<bool>,
+    optimizer: &PyOptimizer,
+    lr: f32,
+    steps: Vec<u64>,
+) -> PyResult<Vec<Option<String>>> {
+    let n = tables.len();
+    for (len, what) in [(rows.len(), "rows"), (index.len(), "index"), (grads.len(), "grads")] {
+        same_len(n, len, what)?;
+    }
+    same_len(n, rows_unique.len(), "rows_unique")?;
+    same_len(n, steps.len(), "steps")?;
+    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
+    let rows: Vec<&[u32]> = rows.iter().map(|a| contiguous(a, "rows")).collect::<PyResult<_>>()?;
+    let index: Vec<&[i64]> = index.iter().map(|a| contiguous(a, "index")).collect::<PyResult<_>>()?;
+    let grads: Vec<&[f32]> = grads
+        .iter()
+        .map(|g| g.as_slice().map_err(|_| value_err("grads must be contiguous [n, dim] float32 arrays".into())))
+        .collect::<PyResult<_>>()?;
+    let opt = &optimizer.opt;
+    Ok(py.detach(|| {
+        (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let idx: Vec<u32> = index[i]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &x)| {
+                        u32::try_from(x)
+                            .map_err(|_| TableError::InvalidArgument(format!("index[{k}] = {x} is out of range")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                ts[i].apply_gradients_indexed(rows[i], &idx, grads[i], rows_unique[i], opt, lr, steps[i])
+            })
+            .map(|r: Result<(), TableError>| r.err().map(|e| e.to_string()))
+            .collect()
+    }))
+}
+
 #[pyfunction]
 fn num_threads() -> usize {
     rayon::current_num_threads()
@@ -837,6 +886,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_gradients_many, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint64, m)?)?;
     m.add_class::<PyOrcSource>()?;
     m.add_class::<PyOrcReader>()?;
