@@ -92,7 +92,7 @@ def test_files_are_safetensors_and_json_only(tmp_path):
         "dense_optimizer.safetensors",
         "meta.json",
         "rng.safetensors",
-        "table-emb.safetensors",
+        "table-emb.00000.safetensors",
     ]
 
 
@@ -155,3 +155,52 @@ def test_numpy_rng_state_is_restored_after_ragged_input_training(tmp_path):
     np.random.seed(0)
     CheckpointManager(str(tmp_path)).load(path, **parts(*make()))
     assert np.random.rand() == expect
+
+
+def test_tables_are_saved_and_loaded_in_chunks(tmp_path):
+    from recis.nn import HashTable
+
+    opt = EmbeddingOption(dim=4, seed=3)
+    table = HashTable(opt, "big")
+    SparseAdam(table, lr=0.1)  # optimizer slots travel with the rows
+    ids = torch.arange(-2500, 2500, 7) * 1_000_003
+    table.native.lookup_or_insert(ids.numpy(), 0)
+    manager = CheckpointManager(str(tmp_path / "ck"))
+    manager.table_chunk_rows = 100
+    path = manager.save(1, tables={"big": table})
+    chunks = sorted(p for p in os.listdir(path) if p.startswith("table-big."))
+    assert len(chunks) == -(-len(ids) // 100)
+    fresh = HashTable(opt, "big")
+    SparseAdam(fresh, lr=0.1)
+    manager.load(path, tables={"big": fresh}, parts=("sparse", "optimizer"))
+    a, b = table.state_dict(), fresh.state_dict()
+    oa, ob = torch.argsort(a["ids"]), torch.argsort(b["ids"])
+    assert torch.equal(a["ids"][oa], b["ids"][ob]) and torch.equal(a["values"][oa], b["values"][ob])
+    # A damaged chunk is found before the table changes.
+    with open(os.path.join(path, chunks[-1]), "r+b") as f:
+        f.truncate(40)
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=chunks[-1].replace(".", r"\.")):
+        manager.load(path, tables={"big": fresh}, parts=("sparse", "optimizer"))
+    assert torch.equal(fresh.state_dict()["values"], before["values"])
+
+
+def test_checkpoints_of_one_file_a_table_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    a = make()
+    train(*a, batches(2))
+    path = CheckpointManager(str(tmp_path)).save(2, **parts(*a))
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    for name, t in meta["tables"].items():  # rewrite as the earlier layout
+        for chunk in t.pop("files"):
+            os.remove(os.path.join(path, chunk))
+        save_file(a[0].emb.table.state_dict(), os.path.join(path, f"table-{name}.safetensors"))
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    b = make()
+    assert CheckpointManager(str(tmp_path)).load(path, **parts(*b)) == 2
+    assert torch.equal(snapshot(a[0])[2], snapshot(b[0])[2])

@@ -2,8 +2,11 @@
 
 A checkpoint is a directory ``ckpt-<step>`` inside the manager's directory:
 
-- ``table-<name>.safetensors``: a sparse table (ids, rows with optimizer
-  slots, frequency, last step, admission counters);
+- ``table-<name>.<k>.safetensors``: a sparse table in chunks of up to
+  ``table_chunk_rows`` rows (ids, rows with optimizer slots, frequency, last
+  step; the first chunk also the admission counters), written and read a
+  chunk at a time so that a huge table is never held twice in memory
+  (checkpoints of one ``table-<name>.safetensors`` still load);
 - ``dense.safetensors``: the dense model's state dict;
 - ``dense_optimizer.safetensors`` + the JSON part in ``meta.json``: a torch
   optimizer's state (tensors by flat key, the rest as JSON);
@@ -14,8 +17,10 @@ A checkpoint is a directory ``ckpt-<step>`` inside the manager's directory:
 It is written under a temporary name, its files flushed to disk, then renamed
 to ``ckpt-<step>``; the ``latest`` pointer is replaced (also by rename) only
 after that, and older checkpoints beyond ``keep_last`` are removed last. A
-crash at any point leaves the previous checkpoints and pointer intact; a
-half-written temporary directory is ignored and cleaned up by the next save.
+crash at any point leaves the previous checkpoints intact; a half-written
+temporary directory is ignored and cleaned up by the next save, and the
+newest complete checkpoint is the latest even if the crash came before the
+pointer was replaced (``tests/test_kill.py``).
 Loading an untrusted checkpoint cannot run code: nothing is unpickled.
 """
 
@@ -89,6 +94,7 @@ class CheckpointManager:
             raise ValueError(f"CheckpointManager: keep_last must be >= 1, got {keep_last}")
         self.directory = directory
         self.keep_last = keep_last
+        self.table_chunk_rows = 1 << 20
         os.makedirs(directory, exist_ok=True)
 
     # -- saving ---------------------------------------------------------------
@@ -115,11 +121,13 @@ class CheckpointManager:
         os.makedirs(tmp)
         meta: dict = {"format": FORMAT, "step": step, "tables": {}, "extra": extra or {}}
         for name, table in tables.items():
-            _save_tensors(table.state_dict(), os.path.join(tmp, f"table-{name}.safetensors"))
+            # In chunks of rows: a huge table is never held twice in memory.
+            files = table.save(tmp, f"table-{name}", chunk_rows=self.table_chunk_rows)
             meta["tables"][name] = {
                 "config": table.option.table_config(),
                 "slot_width": table.native.slot_width,
                 "rows": len(table),
+                "files": files,
             }
         if model is not None:
             _save_tensors(model.state_dict(), os.path.join(tmp, "dense.safetensors"))
@@ -197,7 +205,7 @@ class CheckpointManager:
         if not os.path.isdir(directory):
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         m = cls.__new__(cls)
-        m.directory, m.keep_last = directory, 1
+        m.directory, m.keep_last, m.table_chunk_rows = directory, 1, 1 << 20
         return m
 
     # -- loading --------------------------------------------------------------
@@ -265,9 +273,12 @@ class CheckpointManager:
         # Checked: now restore.
         if "sparse" in parts:
             for name, table in tables.items():
-                table.load_state_dict(
-                    load_file(os.path.join(path, f"table-{name}.safetensors")), embeddings_only="optimizer" not in parts
-                )
+                files = meta["tables"][name].get("files")
+                if files is None:  # a checkpoint of one file a table
+                    state = load_file(os.path.join(path, f"table-{name}.safetensors"))
+                    table.load_state_dict(state, embeddings_only="optimizer" not in parts)
+                else:
+                    table.load(path, files, embeddings_only="optimizer" not in parts)
         if dense_state is not None:
             model.load_state_dict(dense_state)
         if "optimizer" in parts:
@@ -315,12 +326,12 @@ def inspect_checkpoint(path: str) -> dict:
 
     tables = {}
     for name, t in meta.get("tables", {}).items():
-        file = os.path.join(path, f"table-{name}.safetensors")
+        files = [os.path.join(path, f) for f in t.get("files", [f"table-{name}.safetensors"])]
         tables[name] = {
             "rows": t["rows"],
             "dim": t["config"]["dim"],
             "slot_width": t["slot_width"],
-            "bytes": os.path.getsize(file) if os.path.isfile(file) else 0,
+            "bytes": sum(os.path.getsize(f) for f in files if os.path.isfile(f)),
         }
     parts = {}
     if "sparse_optimizer" in meta:

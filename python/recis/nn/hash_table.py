@@ -7,6 +7,7 @@ optimizer, which sums them per row). It does no arithmetic itself.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -242,10 +243,73 @@ class HashTable:
             "step": torch.tensor([self.step], dtype=torch.int64),
         }
 
+    def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> list[str]:
+        """Writes the table as safetensors files ``{prefix}.{k:05d}.safetensors``
+        of at most ``chunk_rows`` rows each (the first also holds the
+        admission state and step); returns their names. Only one chunk of rows
+        is in memory at a time, beside the ids and row indices (12 bytes an
+        id): a table is never held twice while it is saved."""
+        from safetensors.torch import save_file
+
+        ids, rows = self.native.export_keys()
+        names = []
+        counters, epoch = self.native.admission_state()
+        for k, start in enumerate(range(0, max(len(rows), 1), chunk_rows)):
+            v, f, s = self.native.read_rows(rows[start : start + chunk_rows])
+            part = {
+                "ids": torch.from_numpy(ids[start : start + chunk_rows]),
+                "values": torch.from_numpy(v).reshape(-1, self.dim + self.native.slot_width),
+                "frequency": torch.from_numpy(f.astype(np.int64)),
+                "last_step": torch.from_numpy(s.astype(np.int64)),
+            }
+            if k == 0:
+                part["admission_counters"] = torch.from_numpy(counters.astype(np.int64))
+                part["admission_epoch"] = torch.tensor([epoch], dtype=torch.int64)
+                part["step"] = torch.tensor([self.step], dtype=torch.int64)
+            name = f"{prefix}.{k:05d}.safetensors"
+            path = os.path.join(directory, name)
+            save_file(part, path)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            names.append(name)
+            del part, v, f, s
+        return names
+
+    def load(self, directory: str, names: list[str], embeddings_only: bool = False) -> None:
+        """Reads what ``save`` wrote, a chunk at a time. Every file's header
+        is checked (present, complete, the right widths) before the table
+        changes."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        width = self.dim + self.native.slot_width
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, "pt") as f:
+                    keys = set(f.keys())
+                    shape = f.get_slice("values").get_shape() if "values" in keys else None
+            except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
+                raise ValueError(f"table {self.name!r}: {path}: unreadable ({e})") from None
+            missing = {"ids", "values", "frequency", "last_step"} - keys
+            if missing:
+                raise ValueError(f"table {self.name!r}: {path}: missing {sorted(missing)}")
+            if len(shape) != 2 or (shape[1] != width and not (embeddings_only and shape[1] >= self.dim)):
+                raise ValueError(
+                    f"table {self.name!r}: {path}: rows are {shape[1:]} wide but this table's are {width} "
+                    f"(dim {self.dim} + {self.native.slot_width} optimizer slots); another dim or optimizer?"
+                )
+        self.native.clear()
+        for k, name in enumerate(names):
+            self._import(load_file(os.path.join(directory, name)), embeddings_only, clear=False, first=k == 0)
+
     def load_state_dict(self, state: dict[str, torch.Tensor], embeddings_only: bool = False) -> None:
         """Replaces the table's contents with ``state`` (from ``state_dict``).
         ``embeddings_only`` (a warm start): keep the saved embeddings and
         metadata, and start this table's optimizer slots afresh."""
+        self._import(state, embeddings_only, clear=True, first=True)
+
+    def _import(self, state: dict, embeddings_only: bool, clear: bool, first: bool) -> None:
         missing = {"ids", "values", "frequency", "last_step"} - set(state)
         if missing:
             raise ValueError(f"table {self.name!r}: state is missing {sorted(missing)}")
@@ -264,18 +328,19 @@ class HashTable:
                 f"rows are {width} wide (dim {self.dim} + {self.native.slot_width} optimizer slots); "
                 "was it saved with another dim or optimizer?"
             )
-        self.native.clear()
+        if clear:
+            self.native.clear()
         self.native.import_rows(
             ids_to_numpy(state["ids"], "state['ids']"),
             values.to(torch.float32).contiguous().numpy(),
             state["frequency"].to(torch.int64).numpy().astype(np.uint32),
             state["last_step"].to(torch.int64).numpy().astype(np.uint32),
         )
-        if "admission_counters" in state:
+        if first and "admission_counters" in state:
             self.native.set_admission_state(
                 state["admission_counters"].numpy().astype(np.uint32), int(state["admission_epoch"][0])
             )
-        if "step" in state:
+        if first and "step" in state:
             self.step = int(state["step"][0])
 
 
