@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -31,21 +32,23 @@ def main():
     torch.set_num_threads(1)
     if kill_at is not None:
         saves, files = [0], [0]
-        real_save, real_tensors = ckpt.CheckpointManager.save, ckpt._save_tensors
+        real_save, real_file = ckpt.CheckpointManager.save, safetensors.torch.save_file
 
         def counting_save(self, *a, **kw):
             saves[0] += 1
             files[0] = 0
             return real_save(self, *a, **kw)
 
-        def dying_tensors(tensors, path):
+        def dying_file(tensors, path, *a, **kw):
+            # Every safetensors file a checkpoint writes (table chunks, dense,
+            # optimizer, RNG) goes through here.
             if saves[0] == kill_at[0] and files[0] == kill_at[1]:
                 os.kill(os.getpid(), signal.SIGKILL)
             files[0] += 1
-            real_tensors(tensors, path)
+            return real_file(tensors, path, *a, **kw)
 
         ckpt.CheckpointManager.save = counting_save
-        ckpt._save_tensors = dying_tensors
+        ckpt.save_file = safetensors.torch.save_file = dying_file
     torch.manual_seed(0)
     model = DeepFM(SPARSE_FIELDS, num_dense=13, dim=8, hidden=(32, 16), seed=0)
     ds = OrcDataset(data_dir, 400, ["label", *DENSE_COLUMNS, *SPARSE_FIELDS], shuffle=True, seed=5)
