@@ -319,18 +319,8 @@ impl PyHashTable {
             grads.as_slice().map_err(|_| value_err("grads must be a contiguous [n, dim] float32 array".into()))?;
         let t = &self.table;
         let opt = &optimizer.opt;
-        py.detach(|| {
-            let index: Vec<u32> = index
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| {
-                    u32::try_from(i)
-                        .map_err(|_| TableError::InvalidArgument(format!("index[{k}] = {i} is out of range")))
-                })
-                .collect::<Result<_, _>>()?;
-            t.apply_gradients_indexed(rows, &index, grads, rows_unique, opt, lr, step)
-        })
-        .map_err(to_py)
+        py.detach(|| t.apply_gradients_indexed(rows, &indices_u32(index)?, grads, rows_unique, opt, lr, step))
+            .map_err(to_py)
     }
 
     /// Evicts ids by the given criteria; returns the evicted ids.
@@ -826,6 +816,18 @@ fn lookup_unique_many<'py>(
     Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
 }
 
+/// Gradient-row indices as the core takes them (u32); one out of range is
+/// an error naming its position.
+fn indices_u32(index: &[i64]) -> Result<Vec<u32>, TableError> {
+    index
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            u32::try_from(i).map_err(|_| TableError::InvalidArgument(format!("index[{k}] = {i} is out of range")))
+        })
+        .collect()
+}
+
 /// `apply_gradients_indexed` of several tables in one call, the tables in
 /// parallel. Returns one entry per table: None, or the error that left that
 /// table unchanged.
@@ -860,15 +862,15 @@ fn apply_gradients_many<'py>(
         (0..n)
             .into_par_iter()
             .map(|i| {
-                let idx: Vec<u32> = index[i]
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &x)| {
-                        u32::try_from(x)
-                            .map_err(|_| TableError::InvalidArgument(format!("index[{k}] = {x} is out of range")))
-                    })
-                    .collect::<Result<_, _>>()?;
-                ts[i].apply_gradients_indexed(rows[i], &idx, grads[i], rows_unique[i], opt, lr, steps[i])
+                ts[i].apply_gradients_indexed(
+                    rows[i],
+                    &indices_u32(index[i])?,
+                    grads[i],
+                    rows_unique[i],
+                    opt,
+                    lr,
+                    steps[i],
+                )
             })
             .map(|r: Result<(), TableError>| r.err().map(|e| e.to_string()))
             .collect()
