@@ -128,7 +128,7 @@ class EmbeddingEngine(nn.Module):
         inverse = torch.cat(inverse) if len(inverse) > 1 else inverse[0]
         if any(trainable):
             w.requires_grad_(True)
-            block = SharedBlock(w, inverse)
+            block = SharedBlock(inverse)
             lo = plo = 0
             for t, (_, rows, inv, _), n, tr in zip(tables, found, sizes, trainable, strict=True):
                 if tr:

@@ -345,15 +345,14 @@ class HashTable:
 
 
 class SharedBlock:
-    """One leaf ``W`` shared by several tables' pending lookups, with the
+    """What several tables' pending lookups into one leaf ``W`` share: the
     group's lookup positions (``inverse``). torch's sparse gradients of
     ``embedding_bag``/``embedding`` hold one entry per position, in order;
     that lets a table take its entries as a slice. Checked once per block
     (``ordered``); if a torch version ever orders them otherwise, tables
     fall back to selecting their entries by row range."""
 
-    def __init__(self, w: torch.Tensor, inverse: torch.Tensor):
-        self.w = w
+    def __init__(self, inverse: torch.Tensor):
         self.inverse = inverse
         self._ordered: bool | None = None
 
