@@ -91,6 +91,16 @@ def train_cmd(args) -> int:
     from recis.framework import CheckpointError, TrainingError
 
     torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        # Under torchrun every rank would train its own tables into the same
+        # output_dir; until sharded training exists, refuse rather than race.
+        print(
+            f"recis train: launched as {world} processes (WORLD_SIZE={world}), but distributed training of "
+            "the sparse tables is not built yet; run one process (nothing was written)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         job = Job(load_config(args.config))
         cfg = job.cfg
