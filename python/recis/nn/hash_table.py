@@ -175,6 +175,11 @@ class HashTable:
             False,
         )
 
+    def pending_leaves(self) -> list[torch.Tensor]:
+        """The leaf tensors of the pending lookups (a shared block appears in
+        every table that reads from it)."""
+        return [w for _rows, w, _part in self._pending]
+
     def clear_pending(self) -> None:
         self._pending.clear()
 
@@ -220,59 +225,52 @@ class HashTable:
             raise ValueError(f"evict: unknown criteria {sorted(unknown)}")
         return torch.from_numpy(self.native.evict(self.step if step is None else step, **policy))
 
-    def state_dict(self, chunk_rows: int = 1 << 20) -> dict[str, torch.Tensor]:
-        """Every id with its row (embedding and optimizer slots) and metadata,
-        read in chunks of ``chunk_rows``."""
+    def chunks(self, chunk_rows: int = 1 << 20):
+        """The table's state as dicts of at most ``chunk_rows`` rows: ids,
+        values (embedding and optimizer slots), frequency, last step; the
+        first also the admission state and step. At least one (empty for an
+        empty table). Only one chunk of rows exists at a time, beside the ids
+        and row indices (12 bytes an id)."""
         ids, rows = self.native.export_keys()
-        values, freq, last = [], [], []
-        for start in range(0, len(rows), chunk_rows):
-            v, f, s = self.native.read_rows(rows[start : start + chunk_rows])
-            values.append(torch.from_numpy(v))
-            freq.append(torch.from_numpy(f.astype(np.int64)))
-            last.append(torch.from_numpy(s.astype(np.int64)))
         width = self.dim + self.native.slot_width
-        cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
-        counters, epoch = self.native.admission_state()
-        return {
-            "ids": torch.from_numpy(ids),
-            "values": cat(values, (0, width)),
-            "frequency": cat(freq, (0,)).to(torch.int64),
-            "last_step": cat(last, (0,)).to(torch.int64),
-            "admission_counters": torch.from_numpy(counters.astype(np.int64)),
-            "admission_epoch": torch.tensor([epoch], dtype=torch.int64),
-            "step": torch.tensor([self.step], dtype=torch.int64),
-        }
-
-    def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> list[str]:
-        """Writes the table as safetensors files ``{prefix}.{k:05d}.safetensors``
-        of at most ``chunk_rows`` rows each (the first also holds the
-        admission state and step); returns their names. Only one chunk of rows
-        is in memory at a time, beside the ids and row indices (12 bytes an
-        id): a table is never held twice while it is saved."""
-        from safetensors.torch import save_file
-
-        ids, rows = self.native.export_keys()
-        names = []
-        counters, epoch = self.native.admission_state()
-        for k, start in enumerate(range(0, max(len(rows), 1), chunk_rows)):
+        for start in range(0, max(len(rows), 1), chunk_rows):
             v, f, s = self.native.read_rows(rows[start : start + chunk_rows])
             part = {
                 "ids": torch.from_numpy(ids[start : start + chunk_rows]),
-                "values": torch.from_numpy(v).reshape(-1, self.dim + self.native.slot_width),
+                "values": torch.from_numpy(v).reshape(-1, width),
                 "frequency": torch.from_numpy(f.astype(np.int64)),
                 "last_step": torch.from_numpy(s.astype(np.int64)),
             }
-            if k == 0:
+            if start == 0:
+                counters, epoch = self.native.admission_state()
                 part["admission_counters"] = torch.from_numpy(counters.astype(np.int64))
                 part["admission_epoch"] = torch.tensor([epoch], dtype=torch.int64)
                 part["step"] = torch.tensor([self.step], dtype=torch.int64)
+            yield part
+
+    def state_dict(self, chunk_rows: int = 1 << 20) -> dict[str, torch.Tensor]:
+        """Every id with its row (embedding and optimizer slots) and metadata,
+        in one dict (``save`` writes a large table without assembling it)."""
+        parts = list(self.chunks(chunk_rows))
+        out = dict(parts[0])
+        for key in ("ids", "values", "frequency", "last_step"):
+            out[key] = torch.cat([p[key] for p in parts])
+        return out
+
+    def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> list[str]:
+        """Writes ``chunks`` as safetensors files ``{prefix}.{k:05d}.safetensors``
+        and returns their names: a table is never held twice while it is
+        saved."""
+        from safetensors.torch import save_file
+
+        names = []
+        for k, part in enumerate(self.chunks(chunk_rows)):
             name = f"{prefix}.{k:05d}.safetensors"
             path = os.path.join(directory, name)
             save_file(part, path)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
             names.append(name)
-            del part, v, f, s
         return names
 
     def load(self, directory: str, names: list[str], embeddings_only: bool = False) -> None:

@@ -132,7 +132,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         seen: set[int] = set()
         finite = True
         for t in self.tables.values():
-            for _rows, w, _part in t._pending:
+            for w in t.pending_leaves():
                 if id(w) in seen or w.grad is None:
                     continue
                 seen.add(id(w))

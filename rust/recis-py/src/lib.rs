@@ -782,7 +782,6 @@ impl PyOrcReader {
     }
 }
 
-/// Number of threads of the rayon pool used by every batch call.
 /// `lookup_unique` (or `lookup_or_insert_unique` where `insert[i]`) of
 /// several tables in one call, the tables in parallel.
 #[pyfunction]
@@ -877,6 +876,7 @@ fn apply_gradients_many<'py>(
     }))
 }
 
+/// Number of threads of the rayon pool used by every batch call.
 #[pyfunction]
 fn num_threads() -> usize {
     rayon::current_num_threads()
