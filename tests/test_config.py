@@ -150,11 +150,3 @@ def test_missing_column_bad_labels_and_foreign_checkpoint(data_dir, tmp_path, ca
     )
     assert main(["train", "--config", path]) == 2
     assert "label column 'label': value 2" in capsys.readouterr().err
-
-
-def test_train_under_torchrun_is_refused_before_writing(tmp_path, monkeypatch, capsys):
-    path = write(tmp_path, CONFIG.format(model="deepfm"))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "--config", path]) == 2
-    assert "WORLD_SIZE=2" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()

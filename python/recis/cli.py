@@ -6,7 +6,9 @@ prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
 log loss, calibration) and saves a checkpoint.
 ``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
 ``recis train --config FILE.toml``: a job described in TOML (``recis.config``
-documents every field); resumes from the job's latest checkpoint.
+documents every field); resumes from the job's latest checkpoint. Under
+``torchrun`` (``torchrun --nproc_per_node N -m recis.cli train ...``) the
+tables are sharded over the ranks (``recis.distributed``).
 ``recis eval --config FILE.toml [--checkpoint DIR]``: evaluates a checkpoint
 on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
 """
@@ -22,6 +24,7 @@ import time
 import torch
 
 import recis
+from recis import distributed
 
 
 def demo(args) -> int:
@@ -91,23 +94,17 @@ def train_cmd(args) -> int:
     from recis.framework import CheckpointError, TrainingError
 
     torch.set_num_threads(args.threads)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        # Under torchrun every rank would train its own tables into the same
-        # output_dir; until sharded training exists, refuse rather than race.
-        print(
-            f"recis train: launched as {world} processes (WORLD_SIZE={world}), but distributed training of "
-            "the sparse tables is not built yet; run one process (nothing was written)",
-            file=sys.stderr,
-        )
-        return 2
+    # Under torchrun: join the process group; tables are sharded over the
+    # ranks, each reads its share of the files, rank 0 writes the logs.
+    distributed.init_from_env()
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     try:
         job = Job(load_config(args.config))
         cfg = job.cfg
-        print(
+        say(
             f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
             f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
-            f"output {cfg.trainer.output_dir}"
+            f"output {cfg.trainer.output_dir}; {distributed.world()} process(es)"
         )
         t0 = time.perf_counter()
         logs = job.trainer.train()
@@ -117,10 +114,10 @@ def train_cmd(args) -> int:
     elapsed = time.perf_counter() - t0
     ev = logs.get("eval")
     if ev:
-        print(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}")
-    print(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
+        say(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}")
+    say(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
     if job.trainer.curves_png:
-        print(f"curves: {job.trainer.curves_png}")
+        say(f"curves: {job.trainer.curves_png}")
     return 0
 
 
@@ -129,6 +126,7 @@ def eval_cmd(args) -> int:
     from recis.framework import CheckpointError
 
     torch.set_num_threads(args.threads)
+    distributed.init_from_env()
     try:
         job = Job(load_config(args.config), for_training=False)
         if job.eval_dataset is None:
@@ -138,7 +136,8 @@ def eval_cmd(args) -> int:
             raise CheckpointError(f"{job.trainer.checkpoints.directory}: no checkpoint to evaluate")
         step = job.trainer.checkpoints.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
         job.trainer.global_step = step
-        print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
+        if distributed.rank() == 0:
+            print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
         job.trainer.evaluate()
     except (ConfigError, CheckpointError, ValueError, KeyError) as e:
         print(f"recis eval: {e}", file=sys.stderr)

@@ -14,6 +14,13 @@ A checkpoint is a directory ``ckpt-<step>`` inside the manager's directory:
 - ``meta.json``: the step, every table's config, sparse optimizer, LR
   scheduler, data reader cursor, numpy/Python RNG states, and user extras.
 
+Saved by several ranks (``recis.distributed``), each table is one shard a
+rank (``table-<name>.r<rank>.<k>.safetensors``), each rank has its own
+cursor and RNG state (``rank-<r>.json``, ``rng.r<rank>.safetensors``), and
+the dense state is written once. Such a checkpoint resumes exactly in the
+same world size; its tables (and dense state and optimizers) load into any
+world size, each rank keeping the ids it owns there.
+
 It is written under a temporary name, its files flushed to disk, then renamed
 to ``ckpt-<step>``; the ``latest`` pointer is replaced (also by rename) only
 after that, and older checkpoints beyond ``keep_last`` are removed last. A
@@ -35,6 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from recis import distributed
+
 FORMAT = 1
 LATEST = "latest"
 
@@ -54,6 +63,13 @@ def _fsync_dir(path: str) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
     with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -111,24 +127,82 @@ class CheckpointManager:
         dataset=None,
         extra: dict | None = None,
     ) -> str:
-        """Writes ``ckpt-<step>`` atomically and points ``latest`` at it."""
+        """Writes ``ckpt-<step>`` atomically and points ``latest`` at it.
+
+        Under torchrun every rank calls this at the same step: each writes
+        its shard of the tables, its reader cursor and RNG state into the
+        temporary directory, in parallel; rank 0 then writes the dense state
+        (the same on every rank) and ``meta.json``, renames and points
+        ``latest``. The directory must be one every rank sees."""
         tables = dict(tables or {})
+        rank, n = distributed.rank(), distributed.world()
         final = os.path.join(self.directory, f"ckpt-{step}")
         if os.path.exists(final):
             raise CheckpointError(f"{final} exists already; steps must increase")
-        self._clean_temporaries()
-        tmp = os.path.join(self.directory, f".tmp-ckpt-{step}-{os.getpid()}")
-        os.makedirs(tmp)
-        meta: dict = {"format": FORMAT, "step": step, "tables": {}, "extra": extra or {}}
+        tmp = os.path.join(self.directory, f".tmp-ckpt-{step}-{self._writer_id()}")
+        if rank == 0:
+            self._clean_temporaries()
+            os.makedirs(tmp)
+        distributed.barrier()
+        mine = self._save_rank(tmp, tables, dataset, rank, n)
+        distributed.barrier()
+        if rank == 0:
+            ranks = [mine] + [self._read_json(os.path.join(tmp, f"rank-{r}.json")) for r in range(1, n)]
+            self._save_dense(tmp, step, tables, ranks, model, dense_optimizer, sparse_optimizer, lr_scheduler, extra)
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+            self._point_latest(os.path.basename(final))
+            self._prune()
+        distributed.barrier()
+        return final
+
+    @staticmethod
+    def _writer_id() -> int:
+        """Rank 0's process id (the temporary directory's name, agreed by all)."""
+        t = torch.tensor([os.getpid()], dtype=torch.int64)
+        if distributed.active():
+            torch.distributed.broadcast(t, 0)
+        return int(t.item())
+
+    @staticmethod
+    def _read_json(path: str) -> dict:
+        with open(path) as f:
+            return json.load(f)
+
+    def _save_rank(self, tmp: str, tables: dict, dataset, rank: int, n: int) -> dict:
+        """This rank's part: its table shards, reader cursor and RNG states."""
+        tag = f".r{rank}" if n > 1 else ""
+        info: dict = {"tables": {}}
         for name, table in tables.items():
             # In chunks of rows: a huge table is never held twice in memory.
-            files = table.save(tmp, f"table-{name}", chunk_rows=self.table_chunk_rows)
+            files = table.save(tmp, f"table-{name}{tag}", chunk_rows=self.table_chunk_rows)
+            info["tables"][name] = {"rows": len(table), "files": files}
+        if dataset is not None:
+            info["dataset"] = dataset.state_dict()
+        info["rng_file"] = f"rng{tag}.safetensors"
+        _save_tensors({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, info["rng_file"]))
+        np_state = np.random.get_state()
+        info["rng"] = {
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        }
+        if n > 1:
+            _write_json(info, os.path.join(tmp, f"rank-{rank}.json"))
+        return info
+
+    def _save_dense(self, tmp, step, tables, ranks, model, dense_optimizer, sparse_optimizer, lr_scheduler, extra):
+        meta: dict = {"format": FORMAT, "step": step, "world_size": len(ranks), "tables": {}, "extra": extra or {}}
+        for name, table in tables.items():
+            shards = [r["tables"][name]["files"] for r in ranks]
             meta["tables"][name] = {
                 "config": table.option.table_config(),
                 "slot_width": table.native.slot_width,
-                "rows": len(table),
-                "files": files,
+                "rows": sum(r["tables"][name]["rows"] for r in ranks),
+                "files": [f for files in shards for f in files],
             }
+            if len(ranks) > 1:
+                meta["tables"][name]["shards"] = shards
         if model is not None:
             _save_tensors(model.state_dict(), os.path.join(tmp, "dense.safetensors"))
             meta["dense_keys"] = sorted(model.state_dict())
@@ -140,24 +214,15 @@ class CheckpointManager:
             meta["sparse_optimizer"] = sparse_optimizer.state_dict()
         if lr_scheduler is not None:
             meta["lr_scheduler"] = lr_scheduler.state_dict()
-        if dataset is not None:
-            meta["dataset"] = dataset.state_dict()
-        _save_tensors({"torch_cpu": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
-        np_state = np.random.get_state()
-        meta["rng"] = {
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        }
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(self.directory)
-        self._point_latest(os.path.basename(final))
-        self._prune()
-        return final
+        if len(ranks) == 1:
+            if "dataset" in ranks[0]:
+                meta["dataset"] = ranks[0]["dataset"]
+            meta["rng"] = ranks[0]["rng"]
+        else:
+            if "dataset" in ranks[0]:
+                meta["datasets"] = [r["dataset"] for r in ranks]
+            meta["rng_ranks"] = [{"file": r["rng_file"], **r["rng"]} for r in ranks]
+        _write_json(meta, os.path.join(tmp, "meta.json"))
 
     def _point_latest(self, name: str) -> None:
         tmp = os.path.join(self.directory, f".{LATEST}.tmp")
@@ -238,6 +303,14 @@ class CheckpointManager:
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path}: format {meta.get('format')} is not {FORMAT}")
         tables = dict(tables or {})
+        rank, n = distributed.rank(), distributed.world()
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world != n and ({"data", "rng"} & set(parts)):
+            raise CheckpointError(
+                f"{path}: was saved by {saved_world} ranks and this run has {n}: the readers' cursors and RNG "
+                "states are per rank, so it cannot resume exactly here; load it with "
+                "parts=('sparse', 'dense', 'optimizer') (tables are re-sharded to any world size)"
+            )
         if "sparse" in parts:
             saved = set(meta["tables"])
             if set(tables) != saved:
@@ -273,12 +346,23 @@ class CheckpointManager:
         # Checked: now restore.
         if "sparse" in parts:
             for name, table in tables.items():
-                files = meta["tables"][name].get("files")
+                saved_table = meta["tables"][name]
+                files = saved_table.get("files")
                 if files is None:  # a checkpoint of one file a table
                     state = load_file(os.path.join(path, f"table-{name}.safetensors"))
                     table.load_state_dict(state, embeddings_only="optimizer" not in parts)
-                else:
-                    table.load(path, files, embeddings_only="optimizer" not in parts)
+                    continue
+                shards = saved_table.get("shards", [files])
+                if len(shards) == n:  # the same sharding: this rank's files
+                    table.load(path, shards[rank], embeddings_only="optimizer" not in parts)
+                else:  # re-sharded: the ids this rank owns, from every file
+                    table.load(
+                        path,
+                        [f for fs in shards for f in fs],
+                        embeddings_only="optimizer" not in parts,
+                        keep=(lambda ids: distributed.owner_of(ids, n) == rank) if n > 1 else None,
+                        merged=len(shards),
+                    )
         if dense_state is not None:
             model.load_state_dict(dense_state)
         if "optimizer" in parts:
@@ -289,13 +373,17 @@ class CheckpointManager:
                 sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
             if lr_scheduler is not None and "lr_scheduler" in meta:
                 lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        if "data" in parts and dataset is not None and "dataset" in meta:
-            dataset.load_state_dict(meta["dataset"])
+        if "data" in parts and dataset is not None:
+            if "datasets" in meta:
+                dataset.load_state_dict(meta["datasets"][rank])
+            elif "dataset" in meta:
+                dataset.load_state_dict(meta["dataset"])
         if "rng" in parts:
-            torch.set_rng_state(load_file(os.path.join(path, "rng.safetensors"))["torch_cpu"])
-            n = meta["rng"]["numpy"]
-            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-            p = meta["rng"]["python"]
+            rng = meta["rng_ranks"][rank] if "rng_ranks" in meta else {"file": "rng.safetensors", **meta["rng"]}
+            torch.set_rng_state(load_file(os.path.join(path, rng["file"]))["torch_cpu"])
+            s = rng["numpy"]
+            np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+            p = rng["python"]
             random.setstate((p[0], tuple(p[1]), p[2]))
         return int(meta["step"])
 
@@ -343,6 +431,11 @@ def inspect_checkpoint(path: str) -> dict:
     if "dataset" in meta:
         d = meta["dataset"]
         parts["dataset"] = {k: d[k] for k in ("epoch", "unit", "row", "worker_idx", "worker_num") if k in d}
+    if "datasets" in meta:
+        parts["datasets"] = [
+            {k: d[k] for k in ("epoch", "unit", "row", "worker_idx", "worker_num") if k in d} for d in meta["datasets"]
+        ]
+    parts["world_size"] = meta.get("world_size", 1)
     return {
         "path": path,
         "step": meta["step"],

@@ -16,9 +16,11 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recis import distributed
 from recis.framework.checkpoint import CheckpointManager
 from recis.framework.curves import TensorBoardLog, plot_curves, wanted
 from recis.framework.scaler import DynamicLossScaler
@@ -126,6 +128,10 @@ class Trainer:
         self._want_tb = wanted(args.tensorboard, "tensorboard", "tensorboard")
         self._want_plot = wanted(args.plot, "matplotlib", "plot")
         self.curves_png = os.path.join(args.output_dir, "curves.png") if self._want_plot else None
+        # Under torchrun: rank 0's dense parameters everywhere; rank 0 alone
+        # writes logs, TensorBoard and curves.
+        self.rank = distributed.rank()
+        distributed.broadcast_dense(model)
 
     # -- state -------------------------------------------------------------------
 
@@ -150,6 +156,8 @@ class Trainer:
         return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self._log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._want_tb:
@@ -184,8 +192,11 @@ class Trainer:
         return y.float()
 
     def _optimizer_step(self) -> None:
+        distributed.average_dense_gradients(self.model.parameters())
         if self.scaler is not None:
-            finite = self.scaler.unscale(self.dense_optimizer, self.sparse_optimizer)
+            # Every rank skips, or none: a rank's sparse gradients are those
+            # of the ids it owns.
+            finite = distributed.all_true(self.scaler.unscale(self.dense_optimizer, self.sparse_optimizer))
             self.scaler.update(finite)
             if not finite:
                 # Skipped: an inf/NaN gradient at this scale; nothing changes.
@@ -214,7 +225,8 @@ class Trainer:
                     saved = json.load(f).get("extra", {}).get("loss_scaler")
                 if saved is not None:
                     self.scaler.load_state_dict(saved)
-            print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
+            if self.rank == 0:
+                print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
         elif not a.resume and self.checkpoints.checkpoints():
             raise TrainingError(
                 f"{self.checkpoints.directory} holds checkpoints but resume=False: resume=True continues from them, "
@@ -229,13 +241,18 @@ class Trainer:
         for _ in range(start_epoch, a.epochs if a.max_steps is None else 1 << 62):
             if done:
                 break
-            for batch in self.train_dataset:
+            for batch in self._lockstep(self.train_dataset, pad=False):
                 loss = self._loss(batch)
-                if not math.isfinite(float(loss.detach())):
+                finite = math.isfinite(float(loss.detach()))
+                if not distributed.all_true(finite):
                     last = self.checkpoints.latest()
+                    what = f"({float(loss.detach())})"
+                    if distributed.active():
+                        flags = distributed.gather_arrays([np.array([finite])])[0]
+                        what = f"on rank(s) {[r for r, ok in enumerate(flags) if not ok]}"
                     raise TrainingError(
-                        f"non-finite loss ({float(loss.detach())}) at step {self.global_step + 1}; stopped without "
-                        f"updating; the last good checkpoint is {last or 'none (none was saved)'}"
+                        f"non-finite loss {what} at step {self.global_step + 1}; stopped without updating; the "
+                        f"last good checkpoint is {last or 'none (none was saved)'}"
                     )
                 (loss / k if self.scaler is None else self.scaler.scale_loss(loss) / k).backward()
                 micro += 1
@@ -253,6 +270,9 @@ class Trainer:
                             t.evict(step=t.step)
                 if step % a.log_every_steps == 0:
                     now = time.perf_counter()
+                    window_loss, window_batches, window_n = distributed.sum_floats(
+                        [window_loss, window_batches, window_n]
+                    )
                     logs = {
                         "step": step,
                         "loss": window_loss / window_batches,
@@ -262,7 +282,7 @@ class Trainer:
                     if self.scaler is not None:
                         logs["loss_scale"] = self.scaler.scale
                         logs["skipped_steps"] = self.scaler.skipped
-                    if a.progress:
+                    if a.progress and self.rank == 0:
                         print(self._progress_line(logs), flush=True)
                     self._log(logs)
                     window_batches, window_loss, window_n, t_window = 0, 0.0, 0, now
@@ -284,9 +304,39 @@ class Trainer:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self.curves_png is not None and os.path.exists(self._log_path):
+        if self.curves_png is not None and self.rank == 0 and os.path.exists(self._log_path):
             plot_curves(self._log_path, self.curves_png, title=type(self.model).__name__)
         return logs
+
+    def _lockstep(self, data, pad: bool):
+        """The batches of ``data``; under torchrun, in step with the other
+        ranks, whose lookups need this one: training stops when the first
+        rank runs out (the rest of that epoch's batches are skipped);
+        evaluation goes on until the last does, a rank out of data passing
+        empty batches."""
+        if not distributed.active():
+            yield from data
+            return
+        it, template = iter(data), None
+        while True:
+            batch = next(it, None)
+            if batch is not None and template is None:
+                template = batch
+            if not pad:
+                if not distributed.all_true(batch is not None):
+                    return
+                yield batch
+                continue
+            if distributed.all_true(batch is None):
+                return
+            if batch is None:
+                if template is None:
+                    raise TrainingError(
+                        f"rank {self.rank} has no evaluation data while other ranks have: give every rank a share "
+                        "(more files or stripes than ranks)"
+                    )
+                batch = empty_batch(template)
+            yield batch
 
     def _progress_line(self, logs: dict) -> str:
         a, step = self.args, logs["step"]
@@ -315,7 +365,7 @@ class Trainer:
         auroc, ll, cal = AUROC(), LogLoss(), Calibration()
         gauc = GAUC() if a.group_key else None
         with torch.no_grad():
-            for batch in self.eval_dataset:
+            for batch in self._lockstep(self.eval_dataset, pad=True):
                 with self._autocast():
                     p = torch.sigmoid(self.model(self.input_fn(batch)).float())
                 y = self._labels(batch)
@@ -324,6 +374,9 @@ class Trainer:
                 cal.update(y, p)
                 if gauc is not None:
                     gauc.update(y, p, batch[a.group_key])
+        for m in (auroc, ll, cal, gauc):
+            if m is not None:
+                m.sync()
         metrics = {
             "step": self.global_step,
             "auc": auroc.compute(),
@@ -332,7 +385,8 @@ class Trainer:
         }
         if gauc is not None:
             metrics["gauc"] = gauc.compute()
-        print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        if self.rank == 0:
+            print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
         self._log({"eval": metrics})
         self._last_eval = metrics
         for h in self.hooks:
@@ -340,3 +394,18 @@ class Trainer:
                 h.on_evaluate(self, metrics)
         self.model.train(was_training)
         return metrics
+
+
+def empty_batch(batch):
+    """A batch of no rows shaped like ``batch`` (a dict of tensors and
+    RaggedTensors)."""
+    from recis.ragged import RaggedTensor
+
+    if isinstance(batch, dict):
+        return {k: empty_batch(v) for k, v in batch.items()}
+    if isinstance(batch, RaggedTensor):
+        w = batch.weights[:0] if batch.weights is not None else None
+        return RaggedTensor(batch.values[:0], batch.offsets[:1], w, validate=False)
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    raise TypeError(f"evaluation under torchrun: cannot make an empty batch of {type(batch).__name__}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recis import distributed
 from recis.metrics.auc import auc
 
 
@@ -46,6 +47,14 @@ class _Collect:
     def reset(self) -> None:
         self._labels.clear()
         self._scores.clear()
+
+    def sync(self) -> None:
+        """Under torchrun: every rank's samples on every rank (a no-op in
+        one process). Collective: every rank must call it."""
+        if not distributed.active():
+            return
+        y, s = distributed.gather_arrays(list(self._arrays()))
+        self._labels[:], self._scores[:] = [y], [s]
 
 
 class AUROC(_Collect):
@@ -88,6 +97,13 @@ class GAUC(_Collect):
         super().reset()
         self._groups.clear()
 
+    def sync(self) -> None:
+        if not distributed.active():
+            return
+        g = np.concatenate(self._groups) if self._groups else np.zeros(0, dtype=np.int64)
+        y, s, g = distributed.gather_arrays([*self._arrays(), g])
+        self._labels[:], self._scores[:], self._groups[:] = [y], [s], [g]
+
     def compute(self) -> float:
         y, s = self._arrays()
         if y.size == 0:
@@ -124,6 +140,11 @@ class LogLoss:
     def compute(self) -> float:
         return self.total / max(self.count, 1)
 
+    def sync(self) -> None:
+        """Under torchrun: the sums of every rank (collective)."""
+        self.total, count = distributed.sum_floats([self.total, self.count])
+        self.count = int(count)
+
 
 class Calibration:
     """Mean predicted probability over the observed click rate (1.0 is
@@ -138,6 +159,11 @@ class Calibration:
         self.pred += float(_np(probs, np.float64).sum())
         self.clicks += float(_np(labels, np.float64).sum())
         self.count += _np(labels, np.float64).size
+
+    def sync(self) -> None:
+        """Under torchrun: the sums of every rank (collective)."""
+        self.pred, self.clicks, count = distributed.sum_floats([self.pred, self.clicks, self.count])
+        self.count = int(count)
 
     def compute(self) -> float:
         if self.clicks == 0:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recis import distributed
 from recis.nn.hash_table import HashTable, ids_to_numpy, table_for
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
@@ -64,6 +65,11 @@ class DynamicEmbedding(nn.Module):
     def lookup_unique(self, ids: torch.Tensor):
         """Distinct ids of a batch and their rows as a tensor ``W_u`` [U, D]
         that requires grad when training: (W_u, inverse)."""
+        if distributed.active():
+            raise RuntimeError(
+                f"{self.name}: DynamicEmbedding keeps its whole table in this process; under torchrun use "
+                "EmbeddingEngine, whose tables are sharded over the ranks"
+            )
         ids_np = ids_to_numpy(ids, f"{self.name}: ids")
         train = self.training and self.option.trainable and torch.is_grad_enabled()
         uniq, rows, inverse, _counts = self.table.lookup_unique(ids_np, train=train)

@@ -14,6 +14,9 @@ in parallel), one gather into one leaf tensor ``W`` [U, D] and one
 gradient on ``W``, which each table's share of reads as a slice; the sparse
 optimizer applies it table by table.
 
+Under ``torchrun`` the tables are sharded by rows over the ranks and a
+group's lookup is an exchange with the ids' owners (``recis.distributed``).
+
 Sequence features (``combiner="tuple"``) return ``[B, L, D]``: the ids of
 each row in order, zero-padded to the longest row of the batch (cut them to
 a fixed length upstream with ``features.SequenceTruncate``).
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis import _native
+from recis import _native, distributed
+from recis.distributed.exchange import sharded_lookup
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool
 from recis.nn.hash_table import HashTable, SharedBlock, ids_to_numpy
 from recis.nn.options import EmbeddingOption
@@ -116,6 +120,12 @@ class EmbeddingEngine(nn.Module):
             for t, ms in by_table.items()
         ]
         trainable = [train and t.option.trainable for t in tables]
+        if distributed.active():
+            missing_initial = [
+                tr or t.option.eval_missing == "initial" for t, tr in zip(tables, trainable, strict=True)
+            ]
+            w, inverse = sharded_lookup(tables, ids, trainable, missing_initial)
+            return self._pool(order, w, inverse, combiner)
         found = _native.lookup_unique_many([t.native for t in tables], ids, [t.step for t in tables], trainable)
         sizes = [len(rows) for _, rows, _, _ in found]
         w = torch.empty(sum(sizes), tables[0].dim)
@@ -135,6 +145,9 @@ class EmbeddingEngine(nn.Module):
                     t.add_pending(rows, w, (block, lo, lo + n, plo, plo + len(inv)))
                 lo += n
                 plo += len(inv)
+        return self._pool(order, w, inverse, combiner)
+
+    def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str) -> dict:
         rts = [rt for _, rt in order]
         if combiner == "tuple":
             return self._sequences(order, w, inverse)

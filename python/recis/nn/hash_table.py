@@ -273,10 +273,13 @@ class HashTable:
             names.append(name)
         return names
 
-    def load(self, directory: str, names: list[str], embeddings_only: bool = False) -> None:
+    def load(self, directory: str, names: list[str], embeddings_only: bool = False, keep=None, merged: int = 1) -> None:
         """Reads what ``save`` wrote, a chunk at a time. Every file's header
         is checked (present, complete, the right widths) before the table
-        changes."""
+        changes. ``keep(ids) -> bool mask``: import only those ids (a
+        checkpoint re-sharded to another world size). ``merged``: the files
+        are the shards of that many tables; their admission counters are
+        summed (each id was counted only by its owner's)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -298,8 +301,20 @@ class HashTable:
                     f"(dim {self.dim} + {self.native.slot_width} optimizer slots); another dim or optimizer?"
                 )
         self.native.clear()
+        counters, epoch = None, 0
         for k, name in enumerate(names):
-            self._import(load_file(os.path.join(directory, name)), embeddings_only, clear=False, first=k == 0)
+            state = load_file(os.path.join(directory, name))
+            if merged > 1 and "admission_counters" in state:
+                c = state.pop("admission_counters")
+                counters = c if counters is None else counters + c
+                epoch = max(epoch, int(state.pop("admission_epoch")[0]))
+            if keep is not None:
+                mask = torch.from_numpy(keep(state["ids"].numpy()))
+                for key in ("ids", "values", "frequency", "last_step"):
+                    state[key] = state[key][mask]
+            self._import(state, embeddings_only, clear=False, first=k == 0 or "step" in state)
+        if counters is not None:
+            self.native.set_admission_state(np.minimum(counters.numpy(), 2**32 - 1).astype(np.uint32), epoch)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], embeddings_only: bool = False) -> None:
         """Replaces the table's contents with ``state`` (from ``state_dict``).
@@ -360,13 +375,25 @@ class SharedBlock:
         return self._ordered
 
 
+class RowsPart:
+    """A table's share of a block ``w`` with a dense gradient: rows
+    ``lo:hi`` of ``w``, row ``lo + k`` belonging to the table's pending row
+    ``index[k]`` (several may belong to one row: an owner's lookups for
+    several ranks, ``recis.distributed``)."""
+
+    def __init__(self, lo: int, hi: int, index: torch.Tensor):
+        self.lo, self.hi, self.index = lo, hi, index
+
+
 def part_gradient(w: torch.Tensor, part) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(index into the part's rows, gradient rows) of a table's share of a
     shared block ``w``; None if ``w`` got no gradient."""
-    block, lo, hi, plo, phi = part
     g = w.grad
     if g is None:
         return None
+    if isinstance(part, RowsPart):
+        return part.index, g[part.lo : part.hi]
+    block, lo, hi, plo, phi = part
     if not g.is_sparse:
         return torch.arange(hi - lo), g[lo:hi]
     idx, vals = g._indices()[0], g._values()

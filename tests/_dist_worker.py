@@ -1,0 +1,152 @@
+"""Trains a small DeepFM as one process or as a rank of torchrun, for
+tests/test_distributed.py. Usage: _dist_worker.py OUT MAX_STEPS [RESUME_DIR]
+or _dist_worker.py OUT load CHECKPOINT (loads the tables, dense state and
+optimizers of CHECKPOINT, trains nothing, and writes result-<world>-<rank>-loaded).
+
+Global batch k has 2*B rows; under torchrun rank r trains on rows
+[r*B, (r+1)*B) of it, one process on all of them. Each process writes what
+it holds: result-<world>-<rank>.safetensors (every table's ids with their
+embedding and frequency, the dense parameters) and metrics-<world>-<rank>.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from recis import distributed
+from recis.framework import Trainer, TrainingArguments
+from recis.models import DeepFM
+from recis.nn import EmbeddingOption, NormalInit
+from recis.optim import SparseAdam
+from recis.ragged import RaggedTensor
+
+FIELDS = ["f0", "f1", "f2"]
+B = 16
+
+
+def global_batch(k: int, rows: int = 2 * B) -> dict:
+    g = torch.Generator().manual_seed(1000 + k)
+    batch = {}
+    for j, f in enumerate(FIELDS):
+        lengths = torch.randint(1, 4, (rows,), generator=g)
+        # Zipf-like: small ids are common, so ranks share ids every step.
+        ids = (torch.rand(int(lengths.sum()), generator=g) ** 3 * (40 + 20 * j)).long()
+        batch[f] = RaggedTensor(ids, torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]))
+    batch["dense"] = torch.randn(rows, 2, generator=g)
+    score = batch["dense"][:, 0] + (batch["f0"].values[batch["f0"].offsets[:-1]] % 3 == 0).float()
+    batch["label"] = (score + 0.3 * torch.randn(rows, generator=g) > 0.5).float()
+    return batch
+
+
+def rows_of(batch: dict, lo: int, hi: int) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, RaggedTensor):
+            a, b = int(v.offsets[lo]), int(v.offsets[hi])
+            out[k] = RaggedTensor(v.values[a:b], v.offsets[lo : hi + 1] - a)
+        else:
+            out[k] = v[lo:hi]
+    return out
+
+
+class Batches:
+    """A resumable list of batches (the Trainer saves and restores its position)."""
+
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+def build():
+    torch.manual_seed(0)
+    options = {f: EmbeddingOption(dim=5, initializer=NormalInit(0.0, 0.05), seed=i) for i, f in enumerate(FIELDS)}
+    model = DeepFM(options, num_dense=2, dim=4, hidden=(8,), seed=0)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01), SparseAdam(model, lr=0.05)
+
+
+def dump(model, tables: dict, path: str) -> None:
+    tensors = {f"dense.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for name, t in tables.items():
+        state = t.state_dict()
+        order = torch.argsort(state["ids"])
+        tensors[f"{name}.ids"] = state["ids"][order]
+        tensors[f"{name}.values"] = state["values"][order].clone()
+        tensors[f"{name}.frequency"] = state["frequency"][order]
+    save_file(tensors, path)
+
+
+def load_only(out: str, checkpoint: str) -> None:
+    from recis.framework import CheckpointManager
+
+    distributed.init_from_env()
+    model, dense_opt, sparse_opt = build()
+    tables = {t.name: t for t in model.tables()}
+    CheckpointManager.reading(os.path.dirname(checkpoint)).load(
+        checkpoint,
+        tables=tables,
+        model=model,
+        dense_optimizer=dense_opt,
+        sparse_optimizer=sparse_opt,
+        parts=("sparse", "dense", "optimizer"),
+    )
+    dump(model, tables, os.path.join(out, f"result-{distributed.world()}-{distributed.rank()}-loaded.safetensors"))
+
+
+def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
+    distributed.init_from_env()
+    rank, n = distributed.rank(), distributed.world()
+    model, dense_opt, sparse_opt = build()
+    part = (lambda b: rows_of(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
+    train = Batches([part(global_batch(k)) for k in range(8)])
+    if os.environ.get("RECIS_TEST_NAN") and rank == n - 1:
+        train.batches[3]["dense"][0, 0] = float("nan")  # this rank's 4th batch: a NaN loss at step 4
+    # Evaluation rows split unevenly: rank 1 runs out a batch early.
+    evals = [global_batch(100 + k, 24) for k in range(3)]
+    if n > 1:
+        evals = [rows_of(b, 0, 12) if rank == 0 else rows_of(b, 12, 24) for b in evals]
+        if rank == 1:
+            evals = evals[:2]
+    else:
+        evals = evals[:2] + [rows_of(evals[2], 0, 12)]
+    args = TrainingArguments(
+        resume_dir or os.path.join(out, f"run-{n}"),
+        max_steps=max_steps,
+        save_every_steps=3,
+        log_every_steps=2,
+        tensorboard=False,
+        plot=False,
+        progress=False,
+    )
+    trainer = Trainer(
+        model,
+        args,
+        train,
+        evals,
+        dense_optimizer=dense_opt,
+        sparse_optimizer=sparse_opt,
+    )
+    logs = trainer.train()
+    tag = f"{n}-{rank}" + ("-resumed" if resume_dir else "")
+    dump(model, trainer.tables, os.path.join(out, f"result-{tag}.safetensors"))
+    with open(os.path.join(out, f"metrics-{tag}.json"), "w") as f:
+        json.dump({"eval": logs["eval"], "step": trainer.global_step, "samples": train.pos}, f)
+
+
+if __name__ == "__main__":
+    if sys.argv[2] == "load":
+        load_only(sys.argv[1], sys.argv[3])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,0 +1,217 @@
+"""Row-wise sharded training under torchrun (2 ranks, gloo on CPU).
+
+The oracle is one process: two ranks with batches of B follow one process
+with batches of 2B (the ranks' rows concatenated) — the same embeddings,
+frequencies, dense parameters and evaluation metrics, to float rounding.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recis.distributed import owner_of
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_dist_worker.py")
+FIELDS = ["f0", "f1", "f2"]
+
+
+def torchrun(*args, nproc=2, timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, WORKER, str(out), "6"], check=True, capture_output=True, env=env, timeout=180)
+    torchrun(WORKER, str(out), "6")
+    # Stopped after the checkpoint at step 3, then resumed to step 6.
+    torchrun(WORKER, str(out), "3", str(out / "resumed"))
+    torchrun(WORKER, str(out), "6", str(out / "resumed"))
+    # The one-process checkpoint, re-sharded over two ranks.
+    torchrun(WORKER, str(out), "load", str(out / "run-1" / "checkpoints" / "ckpt-6"))
+    return out
+
+
+def result(out, tag):
+    return load_file(str(out / f"result-{tag}.safetensors"))
+
+
+def test_two_ranks_follow_one_process(runs):
+    one, r0, r1 = result(runs, "1-0"), result(runs, "2-0"), result(runs, "2-1")
+    for f in FIELDS:
+        for rank, r in enumerate((r0, r1)):
+            # Each rank holds exactly the ids it owns.
+            assert (owner_of(r[f"{f}.ids"].numpy(), 2) == rank).all()
+        ids = torch.cat([r0[f"{f}.ids"], r1[f"{f}.ids"]])
+        order = torch.argsort(ids)
+        assert torch.equal(ids[order], one[f"{f}.ids"])
+        # Frequencies count every occurrence, as one process counts them.
+        assert torch.equal(torch.cat([r0[f"{f}.frequency"], r1[f"{f}.frequency"]])[order], one[f"{f}.frequency"])
+        values = torch.cat([r0[f"{f}.values"], r1[f"{f}.values"]])[order]
+        torch.testing.assert_close(values, one[f"{f}.values"], rtol=1e-4, atol=1e-5)
+    for k in (k for k in one if k.startswith("dense.")):
+        assert torch.equal(r0[k], r1[k]), k  # the ranks' dense parameters are identical
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5)
+    m1 = json.loads((runs / "metrics-1-0.json").read_text())
+    for rank in (0, 1):
+        m2 = json.loads((runs / f"metrics-2-{rank}.json").read_text())
+        assert m2["step"] == m1["step"] == 6
+        # Evaluation over both ranks' rows (rank 1 had fewer batches).
+        for key in ("auc", "log_loss", "calibration"):
+            assert m2["eval"][key] == pytest.approx(m1["eval"][key], rel=1e-6), key
+
+
+def test_resume_of_two_ranks_is_exact(runs):
+    for rank in (0, 1):
+        whole, resumed = result(runs, f"2-{rank}"), result(runs, f"2-{rank}-resumed")
+        assert set(whole) == set(resumed)
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), k
+        m = json.loads((runs / f"metrics-2-{rank}-resumed.json").read_text())
+        assert m["samples"] == 6  # its cursor: the batches after the third, none twice
+
+
+def test_checkpoint_layout_and_inspect(runs):
+    from recis.framework import inspect_checkpoint
+
+    ckpt = runs / "run-2" / "checkpoints" / "ckpt-6"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert len(meta["datasets"]) == 2
+    info = inspect_checkpoint(str(ckpt))
+    one = result(runs, "1-0")
+    for f in FIELDS:
+        assert meta["tables"][f]["shards"] == [[f"table-{f}.r0.00000.safetensors"], [f"table-{f}.r1.00000.safetensors"]]
+        assert info["tables"][f]["rows"] == len(one[f"{f}.ids"])
+    assert info["parts"]["world_size"] == 2
+
+
+def test_two_rank_checkpoint_loads_into_one_process(runs):
+    sys.path.insert(0, HERE)
+    try:
+        import _dist_worker as w
+    finally:
+        sys.path.remove(HERE)
+    from recis.framework import CheckpointError, CheckpointManager
+
+    model, dense_opt, sparse_opt = w.build()
+    tables = {t.name: t for t in model.tables()}
+    manager = CheckpointManager.reading(str(runs / "run-2" / "checkpoints"))
+    # Cursors and RNG states are per rank: an exact resume needs two ranks.
+    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1"):
+        manager.load(tables=tables, model=model)
+    assert all(len(t) == 0 for t in tables.values())  # refused before anything changed
+    assert (
+        manager.load(
+            tables=tables,
+            model=model,
+            dense_optimizer=dense_opt,
+            sparse_optimizer=sparse_opt,
+            parts=("sparse", "dense", "optimizer"),
+        )
+        == 6
+    )
+    r0, r1 = result(runs, "2-0"), result(runs, "2-1")
+    for f in FIELDS:
+        state = tables[f].state_dict()
+        order = torch.argsort(state["ids"])
+        ids = torch.cat([r0[f"{f}.ids"], r1[f"{f}.ids"]])
+        theirs = torch.argsort(ids)
+        assert torch.equal(state["ids"][order], ids[theirs])
+        assert torch.equal(state["values"][order], torch.cat([r0[f"{f}.values"], r1[f"{f}.values"]])[theirs])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, r0[f"dense.{k}"])
+
+
+def test_one_process_checkpoint_reshards_over_two_ranks(runs):
+    one = result(runs, "1-0")
+    for rank in (0, 1):
+        got = result(runs, f"2-{rank}-loaded")
+        for f in FIELDS:
+            mine = torch.from_numpy(owner_of(one[f"{f}.ids"].numpy(), 2) == rank)
+            assert torch.equal(got[f"{f}.ids"], one[f"{f}.ids"][mine])
+            assert torch.equal(got[f"{f}.values"], one[f"{f}.values"][mine])
+            assert torch.equal(got[f"{f}.frequency"], one[f"{f}.frequency"][mine])
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECIS_TEST_NAN="1")
+    done = subprocess.run(cmd + [WORKER, str(tmp_path), "6"], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode != 0
+    err = done.stdout + done.stderr
+    # Both ranks stop at the same step, naming the rank whose loss was NaN.
+    assert err.count("non-finite loss on rank(s) [1] at step 4") == 2, err[-3000:]
+    ckpt = tmp_path / "run-2" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "ckpt-3"
+    assert sorted(p for p in os.listdir(ckpt) if p.startswith("ckpt-")) == ["ckpt-3"]
+
+
+def test_owner_of_spreads_ids_and_is_stable():
+    ids = np.arange(-5000, 5000, dtype=np.int64) * 7919
+    for n in (2, 3, 8):
+        owners = owner_of(ids, n)
+        counts = np.bincount(owners, minlength=n)
+        assert counts.min() > 0.8 * len(ids) / n, counts
+        assert np.array_equal(owners, owner_of(ids.copy(), n))
+    assert (owner_of(ids, 1) == 0).all()
+
+
+CONFIG = """
+[data]
+train = ["data/part-00000.orc", "data/part-00001.orc"]
+eval = ["data/part-00002.orc", "data/part-00003.orc"]
+dense = ["I1", "I2"]
+dense_transform = "log1p"
+batch_size = 256
+
+[model]
+name = "deepfm"
+dim = 4
+hidden = [16]
+
+[[feature]]
+name = "C1"
+[[feature]]
+name = "C2"
+
+[optimizer]
+sparse_lr = 0.01
+dense_lr = 0.002
+
+[trainer]
+output_dir = "out"
+log_every_steps = 5
+save_every_steps = 10
+"""
+
+
+def test_recis_train_under_torchrun(tmp_path):
+    from recis.cli import main
+    from recis.datagen import generate
+
+    generate(str(tmp_path / "data"), 6000, files=4, vocab=2000, seed=0)
+    (tmp_path / "job.toml").write_text(CONFIG)
+    out = torchrun("-m", "recis.cli", "train", "--config", str(tmp_path / "job.toml"))
+    assert "2 process(es)" in out and "eval: AUC" in out
+    assert out.count("eval: AUC") == 1  # rank 0 alone reports
+    ckpt = tmp_path / "out" / "checkpoints"
+    latest = (ckpt / "latest").read_text()
+    files = os.listdir(ckpt / latest)
+    assert {"table-C1.r0.00000.safetensors", "table-C1.r1.00000.safetensors", "rank-1.json"} <= set(files)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert any("eval" in r for r in log) and any("loss" in r for r in log)
+    # The sharded checkpoint evaluates in one process.
+    assert main(["eval", "--config", str(tmp_path / "job.toml")]) == 0
