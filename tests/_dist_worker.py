@@ -13,13 +13,15 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from recis import distributed
 from recis.framework import Trainer, TrainingArguments
 from recis.models import DeepFM
-from recis.nn import EmbeddingOption, NormalInit
+from recis.nn import EmbeddingOption, EvictionOption, NormalInit
+from recis.nn.hash_table import HashTable
 from recis.optim import SparseAdam
 from recis.ragged import RaggedTensor
 
@@ -103,6 +105,12 @@ def load_only(out: str, checkpoint: str) -> None:
         parts=("sparse", "dense", "optimizer"),
     )
     dump(model, tables, os.path.join(out, f"result-{distributed.world()}-{distributed.rank()}-loaded.safetensors"))
+    # A row cap is the whole table's: each of the ranks keeps its share.
+    capped = HashTable(EmbeddingOption(dim=2, eviction=EvictionOption(max_rows=5)), "capped")
+    capped.native.lookup_or_insert(np.arange(20, dtype=np.int64), 0)
+    capped.evict()
+    with open(os.path.join(out, f"capped-{distributed.rank()}.json"), "w") as f:
+        json.dump({"rows": len(capped)}, f)
 
 
 def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
@@ -110,7 +118,10 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     rank, n = distributed.rank(), distributed.world()
     model, dense_opt, sparse_opt = build()
     part = (lambda b: rows_of(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
+    accumulate = 2 if os.environ.get("RECIS_TEST_ACCUM") else 1
     train = Batches([part(global_batch(k)) for k in range(8)])
+    if accumulate > 1:  # each step: two micro-batches of half the rows
+        train = Batches([rows_of(b, h * B // 2, (h + 1) * B // 2) for b in train.batches for h in (0, 1)])
     if os.environ.get("RECIS_TEST_NAN") and rank == n - 1:
         train.batches[3]["dense"][0, 0] = float("nan")  # this rank's 4th batch: a NaN loss at step 4
     # Evaluation rows split unevenly: rank 1 runs out a batch early.
@@ -122,8 +133,9 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     else:
         evals = evals[:2] + [rows_of(evals[2], 0, 12)]
     args = TrainingArguments(
-        resume_dir or os.path.join(out, f"run-{n}"),
+        resume_dir or os.path.join(out, f"run-{n}" + ("-accum" if accumulate > 1 else "")),
         max_steps=max_steps,
+        gradient_accumulation_steps=accumulate,
         save_every_steps=3,
         log_every_steps=2,
         tensorboard=False,
@@ -139,7 +151,7 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
         sparse_optimizer=sparse_opt,
     )
     logs = trainer.train()
-    tag = f"{n}-{rank}" + ("-resumed" if resume_dir else "")
+    tag = f"{n}-{rank}" + ("-resumed" if resume_dir else "") + ("-accum" if accumulate > 1 else "")
     dump(model, trainer.tables, os.path.join(out, f"result-{tag}.safetensors"))
     with open(os.path.join(out, f"metrics-{tag}.json"), "w") as f:
         json.dump({"eval": logs["eval"], "step": trainer.global_step, "samples": train.pos}, f)

@@ -22,9 +22,9 @@ WORKER = os.path.join(HERE, "_dist_worker.py")
 FIELDS = ["f0", "f1", "f2"]
 
 
-def torchrun(*args, nproc=2, timeout=180):
+def torchrun(*args, nproc=2, timeout=180, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     done = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
@@ -39,6 +39,7 @@ def runs(tmp_path_factory):
     # Stopped after the checkpoint at step 3, then resumed to step 6.
     torchrun(WORKER, str(out), "3", str(out / "resumed"))
     torchrun(WORKER, str(out), "6", str(out / "resumed"))
+    torchrun(WORKER, str(out), "6", env={"RECIS_TEST_ACCUM": "1"})
     # The one-process checkpoint, re-sharded over two ranks.
     torchrun(WORKER, str(out), "load", str(out / "run-1" / "checkpoints" / "ckpt-6"))
     return out
@@ -48,8 +49,7 @@ def result(out, tag):
     return load_file(str(out / f"result-{tag}.safetensors"))
 
 
-def test_two_ranks_follow_one_process(runs):
-    one, r0, r1 = result(runs, "1-0"), result(runs, "2-0"), result(runs, "2-1")
+def same_as_one_process(one, r0, r1):
     for f in FIELDS:
         for rank, r in enumerate((r0, r1)):
             # Each rank holds exactly the ids it owns.
@@ -64,6 +64,10 @@ def test_two_ranks_follow_one_process(runs):
     for k in (k for k in one if k.startswith("dense.")):
         assert torch.equal(r0[k], r1[k]), k  # the ranks' dense parameters are identical
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_ranks_follow_one_process(runs):
+    same_as_one_process(result(runs, "1-0"), result(runs, "2-0"), result(runs, "2-1"))
     m1 = json.loads((runs / "metrics-1-0.json").read_text())
     for rank in (0, 1):
         m2 = json.loads((runs / f"metrics-2-{rank}.json").read_text())
@@ -71,6 +75,11 @@ def test_two_ranks_follow_one_process(runs):
         # Evaluation over both ranks' rows (rank 1 had fewer batches).
         for key in ("auc", "log_loss", "calibration"):
             assert m2["eval"][key] == pytest.approx(m1["eval"][key], rel=1e-6), key
+
+
+def test_gradient_accumulation_over_two_ranks(runs):
+    # Two ranks, each summing two micro-batches of B/2: one process, 2B.
+    same_as_one_process(result(runs, "1-0"), result(runs, "2-0-accum"), result(runs, "2-1-accum"))
 
 
 def test_resume_of_two_ranks_is_exact(runs):
@@ -144,6 +153,8 @@ def test_one_process_checkpoint_reshards_over_two_ranks(runs):
             assert torch.equal(got[f"{f}.ids"], one[f"{f}.ids"][mine])
             assert torch.equal(got[f"{f}.values"], one[f"{f}.values"][mine])
             assert torch.equal(got[f"{f}.frequency"], one[f"{f}.frequency"][mine])
+        # EvictionOption(max_rows=5) over two ranks: ceil(5 / 2) rows each.
+        assert json.loads((runs / f"capped-{rank}.json").read_text()) == {"rows": 3}
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

@@ -223,3 +223,33 @@ def test_tensorboard_events_and_png_curves_match_the_log(orc_dir, tmp_path):
         (s, round(v, 5)) for s, v in sorted(auc.items())
     ]
     assert sorted(auc) == [3, 6]
+
+
+def test_warm_start_loads_the_chosen_parts_and_starts_at_step_0(tmp_path, capsys):
+    data = [{"ids": torch.tensor([[1, 2], [3, 4]]), "label": torch.tensor([1.0, 0.0])}] * 3
+    quiet = dict(tensorboard=False, plot=False, progress=False)
+    m, sp, de = small_parts()
+    args = TrainingArguments(str(tmp_path / "a"), max_steps=3, resume=False, **quiet)
+    Trainer(m, args, data, dense_optimizer=de, sparse_optimizer=sp).train()
+    ids = torch.tensor([1, 2, 3, 4])
+    for parts in (("sparse", "dense"), ("dense",)):
+        m2, sp2, de2 = small_parts()
+        out = tmp_path / f"b-{len(parts)}"
+        args = TrainingArguments(
+            str(out), warm_start=str(tmp_path / "a" / "checkpoints"), warm_start_parts=parts, **quiet
+        )
+        t = Trainer(m2, args, [], dense_optimizer=de2, sparse_optimizer=sp2)
+        t.train()  # no data: loads, then saves step 0
+        assert "warm start from" in capsys.readouterr().out
+        assert t.global_step == 0 and t.checkpoints.latest().endswith("ckpt-0")
+        assert torch.equal(m2.head.weight, m.head.weight)
+        if "sparse" in parts:
+            assert torch.equal(m2.emb.table.embeddings(ids), m.emb.table.embeddings(ids))
+        else:
+            assert len(m2.emb.table) == 0
+    with pytest.raises(ValueError, match="warm_start_parts"):
+        TrainingArguments(str(tmp_path / "c"), warm_start="x", warm_start_parts=("tables",))
+    m3, sp3, de3 = small_parts()
+    args = TrainingArguments(str(tmp_path / "d"), warm_start=str(tmp_path / "nowhere"), **quiet)
+    with pytest.raises(ValueError, match="nowhere: no such checkpoint"):
+        Trainer(m3, args, [], dense_optimizer=de3, sparse_optimizer=sp3).train()

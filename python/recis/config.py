@@ -57,6 +57,8 @@ save_every_steps = 0          # 0: only at the end
 keep_checkpoints = 3
 evict_every_steps = 0         # 0: never
 resume = true                 # continue from output_dir's latest checkpoint
+warm_start = "runs/old/checkpoints"  # with no checkpoint to resume: start from this one (default: none)
+warm_start_parts = ["sparse", "dense"]  # its parts to load: "sparse", "dense", "optimizer"
 ```
 
 Paths are relative to the config file's directory.
@@ -130,6 +132,8 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     evict_every_steps: int = 0
     resume: bool = True
+    warm_start: str = ""
+    warm_start_parts: list[str] = field(default_factory=lambda: ["sparse", "dense"])
 
 
 @dataclass
@@ -236,6 +240,10 @@ def load_config(path: str) -> JobConfig:
     _one_of(optimizer.sparse, SPARSE_OPTIMIZERS, f"{path}: [optimizer].sparse")
     trainer = _typed(TrainerConfig, raw["trainer"], f"{path}: [trainer]")
     trainer.output_dir = rel(trainer.output_dir)
+    if trainer.warm_start:
+        trainer.warm_start = rel(trainer.warm_start)
+    for part in trainer.warm_start_parts:
+        _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
     return JobConfig(path, data, features, model, optimizer, trainer)
 
@@ -324,6 +332,8 @@ class Job:
             keep_checkpoints=t.keep_checkpoints,
             evict_every_steps=t.evict_every_steps or None,
             resume=t.resume,
+            warm_start=t.warm_start or None,
+            warm_start_parts=tuple(t.warm_start_parts),
             label_key=d.label,
             group_key=d.group,
         )

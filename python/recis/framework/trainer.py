@@ -52,6 +52,14 @@ class TrainingArguments:
     keep_checkpoints: keep the last this many.
     evict_every_steps: run each table's ``EmbeddingOption.eviction`` policy.
     resume: start from the latest checkpoint in ``output_dir`` if there is one.
+    warm_start: a checkpoint (a ``ckpt-N`` directory, or a checkpoints
+        directory: its latest) to start from when ``output_dir`` has none to
+        resume: its ``warm_start_parts`` are loaded and training starts at
+        step 0 (e.g. a model trained on older data, or a checkpoint of
+        another world size: tables are re-sharded).
+    warm_start_parts: of "sparse", "dense", "optimizer" (without
+        "optimizer", tables keep the saved embeddings and start their
+        optimizer slots afresh).
     label_key / group_key: batch keys of the label and of the GAUC group.
     tensorboard: TensorBoard event files in ``output_dir/tensorboard`` (None:
         if the ``tensorboard`` package is installed).
@@ -71,6 +79,8 @@ class TrainingArguments:
     keep_checkpoints: int = 3
     evict_every_steps: int | None = None
     resume: bool = True
+    warm_start: str | None = None
+    warm_start_parts: tuple[str, ...] = ("sparse", "dense")
     label_key: str = "label"
     group_key: str | None = None
     tensorboard: bool | None = None
@@ -88,6 +98,12 @@ class TrainingArguments:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"TrainingArguments.{name} must be >= 1 or None, got {v}")
+        self.warm_start_parts = tuple(self.warm_start_parts)
+        bad = sorted(set(self.warm_start_parts) - {"sparse", "dense", "optimizer"})
+        if bad or not self.warm_start_parts:
+            raise ValueError(
+                f"TrainingArguments.warm_start_parts: {bad or 'none given'}; choose from 'sparse', 'dense', 'optimizer'"
+            )
 
 
 class Trainer:
@@ -232,6 +248,8 @@ class Trainer:
                 f"{self.checkpoints.directory} holds checkpoints but resume=False: resume=True continues from them, "
                 "or give another output_dir (nothing was changed)"
             )
+        elif a.warm_start is not None:
+            self._warm_start()
         self.model.train()
         k = a.gradient_accumulation_steps
         micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
@@ -307,6 +325,24 @@ class Trainer:
         if self.curves_png is not None and self.rank == 0 and os.path.exists(self._log_path):
             plot_curves(self._log_path, self.curves_png, title=type(self.model).__name__)
         return logs
+
+    def _warm_start(self) -> None:
+        from recis.framework.checkpoint import CheckpointError
+
+        a = self.args
+        path = a.warm_start
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            if not os.path.isdir(path):
+                raise CheckpointError(f"warm_start: {path}: no such checkpoint")
+            path = CheckpointManager.reading(path).latest()
+            if path is None:
+                raise CheckpointError(f"warm_start: {a.warm_start}: holds no complete checkpoint")
+        state = self._state()
+        step = self.checkpoints.load(
+            path, **{k: v for k, v in state.items() if k != "dataset"}, parts=a.warm_start_parts
+        )
+        if self.rank == 0:
+            print(f"warm start from {path} (step {step}): {', '.join(a.warm_start_parts)}")
 
     def _lockstep(self, data, pad: bool):
         """The batches of ``data``; under torchrun, in step with the other

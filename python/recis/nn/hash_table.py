@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import torch
 
-from recis import _native
+from recis import _native, distributed
 from recis.nn.options import EmbeddingOption
 
 NO_ROW = _native.NO_ROW
@@ -213,10 +213,14 @@ class HashTable:
             ev = self.option.eviction
             if ev is None:
                 raise ValueError(f"table {self.name!r} has no eviction option and none was given")
+            max_rows = ev.max_rows
+            if max_rows is not None and distributed.active():
+                # The table is sharded: each rank keeps its share of the cap.
+                max_rows = -(-max_rows // distributed.world())
             policy = {
                 "ttl_steps": ev.ttl_steps,
                 "min_frequency": ev.min_frequency,
-                "max_rows": ev.max_rows,
+                "max_rows": max_rows,
                 "score": ev.score,
                 "min_l2_norm": ev.min_l2_norm,
             }

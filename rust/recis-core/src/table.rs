@@ -974,7 +974,6 @@ impl HashTable {
         // and `starts[g]..starts[g + 1]` its span in `order`.
         let (order, starts, targets) =
             if rows_unique { group_by_index(rows, index) } else { group_by_row(rows, index) };
-        let tu = std::time::Instant::now();
         let width = inner.values.width();
         let values = &inner.values;
         let prepared = opt.prepare(lr, step);
@@ -1014,9 +1013,6 @@ impl HashTable {
                 }
             },
         );
-        if std::env::var("RECIS_PROF").is_ok() {
-            eprintln!("update {:?} groups {}", tu.elapsed(), groups);
-        }
         Ok(())
     }
 
