@@ -119,6 +119,8 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     model, dense_opt, sparse_opt = build()
     part = (lambda b: rows_of(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
     accumulate = 2 if os.environ.get("RECIS_TEST_ACCUM") else 1
+    fp16 = bool(os.environ.get("RECIS_TEST_FP16"))
+    variant = ("-accum" if accumulate > 1 else "") + ("-fp16" if fp16 else "")
     train = Batches([part(global_batch(k)) for k in range(8)])
     if accumulate > 1:  # each step: two micro-batches of half the rows
         train = Batches([rows_of(b, h * B // 2, (h + 1) * B // 2) for b in train.batches for h in (0, 1)])
@@ -133,9 +135,10 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     else:
         evals = evals[:2] + [rows_of(evals[2], 0, 12)]
     args = TrainingArguments(
-        resume_dir or os.path.join(out, f"run-{n}" + ("-accum" if accumulate > 1 else "")),
+        resume_dir or os.path.join(out, f"run-{n}{variant}"),
         max_steps=max_steps,
         gradient_accumulation_steps=accumulate,
+        mixed_precision="fp16" if fp16 else None,
         save_every_steps=3,
         log_every_steps=2,
         tensorboard=False,
@@ -151,7 +154,7 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
         sparse_optimizer=sparse_opt,
     )
     logs = trainer.train()
-    tag = f"{n}-{rank}" + ("-resumed" if resume_dir else "") + ("-accum" if accumulate > 1 else "")
+    tag = f"{n}-{rank}" + ("-resumed" if resume_dir else "") + variant
     dump(model, trainer.tables, os.path.join(out, f"result-{tag}.safetensors"))
     with open(os.path.join(out, f"metrics-{tag}.json"), "w") as f:
         json.dump({"eval": logs["eval"], "step": trainer.global_step, "samples": train.pos}, f)
