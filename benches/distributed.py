@@ -24,20 +24,8 @@ import torch.nn.functional as F
 from recis import distributed
 from recis.models import DeepFM
 from recis.optim import SparseAdam
+from recis.ragged import batch_rows
 from recis.synthetic import SyntheticCTR
-
-
-def rows(batch: dict, lo: int, hi: int) -> dict:
-    from recis.ragged import RaggedTensor
-
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, RaggedTensor):
-            a, b = int(v.offsets[lo]), int(v.offsets[hi])
-            out[k] = RaggedTensor(v.values[a:b], v.offsets[lo : hi + 1] - a)
-        else:
-            out[k] = v[lo:hi]
-    return out
 
 
 def worker(args) -> None:
@@ -49,7 +37,7 @@ def worker(args) -> None:
     batches = []
     for _ in range(args.warmup + args.steps):
         feats, dense, labels = data.batch(2 * args.batch_size, rng)
-        batches.append(rows({**feats, "dense": dense, "label": labels}, rank * per, (rank + 1) * per))
+        batches.append(batch_rows({**feats, "dense": dense, "label": labels}, rank * per, (rank + 1) * per))
     torch.manual_seed(0)
     model = DeepFM(data.feature_names(), num_dense=13, dim=16, hidden=(400, 400, 400))
     distributed.broadcast_dense(model)

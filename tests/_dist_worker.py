@@ -23,7 +23,7 @@ from recis.models import DeepFM
 from recis.nn import EmbeddingOption, EvictionOption, NormalInit
 from recis.nn.hash_table import HashTable
 from recis.optim import SparseAdam
-from recis.ragged import RaggedTensor
+from recis.ragged import RaggedTensor, batch_rows
 
 FIELDS = ["f0", "f1", "f2"]
 B = 16
@@ -41,17 +41,6 @@ def global_batch(k: int, rows: int = 2 * B) -> dict:
     score = batch["dense"][:, 0] + (batch["f0"].values[batch["f0"].offsets[:-1]] % 3 == 0).float()
     batch["label"] = (score + 0.3 * torch.randn(rows, generator=g) > 0.5).float()
     return batch
-
-
-def rows_of(batch: dict, lo: int, hi: int) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, RaggedTensor):
-            a, b = int(v.offsets[lo]), int(v.offsets[hi])
-            out[k] = RaggedTensor(v.values[a:b], v.offsets[lo : hi + 1] - a)
-        else:
-            out[k] = v[lo:hi]
-    return out
 
 
 class Batches:
@@ -117,23 +106,23 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     distributed.init_from_env()
     rank, n = distributed.rank(), distributed.world()
     model, dense_opt, sparse_opt = build()
-    part = (lambda b: rows_of(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
+    part = (lambda b: batch_rows(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
     accumulate = 2 if os.environ.get("RECIS_TEST_ACCUM") else 1
     fp16 = bool(os.environ.get("RECIS_TEST_FP16"))
     variant = ("-accum" if accumulate > 1 else "") + ("-fp16" if fp16 else "")
     train = Batches([part(global_batch(k)) for k in range(8)])
     if accumulate > 1:  # each step: two micro-batches of half the rows
-        train = Batches([rows_of(b, h * B // 2, (h + 1) * B // 2) for b in train.batches for h in (0, 1)])
+        train = Batches([batch_rows(b, h * B // 2, (h + 1) * B // 2) for b in train.batches for h in (0, 1)])
     if os.environ.get("RECIS_TEST_NAN") and rank == n - 1:
         train.batches[3]["dense"][0, 0] = float("nan")  # this rank's 4th batch: a NaN loss at step 4
     # Evaluation rows split unevenly: rank 1 runs out a batch early.
     evals = [global_batch(100 + k, 24) for k in range(3)]
     if n > 1:
-        evals = [rows_of(b, 0, 12) if rank == 0 else rows_of(b, 12, 24) for b in evals]
+        evals = [batch_rows(b, 0, 12) if rank == 0 else batch_rows(b, 12, 24) for b in evals]
         if rank == 1:
             evals = evals[:2]
     else:
-        evals = evals[:2] + [rows_of(evals[2], 0, 12)]
+        evals = evals[:2] + [batch_rows(evals[2], 0, 12)]
     args = TrainingArguments(
         resume_dir or os.path.join(out, f"run-{n}{variant}"),
         max_steps=max_steps,

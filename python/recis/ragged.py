@@ -135,9 +135,32 @@ class RaggedTensor:
         w = None if self.weights is None else self.weights.pin_memory()
         return RaggedTensor(self.values.pin_memory(), self.offsets.pin_memory(), w, validate=False)
 
+    def rows(self, lo: int, hi: int) -> RaggedTensor:
+        """Rows ``lo:hi`` (0 <= lo <= hi <= batch_size), offsets from 0."""
+        if not 0 <= lo <= hi <= self.batch_size:
+            raise IndexError(f"RaggedTensor.rows({lo}, {hi}): out of range for {self.batch_size} rows")
+        a, b = int(self.offsets[lo]), int(self.offsets[hi])
+        w = None if self.weights is None else self.weights[a:b]
+        return RaggedTensor(self.values[a:b], self.offsets[lo : hi + 1] - a, w, validate=False)
+
     def __repr__(self) -> str:
         w = "" if self.weights is None else ", weighted"
         return f"RaggedTensor(batch_size={self.batch_size}, nnz={self.values.shape[0]}, dtype={self.values.dtype}{w})"
+
+
+def batch_rows(batch: dict, lo: int, hi: int) -> dict:
+    """Rows ``lo:hi`` of a batch: a dict of RaggedTensors and tensors whose
+    first dimension is the row (e.g. one rank's share of a global batch, or
+    an empty batch shaped like another)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, RaggedTensor):
+            out[k] = v.rows(lo, hi)
+        elif isinstance(v, torch.Tensor):
+            out[k] = v[lo:hi]
+        else:
+            raise TypeError(f"batch_rows: {k!r} is {type(v).__name__}, not a RaggedTensor or a tensor")
+    return out
 
 
 def to_keyed_jagged(features: dict[str, RaggedTensor]):

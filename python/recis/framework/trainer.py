@@ -26,6 +26,7 @@ from recis.framework.curves import TensorBoardLog, plot_curves, wanted
 from recis.framework.scaler import DynamicLossScaler
 from recis.metrics import AUROC, GAUC, Calibration, LogLoss
 from recis.optim.sparse import collect_tables
+from recis.ragged import batch_rows
 
 
 class TrainingError(RuntimeError):
@@ -371,7 +372,7 @@ class Trainer:
                         f"rank {self.rank} has no evaluation data while other ranks have: give every rank a share "
                         "(more files or stripes than ranks)"
                     )
-                batch = empty_batch(template)
+                batch = batch_rows(template, 0, 0)
             yield batch
 
     def _progress_line(self, logs: dict) -> str:
@@ -430,18 +431,3 @@ class Trainer:
                 h.on_evaluate(self, metrics)
         self.model.train(was_training)
         return metrics
-
-
-def empty_batch(batch):
-    """A batch of no rows shaped like ``batch`` (a dict of tensors and
-    RaggedTensors)."""
-    from recis.ragged import RaggedTensor
-
-    if isinstance(batch, dict):
-        return {k: empty_batch(v) for k, v in batch.items()}
-    if isinstance(batch, RaggedTensor):
-        w = batch.weights[:0] if batch.weights is not None else None
-        return RaggedTensor(batch.values[:0], batch.offsets[:1], w, validate=False)
-    if isinstance(batch, torch.Tensor):
-        return batch[:0]
-    raise TypeError(f"evaluation under torchrun: cannot make an empty batch of {type(batch).__name__}")
