@@ -169,12 +169,21 @@ def test_one_process_checkpoint_reshards_over_two_ranks(runs):
         assert json.loads((runs / f"capped-{rank}.json").read_text()) == {"rows": 3}
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+def failing_torchrun(out, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", RECIS_TEST_NAN="1")
-    done = subprocess.run(cmd + [WORKER, str(tmp_path), "6"], capture_output=True, text=True, timeout=180, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    done = subprocess.run(cmd + [WORKER, str(out), "6"], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode != 0
-    err = done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def test_a_rank_without_training_data_is_an_error_on_every_rank(tmp_path):
+    err = failing_torchrun(tmp_path, RECIS_TEST_NO_DATA="1")
+    assert err.count("rank(s) [1] have no training data while the other ranks have") == 2, err[-3000:]
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    err = failing_torchrun(tmp_path, RECIS_TEST_NAN="1")
     # Both ranks stop at the same step, naming the rank whose loss was NaN.
     assert err.count("non-finite loss on rank(s) [1] at step 4") == 2, err[-3000:]
     ckpt = tmp_path / "run-2" / "checkpoints"
@@ -221,7 +230,7 @@ save_every_steps = 10
 """
 
 
-def test_recis_train_under_torchrun(tmp_path):
+def test_recis_train_under_torchrun(tmp_path, capsys):
     from recis.cli import main
     from recis.datagen import generate
 
@@ -236,5 +245,8 @@ def test_recis_train_under_torchrun(tmp_path):
     assert {"table-C1.r0.00000.safetensors", "table-C1.r1.00000.safetensors", "rank-1.json"} <= set(files)
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log) and any("loss" in r for r in log)
+    assert main(["inspect", str(ckpt)]) == 0
     # The sharded checkpoint evaluates in one process.
     assert main(["eval", "--config", str(tmp_path / "job.toml")]) == 0
+    listing = capsys.readouterr().out
+    assert "saved by 2 ranks" in listing and "datasets:" in listing and "auc" in listing

@@ -163,7 +163,9 @@ def inspect_cmd(args) -> int:
     print(f"dense tensors ({len(info['dense'])}, {sum(n for _, n in info['dense'].values()):,} values):")
     for name, (shape, _) in info["dense"].items():
         print(f"  {name:40s} {list(shape)}")
-    for key in ("sparse_optimizer", "dense_optimizer", "lr_scheduler", "dataset"):
+    if info["parts"].get("world_size", 1) > 1:
+        print(f"saved by {info['parts']['world_size']} ranks (tables sharded by id; loads into any world size)")
+    for key in ("sparse_optimizer", "dense_optimizer", "lr_scheduler", "dataset", "datasets"):
         if key in info["parts"]:
             print(f"{key}: {info['parts'][key]}")
     return 0

@@ -354,26 +354,29 @@ class Trainer:
         if not distributed.active():
             yield from data
             return
-        it, template = iter(data), None
+        it, template, started = iter(data), None, False
         while True:
             batch = next(it, None)
-            if batch is not None and template is None:
+            if template is None:
                 template = batch
-            if not pad:
-                if not distributed.all_true(batch is not None):
-                    return
+            if distributed.all_true(batch is not None):
+                started = True
                 yield batch
                 continue
             if distributed.all_true(batch is None):
                 return
-            if batch is None:
-                if template is None:
-                    raise TrainingError(
-                        f"rank {self.rank} has no evaluation data while other ranks have: give every rank a share "
-                        "(more files or stripes than ranks)"
-                    )
-                batch = batch_rows(template, 0, 0)
-            yield batch
+            # Some ranks are out of data, others are not.
+            if not pad and started:
+                return
+            can = batch is not None or (pad and template is not None)
+            if not distributed.all_true(can):
+                flags = distributed.gather_arrays([np.array([can])])[0]
+                raise TrainingError(
+                    f"rank(s) {[r for r, ok in enumerate(flags) if not ok]} have no "
+                    f"{'evaluation' if pad else 'training'} data while the other ranks have: every rank needs a "
+                    "share (the files' ORC stripes are dealt out to the ranks: write more files or smaller stripes)"
+                )
+            yield batch if batch is not None else batch_rows(template, 0, 0)
 
     def _progress_line(self, logs: dict) -> str:
         a, step = self.args, logs["step"]
