@@ -1,7 +1,8 @@
 """Trains a small DeepFM as one process or as a rank of torchrun, for
 tests/test_distributed.py. Usage: _dist_worker.py OUT MAX_STEPS [RESUME_DIR]
 or _dist_worker.py OUT load CHECKPOINT (loads the tables, dense state and
-optimizers of CHECKPOINT, trains nothing, and writes result-<world>-<rank>-loaded).
+optimizers of CHECKPOINT, trains nothing, and writes result-<world>-<rank>-loaded)
+or _dist_worker.py OUT engine (an EmbeddingEngine alone: result-<world>-<rank>-engine).
 
 Global batch k has 2*B rows; under torchrun rank r trains on rows
 [r*B, (r+1)*B) of it, one process on all of them. Each process writes what
@@ -102,6 +103,32 @@ def load_only(out: str, checkpoint: str) -> None:
         json.dump({"rows": len(capped)}, f)
 
 
+def engine_only(out: str) -> None:
+    """tests/test_engine.py's features — two pooled alike, a mean one, a
+    shared table and a sequence feature — trained 4 steps on a mean loss."""
+    import test_engine as te
+
+    from recis.nn import EmbeddingEngine
+
+    distributed.init_from_env()
+    rank, n = distributed.rank(), distributed.world()
+    engine = EmbeddingEngine(te.options())
+    opt = SparseAdam(engine, lr=0.05)
+    for raw, step, targets in te.batches(4, batch=8):
+        feats = {f: RaggedTensor(raw[idx], offsets) for f, (idx, offsets) in step.items()}
+        if n > 1:
+            feats = batch_rows(feats, rank * 4, rank * 4 + 4)
+            targets = batch_rows(targets, rank * 4, rank * 4 + 4)
+        (te.loss_of(engine(feats), targets) / len(targets["a"])).backward()
+        opt.step()
+        opt.zero_grad()
+    dump(
+        torch.nn.Module(),
+        {t.name: t for t in engine.tables()},
+        os.path.join(out, f"result-{n}-{rank}-engine.safetensors"),
+    )
+
+
 def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     distributed.init_from_env()
     rank, n = distributed.rank(), distributed.world()
@@ -154,5 +181,7 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
 if __name__ == "__main__":
     if sys.argv[2] == "load":
         load_only(sys.argv[1], sys.argv[3])
+    elif sys.argv[2] == "engine":
+        engine_only(sys.argv[1])
     else:
         main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -43,6 +43,8 @@ def runs(tmp_path_factory):
     torchrun(WORKER, str(out), "3", str(out / "resumed"))
     torchrun(WORKER, str(out), "6", str(out / "resumed"))
     torchrun(WORKER, str(out), "6", env={"RECIS_TEST_ACCUM": "1"})
+    subprocess.run([sys.executable, WORKER, str(out), "engine"], check=True, capture_output=True, env=env, timeout=180)
+    torchrun(WORKER, str(out), "engine")
     # The one-process checkpoint, re-sharded over two ranks.
     torchrun(WORKER, str(out), "load", str(out / "run-1" / "checkpoints" / "ckpt-6"))
     return out
@@ -53,7 +55,7 @@ def result(out, tag):
 
 
 def same_as_one_process(one, r0, r1, tol=1e-5):
-    for f in FIELDS:
+    for f in sorted({k.split(".")[0] for k in one if not k.startswith("dense.")}):
         for rank, r in enumerate((r0, r1)):
             # Each rank holds exactly the ids it owns.
             assert (owner_of(r[f"{f}.ids"].numpy(), 2) == rank).all()
@@ -78,6 +80,14 @@ def test_two_ranks_follow_one_process(runs):
         # Evaluation over both ranks' rows (rank 1 had fewer batches).
         for key in ("auc", "log_loss", "calibration"):
             assert m2["eval"][key] == pytest.approx(m1["eval"][key], rel=1e-6), key
+
+
+def test_engine_features_of_every_kind_over_two_ranks(runs):
+    # Sum and mean pooling, a table shared by three features, a sequence
+    # feature ([B, L, D]) and the same raw ids in every feature.
+    one = result(runs, "1-0-engine")
+    assert {k.split(".")[0] for k in one} == {"a", "b", "engine_test_shared"}
+    same_as_one_process(one, result(runs, "2-0-engine"), result(runs, "2-1-engine"))
 
 
 def test_gradient_accumulation_over_two_ranks(runs):
