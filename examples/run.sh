@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Real-data examples: convert the slices in ../shared/data to ORC, train
-# DeepFM with `recis train --config`, evaluate with `recis eval`.
-#   examples/run.sh avazu|criteo [SHARED_DATA_DIR]
+# Examples: convert the real slices in ../shared/data to ORC (avazu,
+# criteo), or generate synthetic data (synthetic); train DeepFM with
+# `recis train --config`, evaluate with `recis eval`.
+#   examples/run.sh avazu|criteo|synthetic [SHARED_DATA_DIR]
+# NPROC=2: train under torchrun, the tables sharded over 2 processes.
 # Outputs go to runs/examples/<name>/ (data, checkpoints, log, curves.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?usage: examples/run.sh avazu|criteo [SHARED_DATA_DIR]}
+name=${1:?usage: examples/run.sh avazu|criteo|synthetic [SHARED_DATA_DIR]}
 shared=${2:-../shared/data}
 recis=${RECIS:-.venv/bin/recis}
 out=runs/examples/$name
@@ -19,7 +21,15 @@ case $name in
     # 900 labelled rows: part-00000 (720) trains, part-00001 (180) evaluates.
     $recis convert --format criteo --rows-per-file 720 "$shared/criteo/criteo_kaggle_head_train.txt" -o "$out/data"
     ;;
-  *) echo "unknown example $name (avazu, criteo)" >&2; exit 2 ;;
+  synthetic)
+    $recis datagen -o "$out/data" --rows "${ROWS:-400000}" --files 8
+    ;;
+  *) echo "unknown example $name (avazu, criteo, synthetic)" >&2; exit 2 ;;
 esac
-$recis train --config "examples/$name.toml"
+if [ "${NPROC:-1}" -gt 1 ]; then
+  python=$(dirname "$recis")/python
+  $python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m recis.cli train --config "examples/$name.toml"
+else
+  $recis train --config "examples/$name.toml"
+fi
 $recis eval --config "examples/$name.toml"

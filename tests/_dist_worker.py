@@ -41,6 +41,7 @@ def global_batch(k: int, rows: int = 2 * B) -> dict:
     batch["dense"] = torch.randn(rows, 2, generator=g)
     score = batch["dense"][:, 0] + (batch["f0"].values[batch["f0"].offsets[:-1]] % 3 == 0).float()
     batch["label"] = (score + 0.3 * torch.randn(rows, generator=g) > 0.5).float()
+    batch["user"] = torch.randint(0, 4, (rows,), generator=g)  # GAUC groups
     return batch
 
 
@@ -159,6 +160,7 @@ def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
         mixed_precision="fp16" if fp16 else None,
         save_every_steps=3,
         log_every_steps=2,
+        group_key="user",
         tensorboard=False,
         plot=False,
         progress=False,

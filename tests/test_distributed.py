@@ -78,7 +78,7 @@ def test_two_ranks_follow_one_process(runs):
         m2 = json.loads((runs / f"metrics-2-{rank}.json").read_text())
         assert m2["step"] == m1["step"] == 6
         # Evaluation over both ranks' rows (rank 1 had fewer batches).
-        for key in ("auc", "log_loss", "calibration"):
+        for key in ("auc", "gauc", "log_loss", "calibration"):
             assert m2["eval"][key] == pytest.approx(m1["eval"][key], rel=1e-6), key
 
 
@@ -211,52 +211,31 @@ def test_owner_of_spreads_ids_and_is_stable():
     assert (owner_of(ids, 1) == 0).all()
 
 
-CONFIG = """
-[data]
-train = ["data/part-00000.orc", "data/part-00001.orc"]
-eval = ["data/part-00002.orc", "data/part-00003.orc"]
-dense = ["I1", "I2"]
-dense_transform = "log1p"
-batch_size = 256
-
-[model]
-name = "deepfm"
-dim = 4
-hidden = [16]
-
-[[feature]]
-name = "C1"
-[[feature]]
-name = "C2"
-
-[optimizer]
-sparse_lr = 0.01
-dense_lr = 0.002
-
-[trainer]
-output_dir = "out"
-log_every_steps = 5
-save_every_steps = 10
-"""
+def example_config(tmp_path) -> str:
+    """examples/synthetic.toml, its paths moved to ``tmp_path`` and its batches made small."""
+    text = open(os.path.join(os.path.dirname(HERE), "examples", "synthetic.toml")).read()
+    text = text.replace("../runs/examples/synthetic/", f"{tmp_path}/").replace("batch_size = 4096", "batch_size = 256")
+    (tmp_path / "job.toml").write_text(text)
+    return str(tmp_path / "job.toml")
 
 
 def test_recis_train_under_torchrun(tmp_path, capsys):
     from recis.cli import main
     from recis.datagen import generate
 
-    generate(str(tmp_path / "data"), 6000, files=4, vocab=2000, seed=0)
-    (tmp_path / "job.toml").write_text(CONFIG)
-    out = torchrun("-m", "recis.cli", "train", "--config", str(tmp_path / "job.toml"))
+    generate(str(tmp_path / "data"), 8000, files=8, vocab=2000, seed=0)
+    config = example_config(tmp_path)
+    out = torchrun("-m", "recis.cli", "train", "--config", config)
     assert "2 process(es)" in out and "eval: AUC" in out
     assert out.count("eval: AUC") == 1  # rank 0 alone reports
-    ckpt = tmp_path / "out" / "checkpoints"
+    ckpt = tmp_path / "job" / "checkpoints"
     latest = (ckpt / "latest").read_text()
     files = os.listdir(ckpt / latest)
     assert {"table-C1.r0.00000.safetensors", "table-C1.r1.00000.safetensors", "rank-1.json"} <= set(files)
-    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log) and any("loss" in r for r in log)
     assert main(["inspect", str(ckpt)]) == 0
     # The sharded checkpoint evaluates in one process.
-    assert main(["eval", "--config", str(tmp_path / "job.toml")]) == 0
+    assert main(["eval", "--config", config]) == 0
     listing = capsys.readouterr().out
     assert "saved by 2 ranks" in listing and "datasets:" in listing and "auc" in listing
