@@ -7,6 +7,7 @@ frequencies, dense parameters and evaluation metrics, to float rounding.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -235,7 +236,11 @@ def test_recis_train_under_torchrun(tmp_path, capsys):
     log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log) and any("loss" in r for r in log)
     assert main(["inspect", str(ckpt)]) == 0
-    # The sharded checkpoint evaluates in one process.
+    # The sharded checkpoint evaluates in one process, and under torchrun
+    # (each rank its share of the rows), to the same AUC.
     assert main(["eval", "--config", config]) == 0
     listing = capsys.readouterr().out
-    assert "saved by 2 ranks" in listing and "datasets:" in listing and "auc" in listing
+    assert "saved by 2 ranks" in listing and "datasets:" in listing
+    one = float(re.search(r"eval: auc (\d\.\d+)", listing).group(1))
+    two = torchrun("-m", "recis.cli", "eval", "--config", config)
+    assert float(re.search(r"eval: auc (\d\.\d+)", two).group(1)) == one
