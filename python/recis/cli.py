@@ -89,11 +89,24 @@ def demo(args) -> int:
     return 0
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's threads (and the Rust core's, when it has not started yet):
+    ``threads``, or by default 2 — under torchrun, the machine's cores
+    shared among its ranks (``LOCAL_WORLD_SIZE``), so that the ranks of one
+    machine do not oversubscribe it."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 2) // local) if local > 1 else 2
+    torch.set_num_threads(threads)
+    if local > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+
+
 def train_cmd(args) -> int:
     from recis.config import ConfigError, Job, load_config
     from recis.framework import CheckpointError, TrainingError
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     # Under torchrun: join the process group; tables are sharded over the
     # ranks, each reads its share of the files, rank 0 writes the logs.
     distributed.init_from_env()
@@ -125,7 +138,7 @@ def eval_cmd(args) -> int:
     from recis.config import ConfigError, Job, load_config
     from recis.framework import CheckpointError
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     distributed.init_from_env()
     try:
         job = Job(load_config(args.config), for_training=False)
@@ -215,12 +228,12 @@ def main(argv=None) -> int:
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
     t.add_argument("--config", required=True)
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
     e.add_argument("--config", required=True)
     e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
-    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
     e.set_defaults(func=eval_cmd)
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
     i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")
