@@ -130,9 +130,40 @@ def engine_only(out: str) -> None:
     )
 
 
+def kill_at(rank: int, spec: str) -> None:
+    """RECIS_TEST_KILL="RANK,WHAT,K": SIGKILL rank RANK at the K-th call of
+    WHAT — "table_save" (one table's shard of a checkpoint),
+    "point_latest" (after the checkpoint's rename, before the pointer moves)
+    or "sparse_step" (inside an optimizer step)."""
+    import signal
+
+    from recis.framework import CheckpointManager
+    from recis.optim.sparse import SparseOptimizer
+
+    who, what, k = spec.split(",")
+    if int(who) != rank:
+        return
+    cls, name = {
+        "table_save": (HashTable, "save"),
+        "point_latest": (CheckpointManager, "_point_latest"),
+        "sparse_step": (SparseOptimizer, "step"),
+    }[what]
+    original, calls = getattr(cls, name), [0]
+
+    def deadly(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(cls, name, deadly)
+
+
 def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     distributed.init_from_env()
     rank, n = distributed.rank(), distributed.world()
+    if os.environ.get("RECIS_TEST_KILL"):
+        kill_at(rank, os.environ["RECIS_TEST_KILL"])
     model, dense_opt, sparse_opt = build()
     part = (lambda b: batch_rows(b, rank * B, (rank + 1) * B)) if n > 1 else (lambda b: b)
     accumulate = 2 if os.environ.get("RECIS_TEST_ACCUM") else 1

@@ -115,6 +115,28 @@ def test_resume_of_two_ranks_is_exact(runs):
         assert m["samples"] == 6  # its cursor: the batches after the third, none twice
 
 
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "1,table_save,5",  # rank 1 inside the step-6 checkpoint, one table shard written
+        "0,point_latest,2",  # rank 0 after renaming ckpt-6, before moving `latest`
+        "0,sparse_step,5",  # rank 0 inside step 5
+    ],
+)
+def test_a_rank_killed_anywhere_resumes_to_the_uninterrupted_run(runs, tmp_path, kill):
+    err = failing_torchrun(tmp_path, RECIS_TEST_KILL=kill, args=("6", str(tmp_path / "job")))
+    assert "SIGKILL" in err or "Signal 9" in err or "exitcode  : -9" in err, err[-2000:]
+    torchrun(WORKER, str(tmp_path), "6", str(tmp_path / "job"))
+    for rank in (0, 1):
+        whole, resumed = result(runs, f"2-{rank}"), result(tmp_path, f"2-{rank}-resumed")
+        assert set(whole) == set(resumed)
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), (kill, rank, k)
+    names = sorted(os.listdir(tmp_path / "job" / "checkpoints"))
+    assert names == ["ckpt-3", "ckpt-6", "latest"], names  # the half-written one was cleaned up
+    assert (tmp_path / "job" / "checkpoints" / "latest").read_text() == "ckpt-6"
+
+
 def test_checkpoint_layout_and_inspect(runs):
     from recis.framework import inspect_checkpoint
 
@@ -180,10 +202,10 @@ def test_one_process_checkpoint_reshards_over_two_ranks(runs):
         assert json.loads((runs / f"capped-{rank}.json").read_text()) == {"rows": 3}
 
 
-def failing_torchrun(out, **env):
+def failing_torchrun(out, args=("6",), **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", **env)
-    done = subprocess.run(cmd + [WORKER, str(out), "6"], capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run(cmd + [WORKER, str(out), *args], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode != 0
     return done.stdout + done.stderr
 

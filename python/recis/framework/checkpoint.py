@@ -264,6 +264,20 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def mend_pointer(self) -> None:
+        """Points ``latest`` at the newest complete checkpoint if a crash
+        left it behind (between a checkpoint's rename and the pointer's
+        update)."""
+        found = self.latest()
+        if found is None:
+            return
+        pointer, current = os.path.join(self.directory, LATEST), None
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                current = f.read()
+        if current != os.path.basename(found):
+            self._point_latest(os.path.basename(found))
+
     @classmethod
     def reading(cls, directory: str) -> CheckpointManager:
         """A manager of an existing directory, to read (creates nothing)."""

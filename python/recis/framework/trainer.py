@@ -237,6 +237,8 @@ class Trainer:
         a = self.args
         if a.resume and self.checkpoints.latest() is not None:
             self.global_step = self.checkpoints.load(**self._state())
+            if self.rank == 0:
+                self.checkpoints.mend_pointer()
             if self.scaler is not None:
                 with open(os.path.join(self.checkpoints.latest(), "meta.json")) as f:
                     saved = json.load(f).get("extra", {}).get("loss_scaler")
