@@ -61,12 +61,11 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
     row of W. Every rank must call this for the same group at the same
     point of its step."""
     n, T, dim = world(), len(tables), tables[0].dim
-    uniq, inverses, counts = [], [], []
-    for a in ids:
-        u, inv, c = torch.unique(torch.from_numpy(a), sorted=True, return_inverse=True, return_counts=True)
-        uniq.append(u.numpy())
-        inverses.append(inv)
-        counts.append(c.numpy())
+    # Distinct ids of every table at once, the tables in parallel (Rust).
+    distinct = _native.distinct_many(ids)
+    uniq = [u for u, _, _ in distinct]
+    inverses = [torch.from_numpy(inv) for _, inv, _ in distinct]
+    counts = [c for _, _, c in distinct]
     sizes = [len(u) for u in uniq]
     all_ids = np.concatenate(uniq) if T > 1 else uniq[0]
     all_counts = np.concatenate(counts) if T > 1 else counts[0]

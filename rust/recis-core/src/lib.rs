@@ -4,6 +4,7 @@
 //! Pure Rust: nothing here knows about Python.
 
 pub mod admission;
+pub mod dedup;
 pub mod features;
 pub mod hash;
 pub mod init;

@@ -876,6 +876,25 @@ fn apply_gradients_many<'py>(
     }))
 }
 
+/// The distinct ids of each batch, the batches in parallel:
+/// `recis_core::dedup::distinct`. One (ids, inverse, counts) a batch, in
+/// order of first appearance.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn distinct_many<'py>(
+    py: Python<'py>,
+    batches: Vec<PyReadonlyArray1<'py, i64>>,
+) -> PyResult<Vec<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)>> {
+    let batches: Vec<&[u64]> = batches.iter().map(|b| contiguous(b, "ids").map(as_u64)).collect::<PyResult<_>>()?;
+    let found: Vec<recis_core::dedup::Distinct> =
+        py.detach(|| batches.par_iter().map(|b| recis_core::dedup::distinct(b)).collect());
+    let wide = |v: Vec<u32>| v.into_iter().map(i64::from).collect::<Vec<i64>>();
+    Ok(found
+        .into_iter()
+        .map(|d| (into_i64(d.ids).into_pyarray(py), wide(d.inverse).into_pyarray(py), wide(d.counts).into_pyarray(py)))
+        .collect())
+}
+
 /// Number of threads of the rayon pool used by every batch call.
 #[pyfunction]
 fn num_threads() -> usize {
@@ -889,6 +908,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
     m.add_function(wrap_pyfunction!(apply_gradients_many, m)?)?;
+    m.add_function(wrap_pyfunction!(distinct_many, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint64, m)?)?;
     m.add_class::<PyOrcSource>()?;
     m.add_class::<PyOrcReader>()?;
