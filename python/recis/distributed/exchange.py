@@ -46,7 +46,7 @@ class _FromOwners(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, w, plan):  # noqa: ARG004 - anchor only ties w into the graph
         ctx.plan = plan
-        return w.clone()
+        return w  # the same storage, no copy: autograd wraps it as an output
 
     @staticmethod
     def backward(ctx, grad):

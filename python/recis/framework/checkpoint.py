@@ -402,6 +402,17 @@ class CheckpointManager:
         return int(meta["step"])
 
 
+def resolve_checkpoint(path: str) -> str:
+    """``path`` if it is a checkpoint (a ``ckpt-N`` directory), else the
+    latest complete checkpoint in the checkpoints directory ``path``."""
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    found = CheckpointManager.reading(path).latest()
+    if found is None:
+        raise CheckpointError(f"{path}: not a checkpoint (no meta.json) nor a directory of checkpoints")
+    return found
+
+
 def inspect_checkpoint(path: str) -> dict:
     """What a checkpoint holds, read from its headers (no tensor is loaded):
     {path, step, tables: {name: rows, dim, slot_width, bytes}, dense: {name:
@@ -409,11 +420,7 @@ def inspect_checkpoint(path: str) -> dict:
     ``path``: a ``ckpt-N`` directory, or a checkpoints directory (its latest)."""
     from safetensors import safe_open
 
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        found = CheckpointManager.reading(path).latest()
-        if found is None:
-            raise CheckpointError(f"{path}: not a checkpoint (no meta.json) nor a directory of checkpoints")
-        path = found
+    path = resolve_checkpoint(path)
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
 

@@ -330,16 +330,13 @@ class Trainer:
         return logs
 
     def _warm_start(self) -> None:
-        from recis.framework.checkpoint import CheckpointError
+        from recis.framework.checkpoint import CheckpointError, resolve_checkpoint
 
         a = self.args
-        path = a.warm_start
-        if not os.path.isfile(os.path.join(path, "meta.json")):
-            if not os.path.isdir(path):
-                raise CheckpointError(f"warm_start: {path}: no such checkpoint")
-            path = CheckpointManager.reading(path).latest()
-            if path is None:
-                raise CheckpointError(f"warm_start: {a.warm_start}: holds no complete checkpoint")
+        try:
+            path = resolve_checkpoint(a.warm_start)
+        except CheckpointError as e:
+            raise CheckpointError(f"warm_start: {e}") from None
         state = self._state()
         step = self.checkpoints.load(
             path, **{k: v for k, v in state.items() if k != "dataset"}, parts=a.warm_start_parts
