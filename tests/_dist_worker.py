@@ -74,10 +74,16 @@ def dump(model, tables: dict, path: str) -> None:
     tensors = {f"dense.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     for name, t in tables.items():
         state = t.state_dict()
-        order = torch.argsort(state["ids"])
-        tensors[f"{name}.ids"] = state["ids"][order]
-        tensors[f"{name}.values"] = state["values"][order].clone()
-        tensors[f"{name}.frequency"] = state["frequency"][order]
+        ns = state.get("namespace", torch.zeros_like(state["ids"]))
+        for k, ns_name in enumerate(t.namespaces):
+            # A coalesced table: each namespace (feature) by itself, since the
+            # same id may be in several.
+            mine = ns == k
+            ids = state["ids"][mine]
+            order = torch.argsort(ids)
+            tensors[f"{name}:{ns_name}.ids"] = ids[order]
+            tensors[f"{name}:{ns_name}.values"] = state["values"][mine][order].clone()
+            tensors[f"{name}:{ns_name}.frequency"] = state["frequency"][mine][order]
     save_file(tensors, path)
 
 

@@ -21,6 +21,10 @@ from recis.distributed import owner_of
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_dist_worker.py")
 FIELDS = ["f0", "f1", "f2"]
+# The fields share a config, so they are the namespaces of one table; the
+# workers dump each namespace as "<table>:<namespace>".
+TABLE = "f0+2"
+K = {f: f"{TABLE}:{f}" for f in FIELDS}
 
 
 def torchrun(*args, nproc=2, timeout=180, env=None):
@@ -87,7 +91,8 @@ def test_engine_features_of_every_kind_over_two_ranks(runs):
     # Sum and mean pooling, a table shared by three features, a sequence
     # feature ([B, L, D]) and the same raw ids in every feature.
     one = result(runs, "1-0-engine")
-    assert {k.split(".")[0] for k in one} == {"a", "b", "engine_test_shared"}
+    # One config: the three logical tables are namespaces of one table.
+    assert {k.split(".")[0] for k in one} == {"a+2:a", "a+2:b", "a+2:engine_test_shared"}
     same_as_one_process(one, result(runs, "2-0-engine"), result(runs, "2-1-engine"))
 
 
@@ -102,7 +107,7 @@ def test_fp16_loss_scaling_over_two_ranks(runs):
     one = result(runs, "1-0-fp16")
     # (fp16 products round differently in batches of 16 and of 32 rows.)
     same_as_one_process(one, result(runs, "2-0-fp16"), result(runs, "2-1-fp16"), tol=1e-3)
-    assert not torch.equal(one["f0.values"], result(runs, "1-0")["f0.values"])  # fp16 did change the run
+    assert not torch.equal(one[f"{K['f0']}.values"], result(runs, "1-0")[f"{K['f0']}.values"])  # fp16 did change it
 
 
 def test_resume_of_two_ranks_is_exact(runs):
@@ -118,7 +123,7 @@ def test_resume_of_two_ranks_is_exact(runs):
 @pytest.mark.parametrize(
     "kill",
     [
-        "1,table_save,5",  # rank 1 inside the step-6 checkpoint, one table shard written
+        "1,table_save,2",  # rank 1 inside the step-6 checkpoint, before its table shard is written
         "0,point_latest,2",  # rank 0 after renaming ckpt-6, before moving `latest`
         "0,sparse_step,5",  # rank 0 inside step 5
     ],
@@ -146,9 +151,12 @@ def test_checkpoint_layout_and_inspect(runs):
     assert len(meta["datasets"]) == 2
     info = inspect_checkpoint(str(ckpt))
     one = result(runs, "1-0")
-    for f in FIELDS:
-        assert meta["tables"][f]["shards"] == [[f"table-{f}.r0.00000.safetensors"], [f"table-{f}.r1.00000.safetensors"]]
-        assert info["tables"][f]["rows"] == len(one[f"{f}.ids"])
+    # The fields share a config: one table, each field a namespace of it.
+    assert list(meta["tables"]) == [TABLE]
+    shards = meta["tables"][TABLE]["shards"]
+    assert shards == [[f"table-{TABLE}.r0.00000.safetensors"], [f"table-{TABLE}.r1.00000.safetensors"]]
+    assert info["tables"][TABLE]["rows"] == sum(len(one[f"{K[f]}.ids"]) for f in FIELDS)
+    assert info["tables"][TABLE]["namespaces"] == {f: len(one[f"{K[f]}.ids"]) for f in FIELDS}
     assert info["parts"]["world_size"] == 2
 
 
@@ -178,13 +186,15 @@ def test_two_rank_checkpoint_loads_into_one_process(runs):
         == 6
     )
     r0, r1 = result(runs, "2-0"), result(runs, "2-1")
-    for f in FIELDS:
-        state = tables[f].state_dict()
-        order = torch.argsort(state["ids"])
-        ids = torch.cat([r0[f"{f}.ids"], r1[f"{f}.ids"]])
+    state = tables[TABLE].state_dict()
+    for k, f in enumerate(FIELDS):
+        mine = state["namespace"] == k
+        order = torch.argsort(state["ids"][mine])
+        ids = torch.cat([r0[f"{K[f]}.ids"], r1[f"{K[f]}.ids"]])
         theirs = torch.argsort(ids)
-        assert torch.equal(state["ids"][order], ids[theirs])
-        assert torch.equal(state["values"][order], torch.cat([r0[f"{f}.values"], r1[f"{f}.values"]])[theirs])
+        assert torch.equal(state["ids"][mine][order], ids[theirs])
+        values = torch.cat([r0[f"{K[f]}.values"], r1[f"{K[f]}.values"]])[theirs]
+        assert torch.equal(state["values"][mine][order], values)
     for k, v in model.state_dict().items():
         assert torch.equal(v, r0[f"dense.{k}"])
 
@@ -193,7 +203,7 @@ def test_one_process_checkpoint_reshards_over_two_ranks(runs):
     one = result(runs, "1-0")
     for rank in (0, 1):
         got = result(runs, f"2-{rank}-loaded")
-        for f in FIELDS:
+        for f in (K[f] for f in FIELDS):
             mine = torch.from_numpy(owner_of(one[f"{f}.ids"].numpy(), 2) == rank)
             assert torch.equal(got[f"{f}.ids"], one[f"{f}.ids"][mine])
             assert torch.equal(got[f"{f}.values"], one[f"{f}.values"][mine])
@@ -254,7 +264,10 @@ def test_recis_train_under_torchrun(tmp_path, capsys):
     ckpt = tmp_path / "job" / "checkpoints"
     latest = (ckpt / "latest").read_text()
     files = os.listdir(ckpt / latest)
-    assert {"table-C1.r0.00000.safetensors", "table-C1.r1.00000.safetensors", "rank-1.json"} <= set(files)
+    assert {"rank-1.json", "rank-0.json", "meta.json"} <= set(files)
+    tables = json.loads((ckpt / latest / "meta.json").read_text())["tables"]
+    for name in tables:
+        assert {f"table-{name}.r0.00000.safetensors", f"table-{name}.r1.00000.safetensors"} <= set(files)
     log = [json.loads(line) for line in (tmp_path / "job" / "log.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in log) and any("loss" in r for r in log)
     assert main(["inspect", str(ckpt)]) == 0

@@ -68,24 +68,27 @@ def reference_outputs(weights, table_of, step):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_engine_equals_plain_pytorch_over_steps(seed):
-    engine = EmbeddingEngine(options())
-    assert [t.name for t in engine.tables()] == ["a", "b", "engine_test_shared"]
+@pytest.mark.parametrize(("seed", "coalesce"), [(0, True), (1, True), (2, False)])
+def test_engine_equals_plain_pytorch_over_steps(seed, coalesce):
+    engine = EmbeddingEngine(options(), coalesce=coalesce)
+    logical = engine.logical_tables()
+    assert list(logical) == ["a", "b", "engine_test_shared"]
+    # One config: coalesced, the three logical tables are namespaces of one.
+    assert [t.name for t in engine.tables()] == (["a+2"] if coalesce else ["a", "b", "engine_test_shared"])
     table_of = {f: engine.table_of[f] for f in "abcds"}
     data = batches(20, seed=seed)
     raw = data[0][0]
-    # The oracle: one dense weight per table, rows = the table's initial values.
+    # The oracle: one dense weight per logical table, rows = its initial values.
     weights = {
-        t.name: torch.nn.Parameter(t.initial_values(raw).clone())
-        for t in engine.tables()  # initial values are a function of (seed, id)
+        name: torch.nn.Parameter(t.initial_values(raw).clone())
+        for name, t in logical.items()  # initial values are a function of (seed, id)
     }
     # eps as in test_optim_oracle: Adam divides by sqrt(v) + eps, which turns
     # float32 summation-order differences of a near-zero gradient into
     # visible ones at eps=1e-8.
     opt = SparseAdam(engine, lr=0.05, eps=1e-6)
     ref_opt = torch.optim.SparseAdam(list(weights.values()), lr=0.05, eps=1e-6)
-    seen = {t.name: set() for t in engine.tables()}
+    seen = {name: set() for name in logical}
     for raw, step, targets in data:
         for f, (idx, _) in step.items():
             seen[table_of[f]].update(int(x) for x in raw[idx])
@@ -102,11 +105,12 @@ def test_engine_equals_plain_pytorch_over_steps(seed):
         loss_of(ref, targets).backward()
         ref_opt.step()
     pos = {int(x): i for i, x in enumerate(raw)}
-    for t in engine.tables():
-        ids = sorted(seen[t.name])
+    for name, t in logical.items():
+        ids = sorted(seen[name])
         assert len(t) == len(ids)
-        want = weights[t.name].detach()[[pos[x] for x in ids]]
+        want = weights[name].detach()[[pos[x] for x in ids]]
         torch.testing.assert_close(t.embeddings(torch.tensor(ids)), want, rtol=1e-4, atol=1e-5)
+    assert sum(len(t) for t in engine.tables()) == sum(len(s) for s in seen.values())
 
 
 def test_same_id_in_two_features_gets_two_rows():
@@ -138,3 +142,74 @@ def test_bad_inputs_are_named():
         EmbeddingEngine({"p": EmbeddingOption(dim=3, shared_name="u"), "q": EmbeddingOption(dim=4, shared_name="u")})
     with pytest.raises(ValueError, match="tuple"):
         DynamicEmbedding(EmbeddingOption(dim=3, combiner="tuple"))
+
+
+def test_tables_of_one_config_are_coalesced_and_others_are_not():
+    init = NormalInit(0.0, 0.1)
+    engine = EmbeddingEngine(
+        {
+            "x": EmbeddingOption(dim=3, initializer=init, seed=1),
+            "y": EmbeddingOption(dim=3, initializer=init, seed=2, combiner="mean"),  # pooling differs: same table
+            "z": EmbeddingOption(dim=4, initializer=init),  # another dim
+            "w": EmbeddingOption(dim=3),  # another initializer
+            "v": EmbeddingOption(dim=3, initializer=init, seed=1, shared_name="x"),  # x's table
+        }
+    )
+    assert [(t.name, t.namespaces) for t in engine.tables()] == [("x+1", ["x", "y"]), ("z", ["z"]), ("w", ["w"])]
+    assert engine.table("v").name == "x" and engine.table("v").table is engine.table("y").table
+    # Every id of every feature is its own row; the namespaces' initial
+    # values follow their own seeds (x's seed 1, y's seed 2).
+    ids = torch.tensor([5, 6, 5, 2**63 - 1])
+    batch = {f: RaggedTensor(ids, torch.tensor([0, 2, 4])) for f in "xyzwv"}
+    engine(batch)
+    table = engine.tables()[0]
+    assert len(engine.table("x")) == len(engine.table("y")) == 3 and len(table) == 6
+    alone_x = EmbeddingEngine({"x": EmbeddingOption(dim=3, initializer=init, seed=1)}).table("x")
+    alone_y = EmbeddingEngine({"y": EmbeddingOption(dim=3, initializer=init, seed=2)}).table("y")
+    u = torch.tensor([5, 6, 2**63 - 1])
+    assert torch.equal(engine.table("x").embeddings(u), alone_x.initial_values(u))
+    assert torch.equal(engine.table("y").embeddings(u), alone_y.initial_values(u))
+    assert not torch.equal(engine.table("x").embeddings(u), engine.table("y").embeddings(u))
+
+
+def test_coalesced_table_checkpoint_eviction_and_a_foreign_feature_set(tmp_path):
+    from recis.framework import CheckpointError, CheckpointManager
+    from recis.nn import EvictionOption
+
+    def make(features):
+        return EmbeddingEngine(
+            {f: EmbeddingOption(dim=2, seed=i, eviction=EvictionOption(max_rows=3)) for i, f in enumerate(features)}
+        )
+
+    engine = make("ab")
+    opt = SparseAdam(engine, lr=0.1)
+    for step, ids in enumerate(([1, 2, 3], [3, 4, 5], [5, 6, 1])):
+        rt = RaggedTensor(torch.tensor(ids), torch.tensor([0, 1, 3]))
+        out = engine({"a": rt, "b": rt})
+        (out["a"].sum() + 2 * out["b"].sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        assert engine.tables()[0].step == step + 1
+    (table,) = engine.tables()
+    assert len(table) == 12  # ids 1..6 in each namespace
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(3, tables={table.name: table}, sparse_optimizer=opt)
+    again = make("ab")
+    again_opt = SparseAdam(again, lr=0.1)
+    (t2,) = again.tables()
+    assert manager.load(tables={t2.name: t2}, sparse_optimizer=again_opt, parts=("sparse", "optimizer")) == 3
+    u = torch.arange(1, 7)
+    for f in "ab":
+        assert torch.equal(again.table(f).embeddings(u), engine.table(f).embeddings(u)), f
+    assert t2.state_dict()["values"].shape == table.state_dict()["values"].shape
+    # Another feature set in a table of the same name: refused, named.
+    other = make(["a", "c"])
+    (t3,) = other.tables()
+    with pytest.raises(CheckpointError, match=r"holds tables \['a', 'b'\].*has \['a', 'c'\]"):
+        manager.load(tables={t3.name: t3}, parts=("sparse",))
+    assert len(t3) == 0
+    # max_rows=3 a feature: the coalesced table keeps 6, ranked together
+    # (ids last seen at step 0 go first, in either namespace).
+    gone = table.evict(by_namespace=True)
+    assert len(table) == 6
+    assert {f: sorted(v.tolist()) for f, v in gone.items()} == {"a": [2, 3, 4], "b": [2, 3, 4]}

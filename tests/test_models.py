@@ -50,7 +50,11 @@ def test_model_learns_the_synthetic_click_model(name):
         batch, labels = batch_of(data, 8000, rng)
         auc = roc_auc_score(labels.numpy(), model(batch).numpy())
     assert auc > 0.65, (name, auc)
-    assert len(model.tables()) == len(FIELDS)  # a table per field: collisionless
+    # One config: the fields are namespaces of one coalesced table, each
+    # field's ids its own (collisionless).
+    (table,) = model.tables()
+    assert table.namespaces == list(FIELDS)
+    assert sum(len(model.embedding.table(f)) for f in FIELDS) == len(table)
 
 
 def test_field_options_and_bad_configs():

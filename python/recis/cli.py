@@ -173,6 +173,8 @@ def inspect_cmd(args) -> int:
             f"  {name:24s} {t['rows']:>12,} rows  dim {t['dim']:<4d} "
             f"optimizer slots {t['slot_width']}  ({t['bytes']:,} bytes)"
         )
+        for ns, rows in t.get("namespaces", {}).items():
+            print(f"    {ns:22s} {rows:>12,} rows")
     print(f"dense tensors ({len(info['dense'])}, {sum(n for _, n in info['dense'].values()):,} values):")
     for name, (shape, _) in info["dense"].items():
         print(f"  {name:40s} {list(shape)}")

@@ -55,11 +55,11 @@ class _FromOwners(torch.autograd.Function):
 
 
 def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]):
-    """(W [U, D], inverse) for a group's ``tables`` as ``EmbeddingEngine``
-    builds them in one process: W holds each table's distinct ids of this
-    rank's batch, table after table, and ``inverse`` maps every id to its
-    row of W. Every rank must call this for the same group at the same
-    point of its step."""
+    """(W [U, D], inverse) for a group's logical ``tables`` (``TableView``s:
+    namespaces of physical tables) as ``EmbeddingEngine`` builds them in one
+    process: W holds each table's distinct ids of this rank's batch, table
+    after table, and ``inverse`` maps every id to its row of W. Every rank
+    must call this for the same group at the same point of its step."""
     n, T, dim = world(), len(tables), tables[0].dim
     # Distinct ids of every table at once, the tables in parallel (Rust).
     distinct = _native.distinct_many(ids)
@@ -90,17 +90,19 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
     # Each id as many times as the batches held it: frequencies and the
     # admission sketch count what one process would have counted.
     look = [np.repeat(i, c) if tr else i for i, c, tr in zip(r_ids, r_cnt, trainable, strict=True)]
-    found = _native.lookup_unique_many([t.native for t in tables], look, [t.step for t in tables], trainable)
+    found = _native.lookup_unique_many(
+        [t.table.native for t in tables], look, [t.table.step for t in tables], trainable, [t.ns for t in tables]
+    )
     values = torch.empty(int(bounds[-1]), dim)
     for j, (t, (_, rows, inv, _), tr) in enumerate(zip(tables, found, trainable, strict=True)):
         first = np.cumsum(r_cnt[j]) - r_cnt[j] if tr else np.arange(len(r_ids[j]))
         rows_j = rows[inv[first]] if len(first) else rows[:0]
         lo, hi = int(bounds[j]), int(bounds[j + 1])
-        t.native.gather(r_ids[j], rows_j, missing_initial[j], values[lo:hi].numpy())
+        t.table.native.gather(r_ids[j], rows_j, missing_initial[j], values[lo:hi].numpy(), t.ns)
         if tr:
             # The table's distinct rows; the entries of ids that came from
             # several ranks point at the same one (the optimizer sums them).
-            t.add_pending(rows, values, RowsPart(lo, hi, torch.from_numpy(inv[first])))
+            t.table.add_pending(rows, values, RowsPart(lo, hi, torch.from_numpy(inv[first])))
     back = torch.empty_like(values)
     back[torch.from_numpy(recv_perm)] = values
     mine = all_to_all(back, recv_sizes, send_sizes)

@@ -178,6 +178,8 @@ class CheckpointManager:
             # In chunks of rows: a huge table is never held twice in memory.
             files = table.save(tmp, f"table-{name}{tag}", chunk_rows=self.table_chunk_rows)
             info["tables"][name] = {"rows": len(table), "files": files}
+            if len(table.namespaces) > 1:
+                info["tables"][name]["namespace_rows"] = [table.native.len_in(k) for k in range(len(table.namespaces))]
         if dataset is not None:
             info["dataset"] = dataset.state_dict()
         info["rng_file"] = f"rng{tag}.safetensors"
@@ -196,11 +198,16 @@ class CheckpointManager:
         for name, table in tables.items():
             shards = [r["tables"][name]["files"] for r in ranks]
             meta["tables"][name] = {
-                "config": table.option.table_config(),
+                "config": table.table_config(),
                 "slot_width": table.native.slot_width,
                 "rows": sum(r["tables"][name]["rows"] for r in ranks),
                 "files": [f for files in shards for f in files],
             }
+            if len(table.namespaces) > 1:
+                per_rank = [r["tables"][name]["namespace_rows"] for r in ranks]
+                meta["tables"][name]["namespace_rows"] = dict(
+                    zip(table.namespaces, (sum(c) for c in zip(*per_rank, strict=True)), strict=True)
+                )
             if len(ranks) > 1:
                 meta["tables"][name]["shards"] = shards
         if model is not None:
@@ -330,7 +337,14 @@ class CheckpointManager:
             if set(tables) != saved:
                 raise CheckpointError(f"{path}: holds tables {sorted(saved)} but the model has {sorted(tables)}")
             for name, table in tables.items():
-                mine, theirs = table.option.table_config(), meta["tables"][name]["config"]
+                mine, theirs = table.table_config(), meta["tables"][name]["config"]
+                ns_mine = [n for n, _ in mine.get("namespaces", [])]
+                ns_theirs = [n for n, _ in theirs.get("namespaces", [])]
+                if ns_mine != ns_theirs:
+                    raise CheckpointError(
+                        f"{path}: holds tables {ns_theirs or [name]} in table {name!r} but the model has "
+                        f"{ns_mine or [name]} there"
+                    )
                 if mine != theirs:
                     diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
                     raise CheckpointError(f"{path}: table {name!r} was saved with another config (differs in {diff})")
@@ -415,7 +429,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def inspect_checkpoint(path: str) -> dict:
     """What a checkpoint holds, read from its headers (no tensor is loaded):
-    {path, step, tables: {name: rows, dim, slot_width, bytes}, dense: {name:
+    {path, step, tables: {name: rows, dim, slot_width, bytes[, namespaces:
+    {name: rows}]}, dense: {name:
     (shape, values)}, parts: JSON parts (optimizers, scheduler, dataset)}.
     ``path``: a ``ckpt-N`` directory, or a checkpoints directory (its latest)."""
     from safetensors import safe_open
@@ -442,6 +457,8 @@ def inspect_checkpoint(path: str) -> dict:
             "slot_width": t["slot_width"],
             "bytes": sum(os.path.getsize(f) for f in files if os.path.isfile(f)),
         }
+        if "namespace_rows" in t:
+            tables[name]["namespaces"] = t["namespace_rows"]
     parts = {}
     if "sparse_optimizer" in meta:
         so = meta["sparse_optimizer"]

@@ -11,7 +11,8 @@ from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
 
 
 def sparse_engine(fields, width: int, seed: int = 0) -> tuple[list[str], EmbeddingEngine]:
-    """(field names, an EmbeddingEngine with one table per field).
+    """(field names, an EmbeddingEngine with a logical table per field; fields
+    of one config are coalesced into one physical table).
 
     ``fields``: a list of names (each gets ``EmbeddingOption(dim=width,
     initializer=NormalInit(0, 0.01))``, seeded apart per field so equal ids of

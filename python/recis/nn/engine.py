@@ -1,18 +1,22 @@
 """`EmbeddingEngine`: every sparse feature of a model, looked up together.
 
-``EmbeddingEngine({feature: EmbeddingOption})`` owns one dynamic table per
-feature, or one per ``shared_name`` for features that share a table. Ids are
-never merged across tables: the same id in two features is two rows unless
-the features share a table by name (collisionless; no id bits are given up
-for a table prefix).
+``EmbeddingEngine({feature: EmbeddingOption})`` gives each feature a logical
+table of its own, or one per ``shared_name`` for features that share a
+table. Logical tables whose options define the same table (dim, dtype,
+initializer, admission, eviction — everything but the seed) are coalesced
+into one physical ``HashTable``, each a namespace of it: one row store, one
+id map split into per-namespace shards, one optimizer call, one eviction,
+one checkpoint entry. Ids are never merged: the same id in two features is
+two keys and two rows unless the features share a table by name
+(collisionless at the full 64 bits; no id bits are given up for a table
+prefix), and each namespace keeps its own initializer seed.
 
-A step's lookups are coalesced by config: features pooled the same way (same
+A step's lookups are coalesced too: features pooled the same way (same
 ``dim`` and ``combiner``, weighted or not) form a group, and a group costs one
-native call for all its tables' lookups (``lookup_unique_many``, the tables
-in parallel), one gather into one leaf tensor ``W`` [U, D] and one
+native call for all its lookups (``lookup_unique_many``, the namespaces in
+parallel), one gather into one leaf tensor ``W`` [U, D] and one
 ``embedding_bag`` for all its features. The backward leaves one sparse
-gradient on ``W``, which each table's share of reads as a slice; the sparse
-optimizer applies it table by table.
+gradient on ``W``, which each physical table's share of reads as a slice.
 
 Under ``torchrun`` the tables are sharded by rows over the ranks and a
 group's lookup is an exchange with the ids' owners (``recis.distributed``).
@@ -24,6 +28,7 @@ a fixed length upstream with ``features.SequenceTruncate``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +36,7 @@ from torch import nn
 from recis import _native, distributed
 from recis.distributed.exchange import sharded_lookup
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool
-from recis.nn.hash_table import HashTable, SharedBlock, ids_to_numpy
+from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -48,23 +53,26 @@ class EmbeddingEngine(nn.Module):
         })
         out = engine(batch)   # {"user": [B, 16], "item": [B, 16], "clicked_items": [B, L, 16]}
         opt = recis.optim.SparseAdam(engine, lr=1e-3)
+
+    ``coalesce=False`` keeps one physical table per logical table.
     """
 
-    def __init__(self, features: dict[str, EmbeddingOption]):
+    def __init__(self, features: dict[str, EmbeddingOption], coalesce: bool = True):
         super().__init__()
         if not features:
             raise ValueError("EmbeddingEngine: needs at least one feature")
         self.options = dict(features)
-        self._tables: dict[str, HashTable] = {}
+        # Logical tables: a feature's own, or its shared name's.
+        logical: dict[str, EmbeddingOption] = {}
         self.table_of: dict[str, str] = {}
         for name, option in self.options.items():
             if not isinstance(option, EmbeddingOption):
                 raise TypeError(f"EmbeddingEngine: feature {name!r}: expected an EmbeddingOption, got {option!r}")
             table_name = option.shared_name or name
-            if table_name in self._tables:
-                theirs = self._tables[table_name].option.table_config()
-                if option.table_config() != theirs:
-                    diff = sorted(k for k in theirs if theirs[k] != option.table_config()[k])
+            if table_name in logical:
+                theirs, mine = logical[table_name].table_config(), option.table_config()
+                if mine != theirs:
+                    diff = sorted(k for k in theirs if theirs[k] != mine[k])
                     raise ValueError(
                         f"EmbeddingEngine: feature {name!r} shares table {table_name!r} with another config "
                         f"(differs in {diff})"
@@ -73,17 +81,43 @@ class EmbeddingEngine(nn.Module):
                 # Sharing is resolved inside the engine, not through the
                 # process-wide registry of DynamicEmbedding modules: two
                 # engines never share a table by accident.
-                self._tables[table_name] = HashTable(option, table_name)
+                logical[table_name] = option
             self.table_of[name] = table_name
+        # Physical tables: logical tables of one config (but the seed) as
+        # namespaces of one table, in the order of their first feature.
+        by_config: dict[str, list[str]] = {}
+        for table_name, option in logical.items():
+            cfg = dict(option.table_config())
+            del cfg["seed"]
+            key = repr(sorted(cfg.items())) if coalesce else table_name
+            by_config.setdefault(key, []).append(table_name)
+        self._tables: dict[str, HashTable] = {}
+        self._views: dict[str, TableView] = {}
+        for names in by_config.values():
+            first = logical[names[0]]
+            if len(names) == 1:
+                table = HashTable(first, names[0])
+            else:
+                table = HashTable(first, f"{names[0]}+{len(names) - 1}", [(n, logical[n].seed) for n in names])
+            self._tables[table.name] = table
+            for n in names:
+                self._views[n] = table.view(n)
 
     def tables(self) -> list[HashTable]:
+        """The physical tables (what the sparse optimizer and checkpoints see)."""
         return list(self._tables.values())
 
-    def table(self, feature: str) -> HashTable:
-        return self._tables[self.table_of[feature]]
+    def logical_tables(self) -> dict[str, TableView]:
+        """Every logical table (a feature's, or a shared name's) by name."""
+        return dict(self._views)
+
+    def table(self, feature: str) -> TableView:
+        """The logical table of ``feature``: its namespace of a physical table."""
+        return self._views[self.table_of[feature]]
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{f}->{t}" for f, t in self.table_of.items())
+        views = getattr(self, "_views", {})
+        return ", ".join(f"{f}->{views[t].table.name}" for f, t in self.table_of.items() if t in views)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Embeddings of every configured feature present in ``batch``
@@ -108,44 +142,68 @@ class EmbeddingEngine(nn.Module):
         return {f: out[f] for f in self.options}
 
     def _lookup_group(self, members: list[tuple[str, RaggedTensor]], combiner: str, train: bool) -> dict:
-        # Features in table order, so each table's lookup positions are one
-        # contiguous range of the group's.
+        # Features by logical table, the logical tables by physical table, so
+        # each logical and each physical table's lookup positions and rows of
+        # W are one contiguous range of the group's.
         by_table: dict[str, list[tuple[str, RaggedTensor]]] = {}
         for name, rt in members:
             by_table.setdefault(self.table_of[name], []).append((name, rt))
-        order = [m for ms in by_table.values() for m in ms]
-        tables = [self._tables[t] for t in by_table]
-        ids = [
-            ids_to_numpy(torch.cat([rt.values for _, rt in ms]) if len(ms) > 1 else ms[0][1].values, f"{t}: ids")
-            for t, ms in by_table.items()
+        physical = list(self._tables)
+        logical = sorted(by_table, key=lambda t: physical.index(self._views[t].table.name))
+        order = [m for t in logical for m in by_table[t]]
+        views = [self._views[t] for t in logical]
+        ids = []
+        for t in logical:
+            ms = by_table[t]
+            ids.append(
+                ids_to_numpy(torch.cat([rt.values for _, rt in ms]) if len(ms) > 1 else ms[0][1].values, f"{t}: ids")
+            )
+        trainable = [train and self.options[by_table[t][0][0]].trainable for t in logical]
+        missing_initial = [
+            tr or self.options[by_table[t][0][0]].eval_missing == "initial"
+            for t, tr in zip(logical, trainable, strict=True)
         ]
-        trainable = [train and t.option.trainable for t in tables]
         if distributed.active():
-            missing_initial = [
-                tr or t.option.eval_missing == "initial" for t, tr in zip(tables, trainable, strict=True)
-            ]
-            w, inverse = sharded_lookup(tables, ids, trainable, missing_initial)
+            w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
             return self._pool(order, w, inverse, combiner)
-        found = _native.lookup_unique_many([t.native for t in tables], ids, [t.step for t in tables], trainable)
+        found = _native.lookup_unique_many(
+            [v.table.native for v in views], ids, [v.table.step for v in views], trainable, [v.ns for v in views]
+        )
         sizes = [len(rows) for _, rows, _, _ in found]
-        w = torch.empty(sum(sizes), tables[0].dim)
+        w = torch.empty(sum(sizes), views[0].dim)
         inverse, lo = [], 0
-        for t, (uniq, rows, inv, _), n, tr in zip(tables, found, sizes, trainable, strict=True):
-            missing_initial = tr or t.option.eval_missing == "initial"
-            t.native.gather(uniq, rows, missing_initial, w[lo : lo + n].numpy())
+        for v, (uniq, rows, inv, _), n, mi in zip(views, found, sizes, missing_initial, strict=True):
+            v.table.native.gather(uniq, rows, mi, w[lo : lo + n].numpy(), v.ns)
             inverse.append(torch.from_numpy(inv) + lo if lo else torch.from_numpy(inv))
             lo += n
         inverse = torch.cat(inverse) if len(inverse) > 1 else inverse[0]
         if any(trainable):
             w.requires_grad_(True)
             block = SharedBlock(inverse)
+            # One pending block per run of trainable namespaces of a physical
+            # table: their rows are distinct (namespaces never share a row).
+            run: list = []  # [table, rows..., lo, hi, plo, phi]
             lo = plo = 0
-            for t, (_, rows, inv, _), n, tr in zip(tables, found, sizes, trainable, strict=True):
-                if tr:
-                    t.add_pending(rows, w, (block, lo, lo + n, plo, plo + len(inv)))
+            for v, (_, rows, inv, _), n, tr in zip(views, found, sizes, trainable, strict=True):
+                if tr and run and run[0] is v.table and run[-3] == lo:
+                    run[1].append(rows)
+                    run[-3], run[-1] = lo + n, plo + len(inv)
+                elif tr:
+                    self._add_run(run, block, w)
+                    run = [v.table, [rows], lo, lo + n, plo, plo + len(inv)]
+                else:
+                    self._add_run(run, block, w)
+                    run = []
                 lo += n
                 plo += len(inv)
+            self._add_run(run, block, w)
         return self._pool(order, w, inverse, combiner)
+
+    @staticmethod
+    def _add_run(run: list, block: SharedBlock, w: torch.Tensor) -> None:
+        if run:
+            table, rows, lo, hi, plo, phi = run
+            table.add_pending(np.concatenate(rows) if len(rows) > 1 else rows[0], w, (block, lo, hi, plo, phi))
 
     def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str) -> dict:
         rts = [rt for _, rt in order]

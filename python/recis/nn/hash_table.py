@@ -3,6 +3,12 @@
 Owns the native table, the training step it stamps on ids, and the gradients
 of rows looked up since the last optimizer step (handed to the sparse
 optimizer, which sums them per row). It does no arithmetic itself.
+
+A table may hold several namespaces (id spaces): the tables of several
+features with one configuration, coalesced by ``EmbeddingEngine`` into one
+table with one row store, one optimizer call, one eviction and one
+checkpoint entry. The same id in two namespaces is two rows (collisionless
+at the full 64 bits). ``TableView`` is one namespace seen as a table.
 """
 
 from __future__ import annotations
@@ -64,9 +70,21 @@ class HashTable:
         rows = table.lookup(torch.tensor([3, -7, 2**62]))   # NO_ROW: absent
     """
 
-    def __init__(self, option: EmbeddingOption, name: str = "table"):
+    def __init__(self, option: EmbeddingOption, name: str = "table", namespaces: list[tuple[str, int]] | None = None):
+        """``namespaces``: (name, initializer seed) of each id space the
+        table holds; None: one, named ``name`` and seeded by ``option.seed``."""
         self.option = option
         self.name = name
+        coalesced = namespaces is not None
+        namespaces = list(namespaces) if coalesced else [(name, option.seed)]
+        if not namespaces:
+            raise ValueError(f"table {name!r}: needs at least one namespace")
+        names = [n for n, _ in namespaces]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table {name!r}: namespace names repeat: {names}")
+        self.namespaces = names
+        self.namespace_seeds = [int(s) for _, s in namespaces]
+        self._ns_index = {n: k for k, n in enumerate(names)}
         init_kind, init_params = option.initializer.spec()
         adm_kind, adm_params = option.admission.spec()
         self.native = _native.HashTable(
@@ -77,7 +95,8 @@ class HashTable:
             adm_kind,
             [float(x) for x in adm_params],
             option.num_shards,
-            option.initial_capacity,
+            option.initial_capacity * len(names),
+            self.namespace_seeds if coalesced else None,
         )
         # Training step stamped on ids as their last sighting (for TTL/LRU).
         self.step = 0
@@ -93,7 +112,28 @@ class HashTable:
         return len(self.native)
 
     def __repr__(self) -> str:
-        return f"HashTable(name={self.name!r}, dim={self.dim}, len={len(self)})"
+        ns = f", namespaces={len(self.namespaces)}" if len(self.namespaces) > 1 else ""
+        return f"HashTable(name={self.name!r}, dim={self.dim}, len={len(self)}{ns})"
+
+    def ns_index(self, namespace: str) -> int:
+        try:
+            return self._ns_index[namespace]
+        except KeyError:
+            raise KeyError(f"table {self.name!r} has no namespace {namespace!r} (it has {self.namespaces})") from None
+
+    def view(self, namespace: str) -> TableView:
+        """One namespace of the table, seen as a table."""
+        return TableView(self, self.ns_index(namespace))
+
+    def table_config(self) -> dict:
+        """What defines the table, as JSON (checked when a checkpoint loads):
+        the option's table config and, for a coalesced table, its namespaces
+        with their seeds in place of the option's seed."""
+        cfg = self.option.table_config()
+        if len(self.namespaces) > 1 or self.namespaces[0] != self.name:
+            del cfg["seed"]
+            cfg["namespaces"] = [[n, s] for n, s in zip(self.namespaces, self.namespace_seeds, strict=True)]
+        return cfg
 
     def stats(self) -> dict:
         """Size and memory: len, id-map slots, rows, bytes by part."""
@@ -101,43 +141,43 @@ class HashTable:
 
     # -- lookups --------------------------------------------------------------
 
-    def lookup(self, ids: torch.Tensor) -> np.ndarray:
+    def lookup(self, ids: torch.Tensor, ns: int = 0) -> np.ndarray:
         """Row of each id (``NO_ROW`` where absent). Inserts nothing."""
-        return self.native.lookup(ids_to_numpy(ids))
+        return self.native.lookup(ids_to_numpy(ids), ns)
 
-    def embeddings(self, ids: torch.Tensor, missing: str = "zeros") -> torch.Tensor:
+    def embeddings(self, ids: torch.Tensor, missing: str = "zeros", ns: int = 0) -> torch.Tensor:
         """Current embedding of each id, [n, dim] (a copy); inserts nothing."""
         ids_np = ids_to_numpy(ids)
-        rows = self.native.lookup(ids_np)
+        rows = self.native.lookup(ids_np, ns)
         out = torch.empty(len(ids_np), self.dim)
-        self.native.gather(ids_np, rows, missing == "initial", out.numpy())
+        self.native.gather(ids_np, rows, missing == "initial", out.numpy(), ns)
         return out
 
-    def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
+    def initial_values(self, ids: torch.Tensor, ns: int = 0) -> torch.Tensor:
         """The would-be initial embedding of each id, [n, dim]."""
         ids_np = ids_to_numpy(ids)
         out = torch.empty(len(ids_np), self.dim)
-        self.native.initial_values(ids_np, out.numpy())
+        self.native.initial_values(ids_np, out.numpy(), ns)
         return out
 
-    def lookup_unique(self, ids_np: np.ndarray, train: bool):
+    def lookup_unique(self, ids_np: np.ndarray, train: bool, ns: int = 0):
         """Distinct ids of a batch with their rows: (ids, rows, inverse, counts).
         In training new ids are inserted (subject to admission)."""
         if train:
-            return self.native.lookup_or_insert_unique(ids_np, self.step)
-        return self.native.lookup_unique(ids_np)
+            return self.native.lookup_or_insert_unique(ids_np, self.step, ns)
+        return self.native.lookup_unique(ids_np, ns)
 
-    def gather(self, ids_np: np.ndarray, rows: np.ndarray, missing_initial: bool) -> torch.Tensor:
+    def gather(self, ids_np: np.ndarray, rows: np.ndarray, missing_initial: bool, ns: int = 0) -> torch.Tensor:
         out = torch.empty(len(rows), self.dim)
-        self.native.gather(ids_np, rows, missing_initial, out.numpy())
+        self.native.gather(ids_np, rows, missing_initial, out.numpy(), ns)
         return out
 
     # -- gradients --------------------------------------------------------------
 
     def add_pending(self, rows: np.ndarray, weights: torch.Tensor, part=None) -> None:
-        """Records a looked-up block of rows whose ``.grad`` the next optimizer
-        step applies. ``part``: the rows are a share of a block ``weights``
-        that several tables fill (``nn.engine``)."""
+        """Records a looked-up block of distinct rows whose ``.grad`` the next
+        optimizer step applies. ``part``: the rows are a share of a block
+        ``weights`` that several tables fill (``nn.engine``)."""
         self._pending.append((rows, weights, part))
 
     def pending_gradients(self):
@@ -201,10 +241,13 @@ class HashTable:
 
     # -- maintenance -------------------------------------------------------------
 
-    def evict(self, step: int | None = None, **policy) -> torch.Tensor:
+    def evict(self, step: int | None = None, by_namespace: bool = False, **policy):
         """Removes ids by the given criteria (``ttl_steps``, ``min_frequency``,
         ``max_rows``, ``score``, ``min_l2_norm``; by default the option's
-        ``eviction``). Returns the evicted ids."""
+        ``eviction``, whose ``max_rows`` is per namespace: a coalesced table
+        of N features keeps at most N × ``max_rows`` rows, ranked together).
+        Returns the evicted ids, or with ``by_namespace`` a dict of them by
+        namespace name."""
         if self._pending:
             raise RuntimeError(
                 f"table {self.name!r}: evict() with gradients pending; call the optimizer's step() or zero_grad() first"
@@ -214,6 +257,8 @@ class HashTable:
             if ev is None:
                 raise ValueError(f"table {self.name!r} has no eviction option and none was given")
             max_rows = ev.max_rows
+            if max_rows is not None:
+                max_rows *= len(self.namespaces)
             if max_rows is not None and distributed.active():
                 # The table is sharded: each rank keeps its share of the cap.
                 max_rows = -(-max_rows // distributed.world())
@@ -227,15 +272,22 @@ class HashTable:
         unknown = set(policy) - {"ttl_steps", "min_frequency", "max_rows", "score", "min_l2_norm"}
         if unknown:
             raise ValueError(f"evict: unknown criteria {sorted(unknown)}")
-        return torch.from_numpy(self.native.evict(self.step if step is None else step, **policy))
+        ids, ns = self.native.evict(self.step if step is None else step, **policy)
+        ids = torch.from_numpy(ids)
+        if not by_namespace:
+            return ids
+        ns = torch.from_numpy(ns.astype(np.int64))
+        return {name: ids[ns == k] for k, name in enumerate(self.namespaces)}
 
     def chunks(self, chunk_rows: int = 1 << 20):
         """The table's state as dicts of at most ``chunk_rows`` rows: ids,
         values (embedding and optimizer slots), frequency, last step; the
-        first also the admission state and step. At least one (empty for an
-        empty table). Only one chunk of rows exists at a time, beside the ids
-        and row indices (12 bytes an id)."""
-        ids, rows = self.native.export_keys()
+        first also the admission state and step. A table of several
+        namespaces adds each id's namespace index. At least one (empty for an
+        empty table). Only one chunk of rows exists at a time, beside the ids,
+        row indices and namespaces (16 bytes an id)."""
+        ids, rows, nss = self.native.export_keys()
+        several = len(self.namespaces) > 1
         width = self.dim + self.native.slot_width
         for start in range(0, max(len(rows), 1), chunk_rows):
             v, f, s = self.native.read_rows(rows[start : start + chunk_rows])
@@ -245,6 +297,8 @@ class HashTable:
                 "frequency": torch.from_numpy(f.astype(np.int64)),
                 "last_step": torch.from_numpy(s.astype(np.int64)),
             }
+            if several:
+                part["namespace"] = torch.from_numpy(nss[start : start + chunk_rows].astype(np.int64))
             if start == 0:
                 counters, epoch = self.native.admission_state()
                 part["admission_counters"] = torch.from_numpy(counters.astype(np.int64))
@@ -257,8 +311,9 @@ class HashTable:
         in one dict (``save`` writes a large table without assembling it)."""
         parts = list(self.chunks(chunk_rows))
         out = dict(parts[0])
-        for key in ("ids", "values", "frequency", "last_step"):
-            out[key] = torch.cat([p[key] for p in parts])
+        for key in ("ids", "values", "frequency", "last_step", "namespace"):
+            if key in out:
+                out[key] = torch.cat([p[key] for p in parts])
         return out
 
     def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> list[str]:
@@ -314,8 +369,9 @@ class HashTable:
                 epoch = max(epoch, int(state.pop("admission_epoch")[0]))
             if keep is not None:
                 mask = torch.from_numpy(keep(state["ids"].numpy()))
-                for key in ("ids", "values", "frequency", "last_step"):
-                    state[key] = state[key][mask]
+                for key in ("ids", "values", "frequency", "last_step", "namespace"):
+                    if key in state:
+                        state[key] = state[key][mask]
             self._import(state, embeddings_only, clear=False, first=k == 0 or "step" in state)
         if counters is not None:
             self.native.set_admission_state(np.minimum(counters.numpy(), 2**32 - 1).astype(np.uint32), epoch)
@@ -345,20 +401,72 @@ class HashTable:
                 f"rows are {width} wide (dim {self.dim} + {self.native.slot_width} optimizer slots); "
                 "was it saved with another dim or optimizer?"
             )
+        ids = ids_to_numpy(state["ids"], "state['ids']")
+        values = values.to(torch.float32).contiguous().numpy()
+        freq = state["frequency"].to(torch.int64).numpy().astype(np.uint32)
+        last = state["last_step"].to(torch.int64).numpy().astype(np.uint32)
+        ns = state.get("namespace")
+        if ns is None and len(self.namespaces) > 1:
+            raise ValueError(
+                f"table {self.name!r}: holds {len(self.namespaces)} namespaces but the state has no 'namespace' "
+                "column (saved from a table of one feature?)"
+            )
+        if ns is not None:
+            ns = ns.to(torch.int64).numpy()
+            bad = (ns < 0) | (ns >= len(self.namespaces))
+            if bad.any():
+                raise ValueError(
+                    f"table {self.name!r}: state names namespace {int(ns[bad][0])}, but the table has "
+                    f"{len(self.namespaces)} ({self.namespaces})"
+                )
         if clear:
             self.native.clear()
-        self.native.import_rows(
-            ids_to_numpy(state["ids"], "state['ids']"),
-            values.to(torch.float32).contiguous().numpy(),
-            state["frequency"].to(torch.int64).numpy().astype(np.uint32),
-            state["last_step"].to(torch.int64).numpy().astype(np.uint32),
-        )
+        if ns is None:
+            self.native.import_rows(ids, values, freq, last)
+        else:
+            for k in range(len(self.namespaces)):
+                sel = np.flatnonzero(ns == k)
+                if len(sel):
+                    self.native.import_rows(ids[sel], values[sel], freq[sel], last[sel], k)
         if first and "admission_counters" in state:
             self.native.set_admission_state(
                 state["admission_counters"].numpy().astype(np.uint32), int(state["admission_epoch"][0])
             )
         if first and "step" in state:
             self.step = int(state["step"][0])
+
+
+class TableView:
+    """One namespace of a ``HashTable`` seen as a table: the table of one
+    feature (or one ``shared_name``) inside a coalesced table. Reads only;
+    gradients, optimizer slots, eviction and checkpoints are the table's."""
+
+    def __init__(self, table: HashTable, ns: int):
+        self.table, self.ns = table, ns
+        self.name = table.namespaces[ns]
+
+    @property
+    def dim(self) -> int:
+        return self.table.dim
+
+    @property
+    def seed(self) -> int:
+        return self.table.namespace_seeds[self.ns]
+
+    def __len__(self) -> int:
+        return self.table.native.len_in(self.ns)
+
+    def __repr__(self) -> str:
+        return f"TableView(name={self.name!r}, table={self.table.name!r}, dim={self.dim}, len={len(self)})"
+
+    def lookup(self, ids: torch.Tensor) -> np.ndarray:
+        return self.table.lookup(ids, self.ns)
+
+    def embeddings(self, ids: torch.Tensor, missing: str = "zeros") -> torch.Tensor:
+        return self.table.embeddings(ids, missing, self.ns)
+
+    def initial_values(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.initial_values(ids, self.ns)
 
 
 class SharedBlock:

@@ -142,8 +142,11 @@ class EvictionOption:
 
     An id is evicted if it meets any set criterion; then, if ``max_rows`` is
     set, the lowest-scored ids (``score``: "lru" or "lfu") go until
-    ``max_rows`` remain. Under torchrun ``max_rows`` caps the whole table:
-    each rank keeps at most ``ceil(max_rows / world)`` of the ids it owns.
+    ``max_rows`` remain. ``max_rows`` is per feature table: an
+    ``EmbeddingEngine`` table coalescing N features' tables keeps at most
+    N × ``max_rows`` rows, ranked together. Under torchrun ``max_rows`` caps
+    the whole table: each rank keeps at most ``ceil(max_rows / world)`` of
+    the ids it owns.
     """
 
     ttl_steps: int | None = None

@@ -23,6 +23,16 @@
 //!
 //! The key `u64::MAX` marks an empty slot; the one id equal to it lives in a
 //! side slot, so every 64-bit id is a valid key.
+//!
+//! Namespaces. A table may hold several id spaces (`TableConfig::
+//! namespace_seeds`): the embedding tables of several features that share a
+//! configuration, coalesced into one table with one row store. Namespace `n`
+//! owns its own run of id-map shards (`n * S .. (n + 1) * S`) and its own
+//! side slot, so the same id in two namespaces is two keys — collisionless
+//! at the full 64 bits, with no id bits given up for a prefix. Each
+//! namespace has its own initializer seed; admission sees the id mixed with
+//! a per-namespace salt. Rows, optimizer slots, eviction and the admission
+//! sketch are the table's, shared by its namespaces.
 
 use crate::admission::{Admission, AdmissionPolicy};
 use crate::hash::mix64;
@@ -46,8 +56,8 @@ const EMPTY: u64 = u64::MAX;
 const ABSENT: usize = usize::MAX;
 /// Ids probed together by `lookup`, their misses overlapping.
 const LOOKUP_CHUNK: usize = 64;
-/// An (id, row) pair of the id map.
-type Entry = (u64, u32);
+/// A (namespace, id, row) entry of the id map.
+type NsEntry = (u32, u64, u32);
 /// Metadata words per row: frequency, last step seen (low 32 bits).
 const META_WIDTH: usize = 2;
 
@@ -89,6 +99,10 @@ pub struct TableConfig {
     pub initial_capacity: usize,
     /// Rows in the first storage segment (rounded up to a power of two).
     pub first_segment_rows: usize,
+    /// One initializer seed per namespace; empty: one namespace seeded by
+    /// `seed`. Each namespace gets `num_shards / namespaces` id-map shards
+    /// (at least 16).
+    pub namespace_seeds: Vec<u64>,
 }
 
 impl TableConfig {
@@ -101,6 +115,7 @@ impl TableConfig {
             num_shards: 256,
             initial_capacity: 1 << 14,
             first_segment_rows: 1 << 12,
+            namespace_seeds: Vec::new(),
         }
     }
 }
@@ -339,10 +354,13 @@ enum Claim {
 }
 
 struct Inner {
+    /// Namespace `n`'s shards are `shards[n * ns_shards..(n + 1) * ns_shards]`.
     shards: Vec<Shard>,
+    ns_shards: usize,
     shard_shift: u32,
-    /// Row of the id `u64::MAX` (`NO_ROW` if absent, `PENDING` while being inserted).
-    sentinel_row: AtomicU32,
+    /// Row of the id `u64::MAX` of each namespace (`NO_ROW` if absent,
+    /// `PENDING` while being inserted).
+    sentinel_rows: Box<[AtomicU32]>,
     values: Segmented<f32>,
     meta: Segmented<AtomicU32>,
     slot_width: usize,
@@ -361,6 +379,11 @@ struct Inner {
 
 pub struct HashTable {
     cfg: TableConfig,
+    /// Initializer seed of each namespace.
+    seeds: Vec<u64>,
+    /// What admission sees of namespace `n`'s id: `id ^ salts[n]` (0 for
+    /// namespace 0, so a one-namespace table admits exactly as before).
+    salts: Vec<u64>,
     admission: Admission,
     inner: RwLock<Inner>,
 }
@@ -390,7 +413,16 @@ impl HashTable {
         }
         cfg.initializer.validate().map_err(TableError::InvalidArgument)?;
         cfg.admission.validate().map_err(TableError::InvalidArgument)?;
-        let num_shards = cfg.num_shards.clamp(1, 1 << 16).next_power_of_two();
+        let seeds = if cfg.namespace_seeds.is_empty() { vec![cfg.seed] } else { cfg.namespace_seeds.clone() };
+        let namespaces = seeds.len();
+        if namespaces > 1 << 16 {
+            return invalid(format!("a table holds at most {} namespaces, got {namespaces}", 1 << 16));
+        }
+        let salts = (0..namespaces as u64).map(|n| if n == 0 { 0 } else { mix64(n ^ 0x5bd1_e995_9e37_79b9) }).collect();
+        let per_ns = cfg.num_shards.clamp(1, 1 << 16).next_power_of_two();
+        let per_ns =
+            if namespaces > 1 { (per_ns / namespaces).max(16).next_power_of_two().min(per_ns) } else { per_ns };
+        let num_shards = per_ns * namespaces;
         let per_shard = (cfg.initial_capacity / num_shards).max(8);
         let shards = (0..num_shards)
             .map(|i| {
@@ -401,12 +433,13 @@ impl HashTable {
                 Shard::with_capacity((per_shard as f64 / lf) as usize + 1, lf)
             })
             .collect();
-        let shard_shift = 64 - num_shards.trailing_zeros();
+        let shard_shift = 64 - per_ns.trailing_zeros();
         let admission = Admission::new(cfg.admission.clone(), cfg.seed);
         let inner = Inner {
             shards,
+            ns_shards: per_ns,
             shard_shift,
-            sentinel_row: AtomicU32::new(NO_ROW),
+            sentinel_rows: (0..namespaces).map(|_| AtomicU32::new(NO_ROW)).collect(),
             values: Segmented::new(cfg.dim, cfg.first_segment_rows),
             meta: Segmented::new(META_WIDTH, cfg.first_segment_rows),
             slot_width: 0,
@@ -416,7 +449,7 @@ impl HashTable {
             free_top: AtomicUsize::new(0),
             spare: Mutex::new(Vec::new()),
         };
-        Ok(HashTable { cfg, admission, inner: RwLock::new(inner) })
+        Ok(HashTable { cfg, seeds, salts, admission, inner: RwLock::new(inner) })
     }
 
     pub fn config(&self) -> &TableConfig {
@@ -425,6 +458,24 @@ impl HashTable {
 
     pub fn dim(&self) -> usize {
         self.cfg.dim
+    }
+
+    /// Number of namespaces (id spaces) of the table.
+    pub fn namespaces(&self) -> usize {
+        self.seeds.len()
+    }
+
+    fn check_ns(&self, ns: usize) -> Result<()> {
+        if ns >= self.seeds.len() {
+            return invalid(format!("namespace {ns} is out of range: the table has {}", self.seeds.len()));
+        }
+        Ok(())
+    }
+
+    /// What admission counts for `id` of namespace `ns`.
+    #[inline]
+    fn admission_key(&self, ns: usize, id: u64) -> u64 {
+        id ^ self.salts[ns]
     }
 
     pub fn slot_width(&self) -> usize {
@@ -449,6 +500,16 @@ impl HashTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of ids stored in namespace `ns`.
+    pub fn len_in(&self, ns: usize) -> Result<usize> {
+        self.check_ns(ns)?;
+        let inner = self.read();
+        let s = inner.ns_shards;
+        let sentinel = inner.sentinel_rows[ns].load(Ordering::Acquire) != NO_ROW;
+        Ok(inner.shards[ns * s..(ns + 1) * s].iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>()
+            + sentinel as usize)
     }
 
     pub fn stats(&self) -> TableStats {
@@ -476,13 +537,25 @@ impl HashTable {
     /// the ids' last-seen step and their frequency grows by their count in
     /// the batch.
     pub fn lookup_or_insert_unique(&self, ids: &[u64], step: u64) -> Result<UniqueLookup> {
-        self.batch(ids, Mode::Insert { step })
+        self.batch(0, ids, Mode::Insert { step })
     }
 
     /// Read-only lookup of a batch reduced to distinct ids: inserts nothing
     /// and touches no metadata (evaluation).
     pub fn lookup_unique(&self, ids: &[u64]) -> UniqueLookup {
-        self.batch(ids, Mode::Read).expect("read-only lookup cannot fail")
+        self.batch(0, ids, Mode::Read).expect("read-only lookup cannot fail")
+    }
+
+    /// [`lookup_or_insert_unique`](Self::lookup_or_insert_unique) of ids of namespace `ns`.
+    pub fn lookup_or_insert_unique_in(&self, ns: usize, ids: &[u64], step: u64) -> Result<UniqueLookup> {
+        self.check_ns(ns)?;
+        self.batch(ns, ids, Mode::Insert { step })
+    }
+
+    /// [`lookup_unique`](Self::lookup_unique) of ids of namespace `ns`.
+    pub fn lookup_unique_in(&self, ns: usize, ids: &[u64]) -> Result<UniqueLookup> {
+        self.check_ns(ns)?;
+        self.batch(ns, ids, Mode::Read)
     }
 
     /// Per-position rows of a batch, inserting new ids (see
@@ -494,13 +567,19 @@ impl HashTable {
 
     /// Per-position rows, `NO_ROW` for absent ids. Inserts nothing.
     pub fn lookup(&self, ids: &[u64]) -> Vec<u32> {
-        let inner = self.read();
-        let mut out = vec![NO_ROW; ids.len()];
-        out.par_chunks_mut(LOOKUP_CHUNK).zip(ids.par_chunks(LOOKUP_CHUNK)).for_each(|(o, c)| inner.find_many(c, o));
-        out
+        self.lookup_in(0, ids).expect("namespace 0 exists")
     }
 
-    fn batch(&self, ids: &[u64], mode: Mode) -> Result<UniqueLookup> {
+    /// [`lookup`](Self::lookup) of ids of namespace `ns`.
+    pub fn lookup_in(&self, ns: usize, ids: &[u64]) -> Result<Vec<u32>> {
+        self.check_ns(ns)?;
+        let inner = self.read();
+        let mut out = vec![NO_ROW; ids.len()];
+        out.par_chunks_mut(LOOKUP_CHUNK).zip(ids.par_chunks(LOOKUP_CHUNK)).for_each(|(o, c)| inner.find_many(ns, c, o));
+        Ok(out)
+    }
+
+    fn batch(&self, ns: usize, ids: &[u64], mode: Mode) -> Result<UniqueLookup> {
         if ids.len() > u32::MAX as usize {
             return invalid(format!("ids: a batch holds at most {} ids, got {}", u32::MAX, ids.len()));
         }
@@ -510,21 +589,24 @@ impl HashTable {
                 self.admission.maybe_decay(step);
             }
         }
-        let num_shards = self.read().shards.len();
-        let shard_shift = self.read().shard_shift;
+        let (num_shards, shard_shift) = {
+            let inner = self.read();
+            (inner.ns_shards, inner.shard_shift)
+        };
         let part = Partition::new(ids, num_shards, shard_shift);
+        let base = ns * num_shards;
         loop {
             let inner = self.read();
             if let Mode::Insert { .. } = mode {
-                if let Err(short) = inner.reserve(&part.offsets) {
+                if let Err(short) = inner.reserve(base, &part.offsets) {
                     drop(inner);
                     self.grow(&short);
                     continue;
                 }
             }
-            let out = self.process(&inner, ids, &part, mode);
+            let out = self.process(&inner, ns, ids, &part, mode);
             if let Mode::Insert { .. } = mode {
-                inner.unreserve(&part.offsets, &out.inserted);
+                inner.unreserve(base, &part.offsets, &out.inserted);
             }
             return match out.error {
                 Some(e) => Err(e),
@@ -554,8 +636,9 @@ impl HashTable {
         });
     }
 
-    fn process(&self, inner: &Inner, ids: &[u64], part: &Partition, mode: Mode) -> BatchOut {
-        let num_shards = inner.shards.len();
+    fn process(&self, inner: &Inner, ns: usize, ids: &[u64], part: &Partition, mode: Mode) -> BatchOut {
+        let num_shards = inner.ns_shards;
+        let base_shard = ns * num_shards;
         let mut local_idx = vec![0u32; ids.len()];
         let local_ptr = SendPtr(local_idx.as_mut_ptr());
         struct ShardOut {
@@ -603,7 +686,7 @@ impl HashTable {
                     // so no two tasks write the same element.
                     unsafe { *local_ptr.get().add(p as usize) = li };
                 }
-                let shard = &inner.shards[s];
+                let shard = &inner.shards[base_shard + s];
                 // Phases over all distinct ids of the shard, each prefetching
                 // what the next needs, so that their cache misses overlap
                 // instead of forming one dependent chain per id.
@@ -625,7 +708,7 @@ impl HashTable {
                     .iter()
                     .zip(&out.ids)
                     .map(|(&sl, &id)| match (id, sl) {
-                        (EMPTY, _) => inner.find(EMPTY),
+                        (EMPTY, _) => inner.find(ns, EMPTY),
                         (_, ABSENT) => NO_ROW,
                         _ => shard.wait_row(sl),
                     })
@@ -656,7 +739,7 @@ impl HashTable {
                         }
                         let id = out.ids[j];
                         if id == EMPTY {
-                            match self.find_or_insert_sentinel(inner, out.counts[j], step, &mut fresh) {
+                            match self.find_or_insert_sentinel(inner, ns, out.counts[j], step, &mut fresh) {
                                 Ok((row, new)) => {
                                     out.inserted += new as usize;
                                     out.rows[j] = row;
@@ -667,7 +750,7 @@ impl HashTable {
                             }
                             continue;
                         }
-                        match self.claim(inner, shard, id, hashes[j], out.counts[j], step, &mut fresh) {
+                        match self.claim(inner, ns, shard, id, hashes[j], out.counts[j], step, &mut fresh) {
                             Claim::Found(row) => out.rows[j] = row,
                             Claim::NotAdmitted => {}
                             Claim::New { slot, row } => claimed.push((j, slot, row)),
@@ -682,7 +765,7 @@ impl HashTable {
                         if let Some(&(_, _, next)) = claimed.get(c + AHEAD) {
                             prefetch_row_for_write(inner.values.row_ptr(next), width);
                         }
-                        self.init_row(inner, row, out.ids[j], out.counts[j], step32);
+                        self.init_row(inner, row, self.seeds[ns], out.ids[j], out.counts[j], step32);
                     }
                     for &(j, slot, row) in &claimed {
                         shard.rows[slot].store(row, Ordering::Release);
@@ -740,6 +823,7 @@ impl HashTable {
     fn claim(
         &self,
         inner: &Inner,
+        ns: usize,
         shard: &Shard,
         id: u64,
         h: u64,
@@ -748,7 +832,7 @@ impl HashTable {
         fresh: &mut Vec<u32>,
     ) -> Claim {
         let step32 = step.min(u32::MAX as u64) as u32;
-        if !self.admission.observe(id, count, step) {
+        if !self.admission.observe(self.admission_key(ns, id), count, step) {
             // A racing call may have admitted it; then it reads as stored.
             return match shard.find(id, h) {
                 Some(row) if row < PENDING => Claim::Found(row),
@@ -774,13 +858,15 @@ impl HashTable {
     fn find_or_insert_sentinel(
         &self,
         inner: &Inner,
+        ns: usize,
         count: u32,
         step: u64,
         fresh: &mut Vec<u32>,
     ) -> Result<(u32, bool)> {
         let step32 = step.min(u32::MAX as u64) as u32;
+        let sentinel = &inner.sentinel_rows[ns];
         loop {
-            let r = inner.sentinel_row.load(Ordering::Acquire);
+            let r = sentinel.load(Ordering::Acquire);
             if r == PENDING {
                 std::hint::spin_loop();
                 continue;
@@ -789,18 +875,18 @@ impl HashTable {
                 inner.touch(r, count, step32);
                 return Ok((r, false));
             }
-            if !self.admission.observe(EMPTY, count, step) {
+            if !self.admission.observe(self.admission_key(ns, EMPTY), count, step) {
                 return Ok((NO_ROW, false));
             }
-            if inner.sentinel_row.compare_exchange(NO_ROW, PENDING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if sentinel.compare_exchange(NO_ROW, PENDING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                 return match fresh.pop().or_else(|| inner.alloc_row()) {
                     Some(row) => {
-                        self.init_row(inner, row, EMPTY, count, step32);
-                        inner.sentinel_row.store(row, Ordering::Release);
+                        self.init_row(inner, row, self.seeds[ns], EMPTY, count, step32);
+                        sentinel.store(row, Ordering::Release);
                         Ok((row, true))
                     }
                     None => {
-                        inner.sentinel_row.store(NO_ROW, Ordering::Release);
+                        sentinel.store(NO_ROW, Ordering::Release);
                         Err(TableError::Full)
                     }
                 };
@@ -808,13 +894,13 @@ impl HashTable {
         }
     }
 
-    fn init_row(&self, inner: &Inner, row: u32, id: u64, count: u32, step32: u32) {
+    fn init_row(&self, inner: &Inner, row: u32, seed: u64, id: u64, count: u32, step32: u32) {
         let width = inner.values.width();
         // SAFETY: `row` was just taken from the counter or the free list by
         // this thread and is not yet published, so no other thread reads or
         // writes it; its segment was ensured by `alloc_row`.
         let r = unsafe { std::slice::from_raw_parts_mut(inner.values.row_ptr(row), width) };
-        self.cfg.initializer.fill(self.cfg.seed, id, &mut r[..self.cfg.dim]);
+        self.cfg.initializer.fill(seed, id, &mut r[..self.cfg.dim]);
         r[self.cfg.dim..].fill(inner.slot_init);
         let m = inner.meta.row_ptr(row);
         // SAFETY: the meta segment was ensured with the row; two words a row.
@@ -827,6 +913,13 @@ impl HashTable {
     /// The would-be initial embedding of each id (what an id reads as before
     /// it has a row).
     pub fn initial_values(&self, ids: &[u64], out: &mut [f32]) -> Result<()> {
+        self.initial_values_in(0, ids, out)
+    }
+
+    /// [`initial_values`](Self::initial_values) of ids of namespace `ns`.
+    pub fn initial_values_in(&self, ns: usize, ids: &[u64], out: &mut [f32]) -> Result<()> {
+        self.check_ns(ns)?;
+        let seed = self.seeds[ns];
         let d = self.cfg.dim;
         if out.len() != ids.len() * d {
             return invalid(format!(
@@ -837,7 +930,7 @@ impl HashTable {
             ));
         }
         out.par_chunks_mut(d).zip(ids.par_iter()).with_min_len(256).for_each(|(o, &id)| {
-            self.cfg.initializer.fill(self.cfg.seed, id, o);
+            self.cfg.initializer.fill(seed, id, o);
         });
         Ok(())
     }
@@ -845,6 +938,14 @@ impl HashTable {
     /// Copies the embeddings of `rows` into `out` (`len(rows) x dim`). A row
     /// equal to `NO_ROW` reads per `missing`, using the matching id.
     pub fn gather(&self, ids: &[u64], rows: &[u32], missing: Missing, out: &mut [f32]) -> Result<()> {
+        self.gather_in(0, ids, rows, missing, out)
+    }
+
+    /// [`gather`](Self::gather) of ids of namespace `ns` (whose seed gives
+    /// the initial values of missing rows).
+    pub fn gather_in(&self, ns: usize, ids: &[u64], rows: &[u32], missing: Missing, out: &mut [f32]) -> Result<()> {
+        self.check_ns(ns)?;
+        let seed = self.seeds[ns];
         let d = self.cfg.dim;
         if ids.len() != rows.len() {
             return invalid(format!("ids and rows differ in length: {} vs {}", ids.len(), rows.len()));
@@ -863,7 +964,7 @@ impl HashTable {
             if r == NO_ROW {
                 match missing {
                     Missing::Zeros => o.fill(0.0),
-                    Missing::Initial => self.cfg.initializer.fill(self.cfg.seed, id, o),
+                    Missing::Initial => self.cfg.initializer.fill(seed, id, o),
                 }
             } else {
                 // SAFETY: `r` is a live row (checked); rows are written only
@@ -1019,6 +1120,11 @@ impl HashTable {
     /// Removes ids by `policy`; `step` is the current step (for TTL). Returns
     /// the evicted ids. Their rows are reused by later inserts. Exclusive.
     pub fn evict(&self, policy: &EvictionPolicy, step: u64) -> Vec<u64> {
+        self.evict_entries(policy, step).into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// [`evict`](Self::evict), returning the evicted (namespace, id) pairs.
+    pub fn evict_entries(&self, policy: &EvictionPolicy, step: u64) -> Vec<(u32, u64)> {
         let mut inner = self.write();
         inner.reclaim_spare();
         let d = self.cfg.dim;
@@ -1051,7 +1157,8 @@ impl HashTable {
             false
         };
         let mut all = inner.entries();
-        let (mut evicted, mut kept): (Vec<Entry>, Vec<Entry>) = all.drain(..).partition(|&(_, r)| doomed(&inner, r));
+        let (mut evicted, mut kept): (Vec<NsEntry>, Vec<NsEntry>) =
+            all.drain(..).partition(|&(_, _, r)| doomed(&inner, r));
         if let Some(max) = policy.max_rows {
             if kept.len() > max {
                 let excess = kept.len() - max;
@@ -1063,34 +1170,54 @@ impl HashTable {
                         EvictionScore::Lfu => (freq as u64, last as u64),
                     }
                 };
-                kept.select_nth_unstable_by_key(excess - 1, |&(id, r)| (key(r), id));
+                kept.select_nth_unstable_by_key(excess - 1, |&(ns, id, r)| (key(r), id, ns));
                 evicted.extend(kept.drain(..excess));
             }
         }
         if evicted.is_empty() {
             return Vec::new();
         }
-        let mut gone: std::collections::HashSet<u64> = evicted.iter().map(|&(id, _)| id).collect();
-        if gone.remove(&EMPTY) {
-            *inner.sentinel_row.get_mut() = NO_ROW;
+        let mut gone: std::collections::HashSet<(u32, u64)> = evicted.iter().map(|&(ns, id, _)| (ns, id)).collect();
+        for (ns, sentinel) in inner.sentinel_rows.iter_mut().enumerate() {
+            if gone.remove(&(ns as u32, EMPTY)) {
+                *sentinel.get_mut() = NO_ROW;
+            }
         }
-        inner.shards.par_iter_mut().for_each(|shard| {
-            if shard.entries().any(|(k, _)| gone.contains(&k)) {
-                shard.rebuild(0, |k, _| !gone.contains(&k));
+        let per_ns = inner.ns_shards;
+        inner.shards.par_iter_mut().enumerate().for_each(|(s, shard)| {
+            let ns = (s / per_ns) as u32;
+            if shard.entries().any(|(k, _)| gone.contains(&(ns, k))) {
+                shard.rebuild(0, |k, _| !gone.contains(&(ns, k)));
             }
         });
         let top = *inner.free_top.get_mut();
         inner.free.truncate(top);
-        inner.free.extend(evicted.iter().map(|&(_, r)| r));
+        inner.free.extend(evicted.iter().map(|&(_, _, r)| r));
         *inner.free_top.get_mut() = inner.free.len();
-        evicted.into_iter().map(|(id, _)| id).collect()
+        evicted.into_iter().map(|(ns, id, _)| (ns, id)).collect()
     }
 
     /// A snapshot of every (id, row) pair. Read the rows with
     /// [`read_rows`](Self::read_rows) before the next maintenance call.
     pub fn export_keys(&self) -> (Vec<u64>, Vec<u32>) {
         let inner = self.read();
-        inner.entries().into_iter().unzip()
+        inner.entries().into_iter().map(|(_, id, r)| (id, r)).unzip()
+    }
+
+    /// [`export_keys`](Self::export_keys) with each id's namespace; the
+    /// entries come namespace by namespace.
+    pub fn export_entries(&self) -> (Vec<u64>, Vec<u32>, Vec<u32>) {
+        let inner = self.read();
+        let all = inner.entries();
+        let mut ids = Vec::with_capacity(all.len());
+        let mut rows = Vec::with_capacity(all.len());
+        let mut nss = Vec::with_capacity(all.len());
+        for (ns, id, r) in all {
+            ids.push(id);
+            rows.push(r);
+            nss.push(ns);
+        }
+        (ids, rows, nss)
     }
 
     /// Full rows (embedding and slots, `len(rows) x (dim + slot_width)`) and
@@ -1126,6 +1253,19 @@ impl HashTable {
     /// Inserts or overwrites full rows (embedding and slots) with their
     /// metadata, bypassing admission: the inverse of export. Exclusive.
     pub fn import(&self, ids: &[u64], values: &[f32], frequency: &[u32], last_step: &[u32]) -> Result<()> {
+        self.import_in(0, ids, values, frequency, last_step)
+    }
+
+    /// [`import`](Self::import) into namespace `ns`.
+    pub fn import_in(
+        &self,
+        ns: usize,
+        ids: &[u64],
+        values: &[f32],
+        frequency: &[u32],
+        last_step: &[u32],
+    ) -> Result<()> {
+        self.check_ns(ns)?;
         let w = self.cfg.dim + self.slot_width();
         if values.len() != ids.len() * w {
             return invalid(format!(
@@ -1150,14 +1290,14 @@ impl HashTable {
             return invalid(format!("import: id {dup} occurs twice"));
         }
         for (k, &id) in ids.iter().enumerate() {
-            let row = match inner.find(id) {
+            let row = match inner.find(ns, id) {
                 r if r != NO_ROW => r,
                 _ => {
                     let row = inner.alloc_row().ok_or(TableError::Full)?;
                     if id == EMPTY {
-                        *inner.sentinel_row.get_mut() = row;
+                        *inner.sentinel_rows[ns].get_mut() = row;
                     } else {
-                        let s = (mix64(id) >> inner.shard_shift) as usize;
+                        let s = inner.shard_of(ns, mix64(id));
                         let shard = &mut inner.shards[s];
                         if *shard.len.get_mut() + 1 > shard.max_load {
                             let want = *shard.len.get_mut() + 1;
@@ -1187,7 +1327,9 @@ impl HashTable {
         for shard in inner.shards.iter_mut() {
             shard.rebuild(0, |_, _| false);
         }
-        *inner.sentinel_row.get_mut() = NO_ROW;
+        for sentinel in inner.sentinel_rows.iter_mut() {
+            *sentinel.get_mut() = NO_ROW;
+        }
         *inner.next_row.get_mut() = 0;
         inner.free.clear();
         *inner.free_top.get_mut() = 0;
@@ -1348,15 +1490,21 @@ impl Partition {
 
 impl Inner {
     fn len(&self) -> usize {
-        let sentinel = self.sentinel_row.load(Ordering::Acquire);
-        self.shards.iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>() + (sentinel != NO_ROW) as usize
+        let sentinels = self.sentinel_rows.iter().filter(|s| s.load(Ordering::Acquire) != NO_ROW).count();
+        self.shards.iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>() + sentinels
+    }
+
+    /// Index into `shards` of the shard of namespace `ns` for hash `h`.
+    #[inline]
+    fn shard_of(&self, ns: usize, h: u64) -> usize {
+        ns * self.ns_shards + if self.shard_shift >= 64 { 0 } else { (h >> self.shard_shift) as usize }
     }
 
     /// Rows of `ids` into `out`, in phases (hash and prefetch every home
     /// slot, probe, prefetch and read row indices) so the cache misses of a
     /// chunk overlap.
-    fn find_many(&self, ids: &[u64], out: &mut [u32]) {
-        let shard_of = |h: u64| if self.shard_shift >= 64 { 0 } else { (h >> self.shard_shift) as usize };
+    fn find_many(&self, ns: usize, ids: &[u64], out: &mut [u32]) {
+        let shard_of = |h: u64| self.shard_of(ns, h);
         let mut slots = [ABSENT; LOOKUP_CHUNK];
         let mut hashes = [0u64; LOOKUP_CHUNK];
         for (h, &id) in hashes.iter_mut().zip(ids) {
@@ -1375,7 +1523,7 @@ impl Inner {
         }
         for (k, &id) in ids.iter().enumerate() {
             out[k] = if id == EMPTY {
-                self.find(EMPTY)
+                self.find(ns, EMPTY)
             } else if slots[k] == ABSENT {
                 NO_ROW
             } else {
@@ -1384,10 +1532,10 @@ impl Inner {
         }
     }
 
-    fn find(&self, id: u64) -> u32 {
+    fn find(&self, ns: usize, id: u64) -> u32 {
         if id == EMPTY {
             loop {
-                let r = self.sentinel_row.load(Ordering::Acquire);
+                let r = self.sentinel_rows[ns].load(Ordering::Acquire);
                 if r != PENDING {
                     return r;
                 }
@@ -1395,8 +1543,7 @@ impl Inner {
             }
         }
         let h = mix64(id);
-        let s = if self.shard_shift >= 64 { 0 } else { (h >> self.shard_shift) as usize };
-        self.shards[s].find(id, h).unwrap_or(NO_ROW)
+        self.shards[self.shard_of(ns, h)].find(id, h).unwrap_or(NO_ROW)
     }
 
     /// Records a sighting. Plain relaxed loads and stores, not read-modify-
@@ -1479,20 +1626,22 @@ impl Inner {
     /// Reserves room for each shard's part of a batch. On failure nothing
     /// stays reserved and the shards short of room are returned with the
     /// number of keys they must fit.
-    fn reserve(&self, offsets: &[usize]) -> std::result::Result<(), Vec<(usize, usize)>> {
+    /// `offsets` are over the shards from `base` on (one namespace's).
+    fn reserve(&self, base: usize, offsets: &[usize]) -> std::result::Result<(), Vec<(usize, usize)>> {
         let mut short = Vec::new();
-        for (s, shard) in self.shards.iter().enumerate() {
+        let shards = &self.shards[base..base + offsets.len() - 1];
+        for (s, shard) in shards.iter().enumerate() {
             let n = offsets[s + 1] - offsets[s];
             if n == 0 {
                 continue;
             }
             let prev = shard.reserved.fetch_add(n, Ordering::AcqRel);
             if prev + n > shard.max_load {
-                short.push((s, n));
+                short.push((base + s, n));
             }
         }
         if !short.is_empty() {
-            for (s, shard) in self.shards.iter().enumerate() {
+            for (s, shard) in shards.iter().enumerate() {
                 let n = offsets[s + 1] - offsets[s];
                 if n > 0 {
                     shard.reserved.fetch_sub(n, Ordering::AcqRel);
@@ -1504,8 +1653,8 @@ impl Inner {
     }
 
     /// Returns the unused part of a reservation.
-    fn unreserve(&self, offsets: &[usize], inserted: &[usize]) {
-        for (s, shard) in self.shards.iter().enumerate() {
+    fn unreserve(&self, base: usize, offsets: &[usize], inserted: &[usize]) {
+        for (s, shard) in self.shards[base..base + offsets.len() - 1].iter().enumerate() {
             let n = offsets[s + 1] - offsets[s];
             if n > 0 {
                 shard.reserved.fetch_sub(n - inserted[s], Ordering::AcqRel);
@@ -1521,12 +1670,18 @@ impl Inner {
         Ok(())
     }
 
-    fn entries(&self) -> Vec<(u64, u32)> {
-        let mut all: Vec<(u64, u32)> =
-            self.shards.par_iter().flat_map_iter(|s| s.entries().collect::<Vec<_>>()).collect();
-        let r = self.sentinel_row.load(Ordering::Acquire);
-        if r < PENDING {
-            all.push((EMPTY, r));
+    /// Every (namespace, id, row), namespace by namespace.
+    fn entries(&self) -> Vec<NsEntry> {
+        let per_ns = self.ns_shards;
+        let mut all = Vec::with_capacity(self.len());
+        for (ns, sentinel) in self.sentinel_rows.iter().enumerate() {
+            let shards = &self.shards[ns * per_ns..(ns + 1) * per_ns];
+            let ns32 = ns as u32;
+            all.par_extend(shards.par_iter().flat_map_iter(|s| s.entries().map(move |(id, r)| (ns32, id, r))));
+            let r = sentinel.load(Ordering::Acquire);
+            if r < PENDING {
+                all.push((ns32, EMPTY, r));
+            }
         }
         all
     }

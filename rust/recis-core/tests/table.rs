@@ -293,3 +293,133 @@ proptest! {
         prop_assert_eq!(ids, expect);
     }
 }
+
+fn namespaced_table(dim: usize, seeds: &[u64]) -> HashTable {
+    let mut cfg = TableConfig::new(dim);
+    cfg.num_shards = 64;
+    cfg.initial_capacity = 16;
+    cfg.first_segment_rows = 4;
+    cfg.initializer = Initializer::Normal { mean: 0.0, std: 1.0 };
+    cfg.namespace_seeds = seeds.to_vec();
+    HashTable::new(cfg).unwrap()
+}
+
+#[derive(Debug, Clone)]
+enum NsOp {
+    Insert(usize, Vec<u64>),
+    Lookup(usize, Vec<u64>),
+    EvictTtl(u64),
+    ExportImport,
+}
+
+fn ns_op_strategy() -> impl Strategy<Value = NsOp> {
+    let ids = || prop::collection::vec(id_strategy(), 0..40);
+    prop_oneof![
+        4 => (0usize..3, ids()).prop_map(|(n, v)| NsOp::Insert(n, v)),
+        2 => (0usize..3, ids()).prop_map(|(n, v)| NsOp::Lookup(n, v)),
+        1 => (0u64..4).prop_map(NsOp::EvictTtl),
+        1 => Just(NsOp::ExportImport),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Three namespaces in one table against a dict keyed by (namespace, id):
+    /// the same id in two namespaces is two keys with two rows.
+    #[test]
+    fn namespaces_agree_with_a_dict_keyed_by_namespace_and_id(ops in prop::collection::vec(ns_op_strategy(), 1..30)) {
+        let seeds = [5u64, 6, 7];
+        let mut t = namespaced_table(2, &seeds);
+        let mut model: HashMap<(u32, u64), (u64, u32)> = HashMap::new(); // -> (last step, row)
+        for (step, op) in ops.into_iter().enumerate() {
+            let step = step as u64 + 1;
+            match op {
+                NsOp::Insert(ns, ids) => {
+                    let u = t.lookup_or_insert_unique_in(ns, &ids, step).unwrap();
+                    for (&id, &r) in u.ids.iter().zip(&u.rows) {
+                        prop_assert_ne!(r, NO_ROW);
+                        if let Some(&(_, old)) = model.get(&(ns as u32, id)) {
+                            prop_assert_eq!(old, r);
+                        }
+                        model.insert((ns as u32, id), (step, r));
+                    }
+                }
+                NsOp::Lookup(ns, ids) => {
+                    let rows = t.lookup_in(ns, &ids).unwrap();
+                    for (&id, &r) in ids.iter().zip(&rows) {
+                        let want = model.get(&(ns as u32, id)).map(|&(_, r)| r).unwrap_or(NO_ROW);
+                        prop_assert_eq!(r, want, "namespace {} id {}", ns, id);
+                    }
+                }
+                NsOp::EvictTtl(ttl) => {
+                    let mut gone = t.evict_entries(&EvictionPolicy { ttl_steps: Some(ttl), ..Default::default() }, step);
+                    let mut expect: Vec<(u32, u64)> =
+                        model.iter().filter(|&(_, &(s, _))| step - s > ttl).map(|(&k, _)| k).collect();
+                    gone.sort_unstable();
+                    expect.sort_unstable();
+                    prop_assert_eq!(&gone, &expect);
+                    model.retain(|_, &mut (s, _)| step - s <= ttl);
+                }
+                NsOp::ExportImport => {
+                    let (ids, rows, nss) = t.export_entries();
+                    let mut vals = vec![0.0; ids.len() * 2];
+                    let (mut f, mut l) = (vec![0; ids.len()], vec![0; ids.len()]);
+                    t.read_rows(&rows, &mut vals, &mut f, &mut l).unwrap();
+                    let fresh = namespaced_table(2, &seeds);
+                    for ns in 0..3u32 {
+                        let pick: Vec<usize> = (0..ids.len()).filter(|&k| nss[k] == ns).collect();
+                        let i: Vec<u64> = pick.iter().map(|&k| ids[k]).collect();
+                        let v: Vec<f32> = pick.iter().flat_map(|&k| vals[k * 2..k * 2 + 2].to_vec()).collect();
+                        let ff: Vec<u32> = pick.iter().map(|&k| f[k]).collect();
+                        let ll: Vec<u32> = pick.iter().map(|&k| l[k]).collect();
+                        fresh.import_in(ns as usize, &i, &v, &ff, &ll).unwrap();
+                    }
+                    let remap: HashMap<(u32, u64), u32> = {
+                        let (i2, r2, n2) = fresh.export_entries();
+                        n2.into_iter().zip(i2).zip(r2).collect()
+                    };
+                    for (k, v) in model.iter_mut() {
+                        v.1 = remap[k];
+                    }
+                    t = fresh;
+                }
+            }
+            prop_assert_eq!(t.len(), model.len());
+            for ns in 0..3u32 {
+                prop_assert_eq!(t.len_in(ns as usize).unwrap(), model.keys().filter(|k| k.0 == ns).count());
+            }
+        }
+        let (ids, _, nss) = t.export_entries();
+        let mut got: Vec<(u32, u64)> = nss.into_iter().zip(ids).collect();
+        got.sort_unstable();
+        let mut expect: Vec<(u32, u64)> = model.keys().copied().collect();
+        expect.sort_unstable();
+        prop_assert_eq!(got, expect);
+    }
+}
+
+#[test]
+fn each_namespace_has_its_own_initial_values_and_namespace_zero_matches_a_plain_table() {
+    let ns = namespaced_table(4, &[11, 12]);
+    let plain = small_table(4); // seed 11
+    let ids: Vec<u64> = vec![1, 2, 3, u64::MAX];
+    ns.lookup_or_insert_unique_in(0, &ids, 1).unwrap();
+    ns.lookup_or_insert_unique_in(1, &ids, 1).unwrap();
+    plain.lookup_or_insert(&ids, 1).unwrap();
+    assert_eq!(ns.len(), 8);
+    let read = |n: usize| {
+        let rows = ns.lookup_in(n, &ids).unwrap();
+        let mut out = vec![0.0; ids.len() * 4];
+        ns.gather_in(n, &ids, &rows, Missing::Zeros, &mut out).unwrap();
+        (rows, out)
+    };
+    let (r0, v0) = read(0);
+    let (r1, v1) = read(1);
+    assert!(r0.iter().zip(&r1).all(|(a, b)| a != b), "two namespaces share a row");
+    assert_eq!(v0, gather(&plain, &ids, Missing::Zeros));
+    let mut init1 = vec![0.0; ids.len() * 4];
+    ns.initial_values_in(1, &ids, &mut init1).unwrap();
+    assert_eq!(v1, init1);
+    assert_ne!(v0, v1);
+    assert!(ns.lookup_in(2, &ids).is_err());
+}

@@ -145,8 +145,10 @@ struct PyHashTable {
 
 #[pymethods]
 impl PyHashTable {
+    /// `namespace_seeds`: one initializer seed per namespace (id space) of
+    /// the table; None: one namespace seeded by `seed`.
     #[new]
-    #[pyo3(signature = (dim, initializer, init_params, seed, admission, admission_params, num_shards=256, initial_capacity=16384))]
+    #[pyo3(signature = (dim, initializer, init_params, seed, admission, admission_params, num_shards=256, initial_capacity=16384, namespace_seeds=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dim: usize,
@@ -157,6 +159,7 @@ impl PyHashTable {
         admission_params: Vec<f64>,
         num_shards: usize,
         initial_capacity: usize,
+        namespace_seeds: Option<Vec<u64>>,
     ) -> PyResult<Self> {
         let mut cfg = TableConfig::new(dim);
         cfg.initializer = parse_initializer(initializer, &init_params, dim.max(1))?;
@@ -164,6 +167,7 @@ impl PyHashTable {
         cfg.admission = parse_admission(admission, &admission_params)?;
         cfg.num_shards = num_shards;
         cfg.initial_capacity = initial_capacity;
+        cfg.namespace_seeds = namespace_seeds.unwrap_or_default();
         let table = recis_core::HashTable::new(cfg).map_err(to_py)?;
         Ok(PyHashTable { table: Arc::new(table) })
     }
@@ -178,6 +182,11 @@ impl PyHashTable {
         self.table.slot_width()
     }
 
+    #[getter]
+    fn namespaces(&self) -> usize {
+        self.table.namespaces()
+    }
+
     #[classattr]
     const NO_ROW: u32 = NO_ROW;
 
@@ -185,13 +194,20 @@ impl PyHashTable {
         self.table.len()
     }
 
+    /// Ids stored in namespace `ns`.
+    fn len_in(&self, ns: usize) -> PyResult<usize> {
+        self.table.len_in(ns).map_err(to_py)
+    }
+
     /// Distinct ids of a batch, inserting new ones: (ids, rows, inverse, counts).
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (ids, step, ns=0))]
     fn lookup_or_insert_unique<'py>(
         &self,
         py: Python<'py>,
         ids: PyReadonlyArray1<'py, i64>,
         step: u64,
+        ns: usize,
     ) -> PyResult<(
         Bound<'py, PyArray1<i64>>,
         Bound<'py, PyArray1<u32>>,
@@ -200,16 +216,18 @@ impl PyHashTable {
     )> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let t = &self.table;
-        let u = py.detach(|| t.lookup_or_insert_unique(ids, step)).map_err(to_py)?;
+        let u = py.detach(|| t.lookup_or_insert_unique_in(ns, ids, step)).map_err(to_py)?;
         Ok(unique_to_py(py, u))
     }
 
     /// Distinct ids of a batch, read-only: (ids, rows, inverse, counts).
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (ids, ns=0))]
     fn lookup_unique<'py>(
         &self,
         py: Python<'py>,
         ids: PyReadonlyArray1<'py, i64>,
+        ns: usize,
     ) -> PyResult<(
         Bound<'py, PyArray1<i64>>,
         Bound<'py, PyArray1<u32>>,
@@ -218,7 +236,7 @@ impl PyHashTable {
     )> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let t = &self.table;
-        let u = py.detach(|| t.lookup_unique(ids));
+        let u = py.detach(|| t.lookup_unique_in(ns, ids)).map_err(to_py)?;
         Ok(unique_to_py(py, u))
     }
 
@@ -235,14 +253,21 @@ impl PyHashTable {
     }
 
     /// Per-position rows, NO_ROW where absent; inserts nothing.
-    fn lookup<'py>(&self, py: Python<'py>, ids: PyReadonlyArray1<'py, i64>) -> PyResult<Bound<'py, PyArray1<u32>>> {
+    #[pyo3(signature = (ids, ns=0))]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        ns: usize,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let t = &self.table;
-        Ok(py.detach(|| t.lookup(ids)).into_pyarray(py))
+        Ok(py.detach(|| t.lookup_in(ns, ids)).map_err(to_py)?.into_pyarray(py))
     }
 
     /// Writes the embeddings of `rows` into `out` ([n, dim] float32); rows
     /// equal to NO_ROW read as zeros or, with `initial`, their initial value.
+    #[pyo3(signature = (ids, rows, initial, out, ns=0))]
     fn gather(
         &self,
         py: Python<'_>,
@@ -250,6 +275,7 @@ impl PyHashTable {
         rows: PyReadonlyArray1<'_, u32>,
         initial: bool,
         mut out: PyReadwriteArray2<'_, f32>,
+        ns: usize,
     ) -> PyResult<()> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let rows = contiguous(&rows, "rows")?;
@@ -257,21 +283,23 @@ impl PyHashTable {
             out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [n, dim] float32 array".into()))?;
         let missing = if initial { Missing::Initial } else { Missing::Zeros };
         let t = &self.table;
-        py.detach(|| t.gather(ids, rows, missing, out)).map_err(to_py)
+        py.detach(|| t.gather_in(ns, ids, rows, missing, out)).map_err(to_py)
     }
 
     /// Writes the would-be initial embedding of each id into `out`.
+    #[pyo3(signature = (ids, out, ns=0))]
     fn initial_values(
         &self,
         py: Python<'_>,
         ids: PyReadonlyArray1<'_, i64>,
         mut out: PyReadwriteArray2<'_, f32>,
+        ns: usize,
     ) -> PyResult<()> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let out =
             out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [n, dim] float32 array".into()))?;
         let t = &self.table;
-        py.detach(|| t.initial_values(ids, out)).map_err(to_py)
+        py.detach(|| t.initial_values_in(ns, ids, out)).map_err(to_py)
     }
 
     fn set_slots(&self, py: Python<'_>, slot_width: usize, slot_init: f32) -> PyResult<()> {
@@ -323,9 +351,10 @@ impl PyHashTable {
             .map_err(to_py)
     }
 
-    /// Evicts ids by the given criteria; returns the evicted ids.
+    /// Evicts ids by the given criteria; returns the evicted ids and their
+    /// namespaces.
     #[pyo3(signature = (step, ttl_steps=None, min_frequency=None, max_rows=None, score="lru", min_l2_norm=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn evict<'py>(
         &self,
         py: Python<'py>,
@@ -335,7 +364,7 @@ impl PyHashTable {
         max_rows: Option<usize>,
         score: &str,
         min_l2_norm: Option<f32>,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>)> {
         let score = match score {
             "lru" => EvictionScore::Lru,
             "lfu" => EvictionScore::Lfu,
@@ -343,14 +372,19 @@ impl PyHashTable {
         };
         let policy = EvictionPolicy { ttl_steps, min_frequency, max_rows, score, min_l2_norm };
         let t = &self.table;
-        Ok(into_i64(py.detach(|| t.evict(&policy, step))).into_pyarray(py))
+        let (ns, ids): (Vec<u32>, Vec<u64>) = py.detach(|| t.evict_entries(&policy, step)).into_iter().unzip();
+        Ok((into_i64(ids).into_pyarray(py), ns.into_pyarray(py)))
     }
 
-    /// Snapshot of every (id, row).
-    fn export_keys<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>) {
+    /// Snapshot of every (id, row, namespace), namespace by namespace.
+    #[allow(clippy::type_complexity)]
+    fn export_keys<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>) {
         let t = &self.table;
-        let (ids, rows) = py.detach(|| t.export_keys());
-        (into_i64(ids).into_pyarray(py), rows.into_pyarray(py))
+        let (ids, rows, ns) = py.detach(|| t.export_entries());
+        (into_i64(ids).into_pyarray(py), rows.into_pyarray(py), ns.into_pyarray(py))
     }
 
     /// Full rows (embedding + slots) and metadata (frequency, last step).
@@ -375,6 +409,7 @@ impl PyHashTable {
     }
 
     /// Inserts or overwrites full rows with their metadata (bypasses admission).
+    #[pyo3(signature = (ids, values, frequency, last_step, ns=0))]
     fn import_rows(
         &self,
         py: Python<'_>,
@@ -382,6 +417,7 @@ impl PyHashTable {
         values: PyReadonlyArray2<'_, f32>,
         frequency: PyReadonlyArray1<'_, u32>,
         last_step: PyReadonlyArray1<'_, u32>,
+        ns: usize,
     ) -> PyResult<()> {
         let ids = as_u64(contiguous(&ids, "ids")?);
         let values =
@@ -389,7 +425,7 @@ impl PyHashTable {
         let f = contiguous(&frequency, "frequency")?;
         let l = contiguous(&last_step, "last_step")?;
         let t = &self.table;
-        py.detach(|| t.import(ids, values, f, l)).map_err(to_py)
+        py.detach(|| t.import_in(ns, ids, values, f, l)).map_err(to_py)
     }
 
     fn clear(&self, py: Python<'_>) {
@@ -783,21 +819,26 @@ impl PyOrcReader {
 }
 
 /// `lookup_unique` (or `lookup_or_insert_unique` where `insert[i]`) of
-/// several tables in one call, the tables in parallel.
+/// several (table, namespace) pairs in one call, in parallel. A table may
+/// appear several times (its namespaces).
 #[pyfunction]
 #[allow(clippy::type_complexity)]
+#[pyo3(signature = (tables, ids, steps, insert, namespaces=None))]
 fn lookup_unique_many<'py>(
     py: Python<'py>,
     tables: Vec<Bound<'py, PyHashTable>>,
     ids: Vec<PyReadonlyArray1<'py, i64>>,
     steps: Vec<u64>,
     insert: Vec<bool>,
+    namespaces: Option<Vec<usize>>,
 ) -> PyResult<
     Vec<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>)>,
 > {
     same_len(tables.len(), ids.len(), "lookup_unique_many")?;
     same_len(tables.len(), steps.len(), "lookup_unique_many")?;
     same_len(tables.len(), insert.len(), "lookup_unique_many")?;
+    let ns = namespaces.unwrap_or_else(|| vec![0; tables.len()]);
+    same_len(tables.len(), ns.len(), "lookup_unique_many")?;
     let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
     let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
     let found = py.detach(|| {
@@ -805,9 +846,9 @@ fn lookup_unique_many<'py>(
             .into_par_iter()
             .map(|i| {
                 if insert[i] {
-                    ts[i].lookup_or_insert_unique(ids[i], steps[i])
+                    ts[i].lookup_or_insert_unique_in(ns[i], ids[i], steps[i])
                 } else {
-                    Ok(ts[i].lookup_unique(ids[i]))
+                    ts[i].lookup_unique_in(ns[i], ids[i])
                 }
             })
             .collect::<Result<Vec<_>, _>>()
