@@ -169,6 +169,8 @@ def phases(args):
         batches.append({**feats, "dense": dense, "label": labels})
     torch.manual_seed(0)
     m = DeepFM(data.feature_names(), num_dense=13, dim=16, hidden=(400, 400, 400))
+    if args.table_per_field:
+        m.embedding = EmbeddingEngine(m.embedding.options, coalesce=False)
     sparse, dense_opt = SparseAdam(m, lr=1e-3), torch.optim.Adam(m.parameters(), lr=1e-3)
     spent: dict[str, float] = {}
 
@@ -297,6 +299,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=1_000_000)
     ap.add_argument("--hash-size", type=int, default=1 << 20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table-per-field", action="store_true", help="phases: a physical table per field")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--quality-batch", type=int, default=256)

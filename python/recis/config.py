@@ -34,7 +34,8 @@ init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (s
 admit_after = 1               # an id gets a row at its k-th sighting (1: at once)
 ttl_steps = 0                 # eviction: ids unseen for this many steps (0: never)
 min_frequency = 0             # eviction: ids seen fewer times (0: none)
-max_rows = 0                  # eviction: keep at most this many rows, LRU (0: no cap)
+max_rows = 0                  # eviction: keep at most this many rows, LRU (0: no cap; features of one config
+                              # share one physical table, which keeps features x max_rows, ranked together)
 eval_missing = "zeros"        # unknown ids in evaluation: "zeros" or "initial"
 
 [optimizer]

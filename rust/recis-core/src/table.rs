@@ -1411,8 +1411,19 @@ fn prefetch_row(p: *mut f32, width: usize) {
 }
 
 /// Groups gradient rows by their index into distinct `rows` (counting sort,
-/// linear). Index groups whose row is `NO_ROW` are dropped.
+/// linear). Index groups whose row is `NO_ROW` are dropped. Large inputs are
+/// sorted in parallel (`group_by_index_parallel`).
 fn group_by_index(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
+    let threads = rayon::current_num_threads().min(8);
+    // Per-chunk histograms cost `chunks x rows` words: worth it when the
+    // gradient rows are many and the histograms stay small beside them.
+    if threads > 1 && index.len() >= 1 << 15 && rows.len() <= 4 * index.len() {
+        return group_by_index_parallel(rows, index, threads);
+    }
+    group_by_index_serial(rows, index)
+}
+
+fn group_by_index_serial(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
     let mut starts = vec![0usize; rows.len() + 1];
     for &i in index {
         starts[i as usize + 1] += 1;
@@ -1439,6 +1450,65 @@ fn group_by_index(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32
     }
     kept_starts.push(kept_order.len());
     (kept_order, kept_starts, targets)
+}
+
+/// `group_by_index` as a parallel counting sort: each of `chunks` slices of
+/// `index` counts its entries per distinct row, the counts become each
+/// chunk's write cursors (a group's entries keep their order: chunk by
+/// chunk, then position), and the chunks scatter their positions at once.
+fn group_by_index_parallel(rows: &[u32], index: &[u32], chunks: usize) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
+    let n_rows = rows.len();
+    let per = index.len().div_ceil(chunks).max(1);
+    let mut counts: Vec<Vec<u32>> = index
+        .par_chunks(per)
+        .map(|c| {
+            let mut h = vec![0u32; n_rows];
+            for &i in c {
+                h[i as usize] += 1;
+            }
+            h
+        })
+        .collect();
+    // Kept groups (with gradients and a row), their starts in `order`.
+    let mut targets = Vec::with_capacity(n_rows);
+    let mut starts = Vec::with_capacity(n_rows + 1);
+    let mut group_start = vec![usize::MAX; n_rows];
+    let mut at = 0usize;
+    for u in 0..n_rows {
+        let total: usize = counts.iter().map(|h| h[u] as usize).sum();
+        if total > 0 && rows[u] != NO_ROW {
+            group_start[u] = at;
+            starts.push(at);
+            targets.push(rows[u]);
+            at += total;
+        }
+    }
+    starts.push(at);
+    // Counts -> cursors: chunk c writes group u from group_start[u] plus the
+    // entries of chunks before it.
+    let mut before = vec![0u32; n_rows];
+    for h in counts.iter_mut() {
+        for u in 0..n_rows {
+            let c = h[u];
+            h[u] = before[u];
+            before[u] += c;
+        }
+    }
+    let mut order = vec![0u32; at];
+    let out = SendPtr(order.as_mut_ptr());
+    index.par_chunks(per).zip(counts.par_iter_mut()).enumerate().for_each(|(c, (idx, cursor))| {
+        for (k, &i) in idx.iter().enumerate() {
+            let u = i as usize;
+            let g = group_start[u];
+            if g != usize::MAX {
+                // SAFETY: every (group, chunk, rank within the chunk) has its
+                // own slot below `at`: the cursors partition each group's span.
+                unsafe { *out.get().add(g + cursor[u] as usize) = (c * per + k) as u32 };
+                cursor[u] += 1;
+            }
+        }
+    });
+    (order, starts, targets)
 }
 
 /// Groups gradient rows by target row (sort), for rows that may repeat.
@@ -1684,5 +1754,27 @@ impl Inner {
             }
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The parallel counting sort groups exactly as the serial one:
+        /// the same groups, targets and order of entries within a group.
+        #[test]
+        fn parallel_grouping_equals_serial(
+            n_rows in 1usize..300,
+            picks in prop::collection::vec(any::<u32>(), 0..2000),
+            missing in prop::collection::vec(any::<bool>(), 300),
+            chunks in 2usize..9,
+        ) {
+            let rows: Vec<u32> = (0..n_rows as u32).map(|r| if missing[r as usize] { NO_ROW } else { r * 3 }).collect();
+            let index: Vec<u32> = picks.iter().map(|&p| p % n_rows as u32).collect();
+            prop_assert_eq!(group_by_index_parallel(&rows, &index, chunks), group_by_index_serial(&rows, &index));
+        }
     }
 }
