@@ -213,3 +213,19 @@ def test_coalesced_table_checkpoint_eviction_and_a_foreign_feature_set(tmp_path)
     gone = table.evict(by_namespace=True)
     assert len(table) == 6
     assert {f: sorted(v.tolist()) for f, v in gone.items()} == {"a": [2, 3, 4], "b": [2, 3, 4]}
+
+
+def test_admission_counts_each_namespace_apart():
+    from recis.nn import CountAdmit
+
+    # x and y coalesce into one table with one sketch; an id's sightings in
+    # x do not count towards its admission in y.
+    engine = EmbeddingEngine({f: EmbeddingOption(dim=2, seed=i, admission=CountAdmit(k=2)) for i, f in enumerate("xy")})
+    assert len(engine.tables()) == 1
+    one = RaggedTensor(torch.tensor([7]), torch.tensor([0, 1]))
+    engine({"x": one, "y": one})
+    assert len(engine.tables()[0]) == 0
+    engine({"x": one, "y": RaggedTensor(torch.tensor([8]), torch.tensor([0, 1]))})
+    assert len(engine.table("x")) == 1 and len(engine.table("y")) == 0  # x saw 7 twice, y once
+    engine({"x": one, "y": one})
+    assert len(engine.table("y")) == 1
