@@ -61,6 +61,11 @@ def test_field_options_and_bad_configs():
     opts = {f: EmbeddingOption(dim=8, combiner="mean") for f in FIELDS}
     m = DCNv2(opts, num_dense=0, dim=8, cross_layers=2)
     assert all(t.option.combiner == "mean" for t in m.tables())
+    for name in MODELS:  # every model can keep a physical table per field
+        apart = MODELS[name](FIELDS, num_dense=1, dim=4, coalesce=False)
+        assert [t.name for t in apart.tables()] == FIELDS, name
+    with pytest.raises(TypeError, match="coalesce"):
+        MODELS["deepfm"](FIELDS, coalesce="no")
     with pytest.raises(ValueError, match="dim=9"):
         MODELS["deepfm"](opts, dim=8)  # DeepFM rows are dim + 1 wide
     with pytest.raises(ValueError, match="num_dense"):

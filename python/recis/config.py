@@ -21,7 +21,9 @@ prefetch = 4                  # stripes decoded ahead
 name = "deepfm"               # "deepfm", "dlrm", "dcnv2" or "wide_deep"
 dim = 16                      # embedding width
 # further keys are the model's own arguments, e.g. hidden = [400, 400, 400]
-# (deepfm, dcnv2, wide_deep), bottom / top (dlrm), cross_layers / rank (dcnv2)
+# (deepfm, dcnv2, wide_deep), bottom / top (dlrm), cross_layers / rank (dcnv2),
+# coalesce = false (every model: a physical table per feature table instead of
+# one per config)
 
 [[feature]]                   # one per sparse field (at least one)
 name = "C1"                   # the model's name for it

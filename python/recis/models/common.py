@@ -10,14 +10,16 @@ from torch import nn
 from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
 
 
-def sparse_engine(fields, width: int, seed: int = 0) -> tuple[list[str], EmbeddingEngine]:
+def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> tuple[list[str], EmbeddingEngine]:
     """(field names, an EmbeddingEngine with a logical table per field; fields
     of one config are coalesced into one physical table).
 
     ``fields``: a list of names (each gets ``EmbeddingOption(dim=width,
     initializer=NormalInit(0, 0.01))``, seeded apart per field so equal ids of
     two fields start from different rows), or a dict {name: EmbeddingOption}
-    of options whose ``dim`` must be ``width``."""
+    of options whose ``dim`` must be ``width``. ``coalesce=False``: a
+    physical table per field (the layout of checkpoints written before
+    tables were coalesced)."""
     if not fields:
         raise ValueError("a model needs at least one sparse field")
     if isinstance(fields, dict):
@@ -31,7 +33,7 @@ def sparse_engine(fields, width: int, seed: int = 0) -> tuple[list[str], Embeddi
     pooled = [f for f, o in options.items() if o.combiner == "tuple"]
     if pooled:
         raise ValueError(f"sparse fields {pooled}: zoo models pool every field (combiner 'sum' or 'mean')")
-    return list(options), EmbeddingEngine(options)
+    return list(options), EmbeddingEngine(options, coalesce=coalesce)
 
 
 def mlp(width: int, hidden, out: int | None = 1) -> tuple[nn.Sequential, int]:

@@ -33,9 +33,10 @@ class DCNv2(nn.Module):
         rank: int | None = None,
         hidden: tuple[int, ...] = (400, 400),
         seed: int = 0,
+        coalesce: bool = True,
     ):
         super().__init__()
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed)
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         width = dim * len(self.sparse_fields) + num_dense
         self.cross = nn.ModuleList(CrossLayer(width, rank) for _ in range(cross_layers))

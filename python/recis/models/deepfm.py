@@ -30,6 +30,7 @@ class DeepFM(nn.Module):
         hidden: tuple[int, ...] = (400, 400, 400),
         option: EmbeddingOption | None = None,
         seed: int = 0,
+        coalesce: bool = True,
     ):
         """``sparse_fields``: names, or {name: EmbeddingOption} with
         ``dim + 1`` each; ``option``: one option for every named field
@@ -39,7 +40,7 @@ class DeepFM(nn.Module):
             if option.dim != dim + 1:
                 raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
             sparse_fields = {f: replace(option, seed=(option.seed + i) % 2**64) for i, f in enumerate(sparse_fields)}
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed)
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense = num_dense
         self.dim = dim
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None

@@ -19,11 +19,12 @@ class DLRM(nn.Module):
         bottom: tuple[int, ...] = (512, 256),
         top: tuple[int, ...] = (512, 256),
         seed: int = 0,
+        coalesce: bool = True,
     ):
         super().__init__()
         if num_dense < 1:
             raise ValueError("DLRM: needs dense features (num_dense >= 1) for its bottom MLP")
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed)
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.bottom, _ = mlp(num_dense, bottom, out=dim)
         self.bottom.append(nn.ReLU())

@@ -23,9 +23,10 @@ class WideDeep(nn.Module):
         dim: int = 16,
         hidden: tuple[int, ...] = (400, 400, 400),
         seed: int = 0,
+        coalesce: bool = True,
     ):
         super().__init__()
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed)
+        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.wide_dense = nn.Linear(num_dense, 1) if num_dense else None
         self.deep, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden)

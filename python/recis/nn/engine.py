@@ -61,6 +61,8 @@ class EmbeddingEngine(nn.Module):
         super().__init__()
         if not features:
             raise ValueError("EmbeddingEngine: needs at least one feature")
+        if not isinstance(coalesce, bool):
+            raise TypeError(f"EmbeddingEngine: coalesce must be True or False, got {coalesce!r}")
         self.options = dict(features)
         # Logical tables: a feature's own, or its shared name's.
         logical: dict[str, EmbeddingOption] = {}

@@ -101,7 +101,7 @@ pub struct TableConfig {
     pub first_segment_rows: usize,
     /// One initializer seed per namespace; empty: one namespace seeded by
     /// `seed`. Each namespace gets `num_shards / namespaces` id-map shards
-    /// (at least 16).
+    /// (at least 16, at most `num_shards`).
     pub namespace_seeds: Vec<u64>,
 }
 
