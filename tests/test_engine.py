@@ -229,3 +229,13 @@ def test_admission_counts_each_namespace_apart():
     assert len(engine.table("x")) == 1 and len(engine.table("y")) == 0  # x saw 7 twice, y once
     engine({"x": one, "y": one})
     assert len(engine.table("y")) == 1
+
+
+def test_a_coalesced_table_never_takes_another_tables_name():
+    two = NormalInit(0.0, 0.2)
+    engine = EmbeddingEngine(
+        {"a": EmbeddingOption(dim=2), "b": EmbeddingOption(dim=2), "a+1": EmbeddingOption(dim=2, initializer=two)}
+    )
+    names = [t.name for t in engine.tables()]
+    assert len(set(names)) == 2 and "a+1" in names
+    assert engine.table("a+1").table.namespaces == ["a+1"] and engine.table("b").table.namespaces == ["a", "b"]

@@ -100,7 +100,12 @@ class EmbeddingEngine(nn.Module):
             if len(names) == 1:
                 table = HashTable(first, names[0])
             else:
-                table = HashTable(first, f"{names[0]}+{len(names) - 1}", [(n, logical[n].seed) for n in names])
+                # Named after its first logical table and how many others
+                # it holds; never the name of another table.
+                name = base = f"{names[0]}+{len(names) - 1}"
+                while name in logical or name in self._tables:
+                    name = f"{base}~{len(name) - len(base) + 1}"
+                table = HashTable(first, name, [(n, logical[n].seed) for n in names])
             self._tables[table.name] = table
             for n in names:
                 self._views[n] = table.view(n)
