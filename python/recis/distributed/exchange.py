@@ -8,7 +8,7 @@ import torch
 
 from recis import _native
 from recis.distributed import all_to_all, owner_of, world
-from recis.nn.hash_table import RowsPart
+from recis.nn.hash_table import RowsPart, concat, pending_runs
 
 
 class _Plan:
@@ -54,22 +54,6 @@ class _FromOwners(torch.autograd.Function):
         return None, None, None
 
 
-def _add_run(run: list, values: torch.Tensor) -> None:
-    """One pending block for a run of namespaces of one physical table:
-    their distinct rows, and for each entry of ``values[lo:hi]`` its row."""
-    if not run:
-        return
-    rows, index, base = [], [], 0
-    for _t, r, idx, _lo, _hi in run:
-        rows.append(r)
-        index.append(idx + base if base else idx)
-        base += len(r)
-    lo, hi = run[0][3], run[-1][4]
-    rows = np.concatenate(rows) if len(rows) > 1 else rows[0]
-    index = np.concatenate(index) if len(index) > 1 else index[0]
-    run[0][0].table.add_pending(rows, values, RowsPart(lo, hi, torch.from_numpy(index)))
-
-
 def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]):
     """(W [U, D], inverse) for a group's logical ``tables`` (``TableView``s:
     namespaces of physical tables) as ``EmbeddingEngine`` builds them in one
@@ -110,21 +94,21 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
         [t.table.native for t in tables], look, [t.table.step for t in tables], trainable, [t.ns for t in tables]
     )
     values = torch.empty(int(bounds[-1]), dim)
-    run: list = []  # trainable namespaces of one physical table, side by side in `values`
+    entry_rows = []  # for each received entry, its index into the lookup's distinct rows
     for j, (t, (_, rows, inv, _), tr) in enumerate(zip(tables, found, trainable, strict=True)):
         first = np.cumsum(r_cnt[j]) - r_cnt[j] if tr else np.arange(len(r_ids[j]))
-        rows_j = rows[inv[first]] if len(first) else rows[:0]
+        entry_rows.append(inv[first])
+        rows_j = rows[entry_rows[-1]] if len(first) else rows[:0]
         lo, hi = int(bounds[j]), int(bounds[j + 1])
         t.table.native.gather(r_ids[j], rows_j, missing_initial[j], values[lo:hi].numpy(), t.ns)
-        if not (tr and run and run[0][0].table is t.table):
-            _add_run(run, values)
-            run = []
-        if tr:
-            # The namespace's distinct rows; the entries of ids that came
-            # from several ranks point at the same one (the optimizer sums
-            # them). Namespaces never share a row, so a run's rows are distinct.
-            run.append((t, rows, inv[first], lo, hi))
-    _add_run(run, values)
+    # The entries of ids that came from several ranks point at the same
+    # distinct row (the optimizer sums them).
+    for table, run in pending_runs([t.table for t in tables], trainable):
+        base = np.concatenate([[0], np.cumsum([len(found[k][1]) for k in run])])
+        index = concat([entry_rows[k] + base[i] for i, k in enumerate(run)])
+        rows = concat([found[k][1] for k in run])
+        lo, hi = int(bounds[run[0]]), int(bounds[run[-1] + 1])
+        table.add_pending(rows, values, RowsPart(lo, hi, torch.from_numpy(index)))
     back = torch.empty_like(values)
     back[torch.from_numpy(recv_perm)] = values
     mine = all_to_all(back, recv_sizes, send_sizes)

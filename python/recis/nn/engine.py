@@ -36,7 +36,7 @@ from torch import nn
 from recis import _native, distributed
 from recis.distributed.exchange import sharded_lookup
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool
-from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy
+from recis.nn.hash_table import HashTable, SharedBlock, TableView, concat, ids_to_numpy, pending_runs
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -187,30 +187,15 @@ class EmbeddingEngine(nn.Module):
         if any(trainable):
             w.requires_grad_(True)
             block = SharedBlock(inverse)
-            # One pending block per run of trainable namespaces of a physical
-            # table: their rows are distinct (namespaces never share a row).
-            run: list = []  # [table, rows..., lo, hi, plo, phi]
-            lo = plo = 0
-            for v, (_, rows, inv, _), n, tr in zip(views, found, sizes, trainable, strict=True):
-                if tr and run and run[0] is v.table and run[-3] == lo:
-                    run[1].append(rows)
-                    run[-3], run[-1] = lo + n, plo + len(inv)
-                elif tr:
-                    self._add_run(run, block, w)
-                    run = [v.table, [rows], lo, lo + n, plo, plo + len(inv)]
-                else:
-                    self._add_run(run, block, w)
-                    run = []
-                lo += n
-                plo += len(inv)
-            self._add_run(run, block, w)
+            # Where each lookup's rows of W and positions start.
+            lo = np.concatenate([[0], np.cumsum(sizes)])
+            plo = np.concatenate([[0], np.cumsum([len(inv) for _, _, inv, _ in found])])
+            for table, run in pending_runs([v.table for v in views], trainable):
+                a, b = run[0], run[-1] + 1
+                table.add_pending(
+                    concat([found[k][1] for k in run]), w, (block, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
+                )
         return self._pool(order, w, inverse, combiner)
-
-    @staticmethod
-    def _add_run(run: list, block: SharedBlock, w: torch.Tensor) -> None:
-        if run:
-            table, rows, lo, hi, plo, phi = run
-            table.add_pending(np.concatenate(rows) if len(rows) > 1 else rows[0], w, (block, lo, hi, plo, phi))
 
     def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str) -> dict:
         rts = [rt for _, rt in order]

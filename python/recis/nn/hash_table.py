@@ -13,6 +13,7 @@ at the full 64 bits). ``TableView`` is one namespace seen as a table.
 
 from __future__ import annotations
 
+import itertools
 import os
 import weakref
 
@@ -434,6 +435,20 @@ class HashTable:
             )
         if first and "step" in state:
             self.step = int(state["step"][0])
+
+
+def pending_runs(tables: list, trainable: list[bool]):
+    """(physical table, [k, ...]) for each maximal run of consecutive
+    trainable lookups ``k`` into one physical table (``tables[k]``): a run's
+    namespaces never share a row, so its rows are distinct and it can be one
+    pending block."""
+    for (table, tr), run in itertools.groupby(range(len(tables)), key=lambda k: (tables[k], trainable[k])):
+        if tr:
+            yield table, list(run)
+
+
+def concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
 
 class TableView:
