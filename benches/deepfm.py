@@ -6,7 +6,10 @@ dense, dim 16, MLP 400-400-400, batch 4096, 2 threads) — samples/s of RecIS,
 of the plain-PyTorch baseline (``nn.EmbeddingBag(sparse=True)`` per field,
 ids mod ``--hash-size``, ``SparseAdam`` + ``Adam``), and of the dense-only
 ceiling: the same MLP's forward, backward and Adam step on a ready
-[4096, 429] input.
+[4096, 429] input. It also times DeepFM's own dense part (first-order, FM and
+MLP terms, forward, backward and Adam) on ready pooled rows that require
+grad: the most RecIS could reach with a free sparse side; the share of a
+RecIS step beyond it is what the sparse side costs.
 
 ``--mode quality``: held-out AUC on the real Avazu and Criteo slices in
 ``../shared/data`` (fixed 80/20 split, several seeds, same features, dims and
@@ -117,7 +120,13 @@ def speed(args):
         feats, dense, labels = data.batch(args.batch_size, rng)
         batches.append({**feats, "dense": dense, "label": labels})
     hidden = (400, 400, 400)
-    rates = {"recis": [], "recis, table per field": [], "plain torch": [], "dense-only ceiling": []}
+    rates = {
+        "recis": [],
+        "recis, table per field": [],
+        "plain torch": [],
+        "dense-only ceiling": [],
+        "deepfm dense part": [],
+    }
     for r in range(args.rounds):
         (ours, oo), (plain, po) = make_pair(fields, 13, 16, hidden, args.hash_size, 1e-3, r)
         (apart, ao), _ = make_pair(fields, 13, 16, hidden, args.hash_size, 1e-3, r, coalesce=False)
@@ -129,6 +138,9 @@ def speed(args):
             for b in batches[args.warmup :]:
                 step(m, opts, b)
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        with torch.no_grad():
+            ours.eval()
+            ready = [ours.lookup(b).detach() for b in batches[: args.warmup + args.steps]]
         del ours, plain, oo, po, apart, ao, contenders
         torch.manual_seed(r)
         layers, width = [], 26 * 16 + 13
@@ -146,6 +158,21 @@ def speed(args):
             opt.step()
             opt.zero_grad()
         rates["dense-only ceiling"].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        # DeepFM's own dense work: its first-order, FM and MLP terms on the
+        # rows RecIS pooled (ready, requiring grad, as the sparse side gets
+        # them), forward, backward and Adam. No table, no lookup.
+        torch.manual_seed(r)
+        fm = DeepFM(fields, num_dense=13, dim=16, hidden=hidden, seed=r)
+        fopt = torch.optim.Adam(fm.parameters(), lr=1e-3)
+        for i, (rows, b) in enumerate(zip(ready, batches, strict=True)):
+            if i == args.warmup:
+                t0 = time.perf_counter()
+            rows.requires_grad_(True)
+            F.binary_cross_entropy_with_logits(fm.logits(rows, b), b["label"]).backward()
+            fopt.step()
+            fopt.zero_grad()
+        rates["deepfm dense part"].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        del ready, fm, fopt
         print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()))
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(
@@ -157,6 +184,10 @@ def speed(args):
     print(f"  recis / plain torch:        {med['recis'] / med['plain torch']:.2f}x")
     print(f"  recis / table per field:    {med['recis'] / med['recis, table per field']:.2f}x")
     print(f"  recis / dense-only ceiling: {med['recis'] / med['dense-only ceiling']:.2f}x")
+    print(f"  deepfm dense part / ceiling: {med['deepfm dense part'] / med['dense-only ceiling']:.2f}x")
+    print(f"  recis / deepfm dense part:  {med['recis'] / med['deepfm dense part']:.2f}x")
+    # Share of a RecIS step that is not DeepFM's dense work: the sparse side.
+    print(f"  sparse side's share of a RecIS step: {1 - med['recis'] / med['deepfm dense part']:.0%}")
 
 
 def phases(args):

@@ -56,8 +56,7 @@ class DeepFM(nn.Module):
 
     def lookup(self, batch: dict) -> torch.Tensor:
         """The sparse part: pooled rows of every field, [B, F, dim + 1]."""
-        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
-        return torch.stack([pooled[f] for f in self.sparse_fields], dim=1)
+        return self.embedding.stacked(batch, self.sparse_fields)
 
     def logits(self, rows: torch.Tensor, batch: dict) -> torch.Tensor:
         """The dense part: first-order, FM and MLP terms from ``lookup``'s rows."""

@@ -38,8 +38,8 @@ class DLRM(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B]: the sparse fields (RaggedTensor or [B, L] ids) and
         ``"dense"`` [B, num_dense]."""
-        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
+        pooled = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim]
         x = self.bottom(dense_input(batch, self.num_dense))
-        t = torch.stack([x] + [pooled[f] for f in self.sparse_fields], dim=1)  # [B, n, dim]
+        t = torch.cat([x.unsqueeze(1), pooled], dim=1)  # [B, n, dim]
         dots = torch.bmm(t, t.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
         return self.top(torch.cat([x, dots], dim=1)).squeeze(1)

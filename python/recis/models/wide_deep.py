@@ -35,8 +35,7 @@ class WideDeep(nn.Module):
         return self.embedding.tables()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
-        rows = torch.stack([pooled[f] for f in self.sparse_fields], dim=1)  # [B, F, dim + 1]
+        rows = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim + 1]
         emb, wide = rows[..., : self.dim], rows[..., self.dim].sum(1)
         deep_in = emb.flatten(1)
         dense = dense_input(batch, self.num_dense, deep_in.dtype)

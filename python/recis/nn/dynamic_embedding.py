@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis import distributed
+from recis import _native, distributed
 from recis.nn.hash_table import HashTable, ids_to_numpy, table_for
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
@@ -126,6 +126,44 @@ def concat_ragged(parts: list[RaggedTensor]) -> RaggedTensor:
     offsets = torch.cat([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)])
     weights = torch.cat([p.weights for p in parts]) if all(weighted) else None
     return RaggedTensor(values, offsets, weights, validate=False)
+
+
+class _PoolStacked(torch.autograd.Function):
+    """``pool_stacked``'s forward and backward, both in Rust
+    (``recis_core::pool``). The gradient of ``w`` is dense: one summed row a
+    looked-up row, so the optimizer has nothing left to group."""
+
+    @staticmethod
+    def forward(ctx, w, inverse, offsets, weights, mean, features):
+        batch = (offsets.numel() - 1) // features
+        out = torch.empty(batch, features, w.shape[1], dtype=w.dtype)
+        wn = None if weights is None else weights.numpy()
+        _native.pool_forward(w.detach().numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, out.numpy())
+        ctx.args = (inverse, offsets, weights, mean, features, w.shape[0], w.shape[1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, offsets, weights, mean, features, rows, dim = ctx.args
+        gw = torch.empty(rows, dim, dtype=grad.dtype)
+        wn = None if weights is None else weights.numpy()
+        g = grad.detach().to(gw.dtype).contiguous()
+        _native.pool_backward(g.numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, gw.numpy())
+        return gw, None, None, None, None, None
+
+
+def pool_stacked(w, inverse, offsets, weights, combiner: str, features: int) -> torch.Tensor | None:
+    """``pool`` for ``features`` features of one batch size, written
+    sample-major: bag ``f * B + b`` of ``offsets`` goes to ``[b, f]`` of the
+    [B, features, D] result. None where it does not apply (another dtype, or
+    weights that require grad); the caller then pools with ``pool``."""
+    if w.dtype != torch.float32 or (weights is not None and weights.requires_grad) or combiner not in ("sum", "mean"):
+        return None
+    if (offsets.numel() - 1) % features:
+        return None
+    if weights is not None:
+        weights = weights.detach().to(torch.float32).contiguous()
+    return _PoolStacked.apply(w, inverse.contiguous(), offsets.contiguous(), weights, combiner == "mean", features)
 
 
 def pool(w: torch.Tensor, inverse: torch.Tensor, offsets: torch.Tensor, weights, combiner: str) -> torch.Tensor:

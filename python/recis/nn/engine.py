@@ -14,9 +14,14 @@ prefix), and each namespace keeps its own initializer seed.
 A step's lookups are coalesced too: features pooled the same way (same
 ``dim`` and ``combiner``, weighted or not) form a group, and a group costs one
 native call for all its lookups (``lookup_unique_many``, the namespaces in
-parallel), one gather into one leaf tensor ``W`` [U, D] and one
-``embedding_bag`` for all its features. The backward leaves one sparse
-gradient on ``W``, which each physical table's share of reads as a slice.
+parallel), one gather into one leaf tensor ``W`` [U, D] and one pooling pass
+for all its features, in Rust, written sample-major as [B, F, D]
+(``stacked`` returns it as is; ``forward`` returns its slices). The backward
+gives ``W`` a dense gradient, one summed row per distinct row, which each
+physical table's share of reads as a slice and the optimizer applies without
+grouping. (Pooling falls back to torch's ``embedding_bag``, with a sparse
+gradient, for features of different batch sizes or weights that require
+grad.)
 
 Under ``torchrun`` the tables are sharded by rows over the ranks and a
 group's lookup is an exchange with the ids' owners (``recis.distributed``).
@@ -35,7 +40,7 @@ from torch import nn
 
 from recis import _native, distributed
 from recis.distributed.exchange import sharded_lookup
-from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool
+from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool, pool_stacked
 from recis.nn.hash_table import HashTable, SharedBlock, TableView, concat, ids_to_numpy, pending_runs
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
@@ -129,7 +134,33 @@ class EmbeddingEngine(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Embeddings of every configured feature present in ``batch``
         (RaggedTensor or [B, L] ids each); other keys are ignored. A
-        configured feature missing from the batch is an error."""
+        configured feature missing from the batch is an error.
+
+        Pooled features of one group are computed as one [B, F, D] tensor
+        and returned as its slices ``[:, k]`` (views, not contiguous);
+        ``stacked`` returns the tensor itself."""
+        return self._run(batch, {})
+
+    def stacked(self, batch: dict, features: list[str] | None = None) -> torch.Tensor:
+        """The pooled embeddings of ``features`` (default: all, in the
+        configured order) side by side: [B, len(features), D]. When they are
+        one group in that order this is the pooled tensor itself, no copy."""
+        names = list(self.options) if features is None else list(features)
+        unknown = [n for n in names if n not in self.options]
+        if unknown:
+            raise KeyError(f"EmbeddingEngine.stacked: no features {unknown} (it has {list(self.options)})")
+        stacks: dict = {}
+        out = self._run(batch, stacks)
+        if names and all(n in stacks for n in names):
+            base = stacks[names[0]][0]
+            if all(stacks[n][0] is base for n in names):
+                idx = [stacks[n][1] for n in names]
+                if idx == list(range(base.shape[1])):
+                    return base
+                return base[:, idx]
+        return torch.stack([out[n] for n in names], dim=1)
+
+    def _run(self, batch: dict, stacks: dict) -> dict[str, torch.Tensor]:
         missing = [f for f in self.options if f not in batch]
         if missing:
             raise KeyError(f"EmbeddingEngine: the batch has no {missing} (it has {sorted(batch)})")
@@ -145,10 +176,10 @@ class EmbeddingEngine(nn.Module):
             groups.setdefault(key, []).append((name, rt))
         out = {}
         for (_dim, combiner, _weighted), members in groups.items():
-            out.update(self._lookup_group(members, combiner, train))
+            out.update(self._lookup_group(members, combiner, train, stacks))
         return {f: out[f] for f in self.options}
 
-    def _lookup_group(self, members: list[tuple[str, RaggedTensor]], combiner: str, train: bool) -> dict:
+    def _lookup_group(self, members: list[tuple[str, RaggedTensor]], combiner: str, train: bool, stacks: dict) -> dict:
         # Features by logical table, the logical tables by physical table, so
         # each logical and each physical table's lookup positions and rows of
         # W are one contiguous range of the group's.
@@ -172,7 +203,7 @@ class EmbeddingEngine(nn.Module):
         ]
         if distributed.active():
             w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
-            return self._pool(order, w, inverse, combiner)
+            return self._pool(order, w, inverse, combiner, stacks)
         found = _native.lookup_unique_many(
             [v.table.native for v in views], ids, [v.table.step for v in views], trainable, [v.ns for v in views]
         )
@@ -195,15 +226,23 @@ class EmbeddingEngine(nn.Module):
                 table.add_pending(
                     concat([found[k][1] for k in run]), w, (block, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
                 )
-        return self._pool(order, w, inverse, combiner)
+        return self._pool(order, w, inverse, combiner, stacks)
 
-    def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str) -> dict:
+    def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str, stacks: dict) -> dict:
         rts = [rt for _, rt in order]
         if combiner == "tuple":
             return self._sequences(order, w, inverse)
         rt = concat_ragged(rts)
+        names = [n for n, _ in order]
+        if all(r.batch_size == rts[0].batch_size for r in rts):
+            # [B, F, D] in one Rust pass; each feature's output is a view.
+            stacked = pool_stacked(w, inverse, rt.offsets, rt.weights, combiner, len(rts))
+            if stacked is not None:
+                for k, n in enumerate(names):
+                    stacks[n] = (stacked, k)
+                return {n: stacked[:, k] for k, n in enumerate(names)}
         pooled = pool(w, inverse, rt.offsets, rt.weights, combiner)
-        return dict(zip([n for n, _ in order], pooled.split([r.batch_size for r in rts]), strict=True))
+        return dict(zip(names, pooled.split([r.batch_size for r in rts]), strict=True))
 
     @staticmethod
     def _sequences(order, w: torch.Tensor, inverse: torch.Tensor) -> dict:

@@ -1434,6 +1434,12 @@ fn prefetch_row(p: *mut f32, width: usize) {
 /// linear). Index groups whose row is `NO_ROW` are dropped. Large inputs are
 /// sorted in parallel (`group_by_index_parallel`).
 fn group_by_index(rows: &[u32], index: &[u32]) -> (Vec<u32>, Vec<usize>, Vec<u32>) {
+    // A dense gradient ([U, D], one row each, in order): nothing to group.
+    if index.len() == rows.len() && index.iter().enumerate().all(|(k, &i)| i as usize == k) {
+        let order: Vec<u32> = (0..rows.len() as u32).filter(|&k| rows[k as usize] != NO_ROW).collect();
+        let targets = order.iter().map(|&k| rows[k as usize]).collect();
+        return (order.clone(), (0..=order.len()).collect(), targets);
+    }
     let threads = rayon::current_num_threads().min(8);
     // Per-chunk histograms cost `chunks x rows` words: worth it when the
     // gradient rows are many and the histograms stay small beside them.
@@ -1795,6 +1801,18 @@ mod tests {
             let rows: Vec<u32> = (0..n_rows as u32).map(|r| if missing[r as usize] { NO_ROW } else { r * 3 }).collect();
             let index: Vec<u32> = picks.iter().map(|&p| p % n_rows as u32).collect();
             prop_assert_eq!(group_by_index_parallel(&rows, &index, chunks), group_by_index_serial(&rows, &index));
+        }
+
+        /// A dense gradient (index 0..U) takes the shortcut and groups as
+        /// the counting sort does.
+        #[test]
+        fn identity_grouping_equals_serial(
+            n_rows in 0usize..300,
+            missing in prop::collection::vec(any::<bool>(), 300),
+        ) {
+            let rows: Vec<u32> = (0..n_rows as u32).map(|r| if missing[r as usize] { NO_ROW } else { r * 3 }).collect();
+            let index: Vec<u32> = (0..n_rows as u32).collect();
+            prop_assert_eq!(group_by_index(&rows, &index), group_by_index_serial(&rows, &index));
         }
     }
 }

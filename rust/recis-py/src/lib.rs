@@ -6,7 +6,10 @@
 //! `NO_ROW` (2**32 - 1) for an id without a row.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray2,
+    PyReadwriteArray3,
+};
 use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -917,6 +920,57 @@ fn apply_gradients_many<'py>(
     }))
 }
 
+/// Pools looked-up rows `w` ([rows, dim]) into `out` ([batch, features,
+/// dim]): `recis_core::pool`. Bag `f * batch + b` spans
+/// `offsets[k]..offsets[k + 1]` of `inverse` (and `weights`).
+#[pyfunction]
+#[pyo3(signature = (w, inverse, offsets, weights, mean, features, out))]
+#[allow(clippy::too_many_arguments)]
+fn pool_forward(
+    py: Python<'_>,
+    w: PyReadonlyArray2<'_, f32>,
+    inverse: PyReadonlyArray1<'_, i64>,
+    offsets: PyReadonlyArray1<'_, i64>,
+    weights: Option<PyReadonlyArray1<'_, f32>>,
+    mean: bool,
+    features: usize,
+    mut out: PyReadwriteArray3<'_, f32>,
+) -> PyResult<()> {
+    let (rows, dim) = w.as_array().dim();
+    let w = w.as_slice().map_err(|_| value_err("w must be a contiguous [rows, dim] float32 array".into()))?;
+    let (inverse, offsets) = (contiguous(&inverse, "inverse")?, contiguous(&offsets, "offsets")?);
+    let weights = weights.as_ref().map(|a| contiguous(a, "weights")).transpose()?;
+    let out = out
+        .as_slice_mut()
+        .map_err(|_| value_err("out must be a contiguous [batch, features, dim] float32 array".into()))?;
+    let bags = recis_core::pool::Bags::new(inverse, offsets, weights, mean, features, rows).map_err(value_err)?;
+    py.detach(|| bags.forward(w, dim, out)).map_err(value_err)
+}
+
+/// The gradient of `pool_forward`'s `w`: written into `out` ([rows, dim])
+/// from the pooled output's gradient `grad` ([batch, features, dim]).
+#[pyfunction]
+#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, out))]
+#[allow(clippy::too_many_arguments)]
+fn pool_backward(
+    py: Python<'_>,
+    grad: PyReadonlyArray3<'_, f32>,
+    inverse: PyReadonlyArray1<'_, i64>,
+    offsets: PyReadonlyArray1<'_, i64>,
+    weights: Option<PyReadonlyArray1<'_, f32>>,
+    mean: bool,
+    features: usize,
+    mut out: PyReadwriteArray2<'_, f32>,
+) -> PyResult<()> {
+    let (rows, dim) = out.as_array().dim();
+    let grad = grad.as_slice().map_err(|_| value_err("grad must be a contiguous float32 array".into()))?;
+    let (inverse, offsets) = (contiguous(&inverse, "inverse")?, contiguous(&offsets, "offsets")?);
+    let weights = weights.as_ref().map(|a| contiguous(a, "weights")).transpose()?;
+    let out = out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [rows, dim] float32 array".into()))?;
+    let bags = recis_core::pool::Bags::new(inverse, offsets, weights, mean, features, rows).map_err(value_err)?;
+    py.detach(|| bags.backward(grad, dim, out)).map_err(value_err)
+}
+
 /// The distinct ids of each batch, the batches in parallel:
 /// `recis_core::dedup::distinct`. One (ids, inverse, counts) a batch, in
 /// order of first appearance.
@@ -950,6 +1004,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
     m.add_function(wrap_pyfunction!(apply_gradients_many, m)?)?;
     m.add_function(wrap_pyfunction!(distinct_many, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(pool_backward, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint64, m)?)?;
     m.add_class::<PyOrcSource>()?;
     m.add_class::<PyOrcReader>()?;
