@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from recis import _native
 from recis.nn import (
     NO_ROW,
     ConstantInit,
@@ -239,3 +240,29 @@ def test_eight_python_threads_share_one_table():
         for i, row in r.items():
             assert merged.setdefault(i, row) == row
     assert len(t) == len(merged) == len(set(merged.values()))
+
+
+def test_lookup_gather_many_equals_lookup_then_gather():
+    """The engine's one-call lookup + gather against the two steps it fuses."""
+    a = HashTable(EmbeddingOption(dim=3, initializer=NormalInit(0, 1)), "a", [("x", 1), ("y", 2)])
+    b = HashTable(EmbeddingOption(dim=3, initializer=NormalInit(0, 1), seed=9), "b")
+    twin_a = HashTable(EmbeddingOption(dim=3, initializer=NormalInit(0, 1)), "a", [("x", 1), ("y", 2)])
+    twin_b = HashTable(EmbeddingOption(dim=3, initializer=NormalInit(0, 1), seed=9), "b")
+    ids = [np.array([5, 6, 5, 7]), np.array([5, 8]), np.array([1, 1, 2])]
+    insert, initial = [True, False, True], [True, True, False]
+    block, inverse, rows, sizes = _native.lookup_gather_many(
+        [a.native, a.native, b.native], ids, [0, 0, 0], insert, [0, 1, 0], initial
+    )
+    found = _native.lookup_unique_many([twin_a.native, twin_a.native, twin_b.native], ids, [0, 0, 0], insert, [0, 1, 0])
+    lo = 0
+    for k, (t, (uniq, r, inv, _), ns) in enumerate(zip([twin_a, twin_a, twin_b], found, [0, 1, 0], strict=True)):
+        assert sizes[k] == len(r) and np.array_equal(rows[k], r)
+        want = np.empty((len(r), 3), np.float32)
+        t.native.gather(uniq, r, initial[k], want, ns)
+        np.testing.assert_array_equal(block[lo : lo + len(r)], want)
+        np.testing.assert_array_equal(inverse[sum(len(x) for x in ids[:k]) :][: len(inv)], inv + lo)
+        lo += len(r)
+    assert len(a) == len(twin_a) == 3 and len(b) == 2  # namespace y was read, not written
+    with pytest.raises(ValueError, match="dim"):
+        c = HashTable(EmbeddingOption(dim=4), "c")
+        _native.lookup_gather_many([a.native, c.native], ids[:2], [0, 0], [False, False], [0, 0], [False, False])

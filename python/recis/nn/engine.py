@@ -204,27 +204,26 @@ class EmbeddingEngine(nn.Module):
         if distributed.active():
             w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
             return self._pool(order, w, inverse, combiner, stacks)
-        found = _native.lookup_unique_many(
-            [v.table.native for v in views], ids, [v.table.step for v in views], trainable, [v.ns for v in views]
+        # Lookups and the gather of their rows into one block W, one call.
+        block, inverse, rows, sizes = _native.lookup_gather_many(
+            [v.table.native for v in views],
+            ids,
+            [v.table.step for v in views],
+            trainable,
+            [v.ns for v in views],
+            missing_initial,
         )
-        sizes = [len(rows) for _, rows, _, _ in found]
-        w = torch.empty(sum(sizes), views[0].dim)
-        inverse, lo = [], 0
-        for v, (uniq, rows, inv, _), n, mi in zip(views, found, sizes, missing_initial, strict=True):
-            v.table.native.gather(uniq, rows, mi, w[lo : lo + n].numpy(), v.ns)
-            inverse.append(torch.from_numpy(inv) + lo if lo else torch.from_numpy(inv))
-            lo += n
-        inverse = torch.cat(inverse) if len(inverse) > 1 else inverse[0]
+        w, inverse = torch.from_numpy(block), torch.from_numpy(inverse)
         if any(trainable):
             w.requires_grad_(True)
-            block = SharedBlock(inverse)
+            shared = SharedBlock(inverse)
             # Where each lookup's rows of W and positions start.
             lo = np.concatenate([[0], np.cumsum(sizes)])
-            plo = np.concatenate([[0], np.cumsum([len(inv) for _, _, inv, _ in found])])
+            plo = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
             for table, run in pending_runs([v.table for v in views], trainable):
                 a, b = run[0], run[-1] + 1
                 table.add_pending(
-                    concat([found[k][1] for k in run]), w, (block, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
+                    concat([rows[k] for k in run]), w, (shared, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
                 )
         return self._pool(order, w, inverse, combiner, stacks)
 

@@ -859,6 +859,83 @@ fn lookup_unique_many<'py>(
     Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
 }
 
+/// `lookup_unique_many` and the gather of every looked-up row in one call:
+/// the lookups in parallel, then each table's distinct rows gathered into
+/// its range of one `[U, dim]` block (missing rows as zeros, or their
+/// initial values where `initial`). Returns (block, inverse into the block
+/// for every position of every table in order, the rows of each table,
+/// how many distinct ids each table has).
+#[pyfunction]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+fn lookup_gather_many<'py>(
+    py: Python<'py>,
+    tables: Vec<Bound<'py, PyHashTable>>,
+    ids: Vec<PyReadonlyArray1<'py, i64>>,
+    steps: Vec<u64>,
+    insert: Vec<bool>,
+    namespaces: Vec<usize>,
+    initial: Vec<bool>,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<i64>>, Vec<Bound<'py, PyArray1<u32>>>, Vec<usize>)> {
+    let n = tables.len();
+    for (len, what) in [(ids.len(), "ids"), (steps.len(), "steps"), (insert.len(), "insert")] {
+        same_len(n, len, what)?;
+    }
+    same_len(n, namespaces.len(), "namespaces")?;
+    same_len(n, initial.len(), "initial")?;
+    if n == 0 {
+        return Err(value_err("lookup_gather_many: no tables".into()));
+    }
+    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
+    let dim = ts[0].dim();
+    if let Some(k) = ts.iter().position(|t| t.dim() != dim) {
+        return Err(value_err(format!("lookup_gather_many: table {k} has dim {}, table 0 has {dim}", ts[k].dim())));
+    }
+    let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
+    let (block, inverse, found) = py
+        .detach(|| -> Result<_, TableError> {
+            let found = (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    if insert[i] {
+                        ts[i].lookup_or_insert_unique_in(namespaces[i], ids[i], steps[i])
+                    } else {
+                        ts[i].lookup_unique_in(namespaces[i], ids[i])
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let total: usize = found.iter().map(|u| u.rows.len()).sum();
+            let positions: usize = found.iter().map(|u| u.inverse.len()).sum();
+            let mut block = vec![0.0f32; total * dim];
+            let mut inverse = vec![0i64; positions];
+            // Each table's share of the block and of the positions.
+            let mut parts = Vec::with_capacity(n);
+            let (mut brest, mut irest) = (&mut block[..], &mut inverse[..]);
+            let mut lo = 0usize;
+            for u in &found {
+                let (b, br) = std::mem::take(&mut brest).split_at_mut(u.rows.len() * dim);
+                let (iv, ir) = std::mem::take(&mut irest).split_at_mut(u.inverse.len());
+                parts.push((b, iv, lo));
+                lo += u.rows.len();
+                brest = br;
+                irest = ir;
+            }
+            parts.into_par_iter().enumerate().try_for_each(|(i, (b, iv, lo))| {
+                let u = &found[i];
+                for (o, &k) in iv.iter_mut().zip(&u.inverse) {
+                    *o = (lo + k as usize) as i64;
+                }
+                let missing = if initial[i] { Missing::Initial } else { Missing::Zeros };
+                ts[i].gather_in(namespaces[i], &u.ids, &u.rows, missing, b)
+            })?;
+            Ok((block, inverse, found))
+        })
+        .map_err(to_py)?;
+    let sizes: Vec<usize> = found.iter().map(|u| u.rows.len()).collect();
+    let rows = found.into_iter().map(|u| u.rows.into_pyarray(py)).collect();
+    let block = Array2::from_shape_vec((sizes.iter().sum(), dim), block).expect("block shape").into_pyarray(py);
+    Ok((block, inverse.into_pyarray(py), rows, sizes))
+}
+
 /// Gradient-row indices as the core takes them (u32); one out of range is
 /// an error naming its position.
 fn indices_u32(index: &[i64]) -> Result<Vec<u32>, TableError> {
@@ -1002,6 +1079,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
+    m.add_function(wrap_pyfunction!(lookup_gather_many, m)?)?;
     m.add_function(wrap_pyfunction!(apply_gradients_many, m)?)?;
     m.add_function(wrap_pyfunction!(distinct_many, m)?)?;
     m.add_function(wrap_pyfunction!(pool_forward, m)?)?;
