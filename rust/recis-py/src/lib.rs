@@ -844,19 +844,29 @@ fn lookup_unique_many<'py>(
     same_len(tables.len(), ns.len(), "lookup_unique_many")?;
     let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
     let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
-    let found = py.detach(|| {
-        (0..ts.len())
-            .into_par_iter()
-            .map(|i| {
-                if insert[i] {
-                    ts[i].lookup_or_insert_unique_in(ns[i], ids[i], steps[i])
-                } else {
-                    ts[i].lookup_unique_in(ns[i], ids[i])
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()
-    });
+    let found = py.detach(|| lookup_all(&ts, &ns, &ids, &steps, &insert));
     Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
+}
+
+/// Each table's lookup of its ids (inserting where `insert`), the tables in
+/// parallel.
+fn lookup_all(
+    ts: &[Arc<recis_core::HashTable>],
+    ns: &[usize],
+    ids: &[&[u64]],
+    steps: &[u64],
+    insert: &[bool],
+) -> Result<Vec<recis_core::UniqueLookup>, TableError> {
+    (0..ts.len())
+        .into_par_iter()
+        .map(|i| {
+            if insert[i] {
+                ts[i].lookup_or_insert_unique_in(ns[i], ids[i], steps[i])
+            } else {
+                ts[i].lookup_unique_in(ns[i], ids[i])
+            }
+        })
+        .collect()
 }
 
 /// `lookup_unique_many` and the gather of every looked-up row in one call:
@@ -893,16 +903,7 @@ fn lookup_gather_many<'py>(
     let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
     let (block, inverse, found) = py
         .detach(|| -> Result<_, TableError> {
-            let found = (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    if insert[i] {
-                        ts[i].lookup_or_insert_unique_in(namespaces[i], ids[i], steps[i])
-                    } else {
-                        ts[i].lookup_unique_in(namespaces[i], ids[i])
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let found = lookup_all(&ts, &namespaces, &ids, &steps, &insert)?;
             let total: usize = found.iter().map(|u| u.rows.len()).sum();
             let positions: usize = found.iter().map(|u| u.inverse.len()).sum();
             let mut block = vec![0.0f32; total * dim];
@@ -997,6 +998,20 @@ fn apply_gradients_many<'py>(
     }))
 }
 
+/// The bag layout of `pool_forward` / `pool_backward`, checked.
+fn bags<'a>(
+    inverse: &'a PyReadonlyArray1<'_, i64>,
+    offsets: &'a PyReadonlyArray1<'_, i64>,
+    weights: &'a Option<PyReadonlyArray1<'_, f32>>,
+    mean: bool,
+    features: usize,
+    rows: usize,
+) -> PyResult<recis_core::pool::Bags<'a>> {
+    let (inverse, offsets) = (contiguous(inverse, "inverse")?, contiguous(offsets, "offsets")?);
+    let weights = weights.as_ref().map(|a| contiguous(a, "weights")).transpose()?;
+    recis_core::pool::Bags::new(inverse, offsets, weights, mean, features, rows).map_err(value_err)
+}
+
 /// Pools looked-up rows `w` ([rows, dim]) into `out` ([batch, features,
 /// dim]): `recis_core::pool`. Bag `f * batch + b` spans
 /// `offsets[k]..offsets[k + 1]` of `inverse` (and `weights`).
@@ -1015,12 +1030,10 @@ fn pool_forward(
 ) -> PyResult<()> {
     let (rows, dim) = w.as_array().dim();
     let w = w.as_slice().map_err(|_| value_err("w must be a contiguous [rows, dim] float32 array".into()))?;
-    let (inverse, offsets) = (contiguous(&inverse, "inverse")?, contiguous(&offsets, "offsets")?);
-    let weights = weights.as_ref().map(|a| contiguous(a, "weights")).transpose()?;
     let out = out
         .as_slice_mut()
         .map_err(|_| value_err("out must be a contiguous [batch, features, dim] float32 array".into()))?;
-    let bags = recis_core::pool::Bags::new(inverse, offsets, weights, mean, features, rows).map_err(value_err)?;
+    let bags = bags(&inverse, &offsets, &weights, mean, features, rows)?;
     py.detach(|| bags.forward(w, dim, out)).map_err(value_err)
 }
 
@@ -1041,10 +1054,8 @@ fn pool_backward(
 ) -> PyResult<()> {
     let (rows, dim) = out.as_array().dim();
     let grad = grad.as_slice().map_err(|_| value_err("grad must be a contiguous float32 array".into()))?;
-    let (inverse, offsets) = (contiguous(&inverse, "inverse")?, contiguous(&offsets, "offsets")?);
-    let weights = weights.as_ref().map(|a| contiguous(a, "weights")).transpose()?;
     let out = out.as_slice_mut().map_err(|_| value_err("out must be a contiguous [rows, dim] float32 array".into()))?;
-    let bags = recis_core::pool::Bags::new(inverse, offsets, weights, mean, features, rows).map_err(value_err)?;
+    let bags = bags(&inverse, &offsets, &weights, mean, features, rows)?;
     py.detach(|| bags.backward(grad, dim, out)).map_err(value_err)
 }
 
