@@ -13,9 +13,9 @@ prefix), and each namespace keeps its own initializer seed.
 
 A step's lookups are coalesced too: features pooled the same way (same
 ``dim`` and ``combiner``, weighted or not) form a group, and a group costs one
-native call for all its lookups (``lookup_unique_many``, the namespaces in
-parallel), one gather into one leaf tensor ``W`` [U, D] and one pooling pass
-for all its features, in Rust, written sample-major as [B, F, D]
+native call for all its lookups and the gather of their rows into one leaf
+tensor ``W`` [U, D] (``lookup_gather_many``, the namespaces in parallel), and
+one pooling pass for all its features, in Rust, written sample-major as [B, F, D]
 (``stacked`` returns it as is; ``forward`` returns its slices). The backward
 gives ``W`` a dense gradient, one summed row per distinct row, which each
 physical table's share of reads as a slice and the optimizer applies without
