@@ -235,35 +235,14 @@ def phases(args):
     )
 
 
-class _PerTableGather:
-    """``_native`` as the engine saw it before ``lookup_gather_many``: one
-    lookup call, then one gather call a table from Python (the A/B baseline)."""
-
-    def __getattr__(self, name):
-        return getattr(_native, name)
-
-    @staticmethod
-    def lookup_gather_many(natives, ids, steps, insert, namespaces, initial):
-        found = _native.lookup_unique_many(natives, ids, steps, insert, namespaces)
-        sizes = [len(rows) for _, rows, _, _ in found]
-        block = np.empty((sum(sizes), natives[0].dim), np.float32)
-        inverse, lo = [], 0
-        for t, (uniq, rows, inv, _), n, mi, ns in zip(natives, found, sizes, initial, namespaces, strict=True):
-            t.gather(uniq, rows, mi, block[lo : lo + n], ns)
-            inverse.append(inv + lo)
-            lo += n
-        return block, np.concatenate(inverse), [rows for _, rows, _, _ in found], sizes
-
-
 def ab(args):
-    """This stop's two changes against what they replaced, in one process:
-    two identical DeepFMs step alternately on the same batches, one with the
-    baseline swapped into the engine module for its steps.
-
-    - pooling: Rust, sample-major ``[B, F, D]`` with a dense gradient, against
-      torch's ``embedding_bag`` (sparse gradient) and a stack; the full step;
-    - lookup: ``lookup_gather_many`` against a lookup call and a gather call a
-      table; an eval-mode lookup of every field, timed before each step."""
+    """Rust pooling against what it replaced, in one process: two identical
+    DeepFMs step alternately on the same batches, one with the baseline
+    swapped into the engine module for its steps. Pooling: Rust,
+    sample-major ``[B, F, D]`` with a dense gradient, against torch's
+    ``embedding_bag`` (sparse gradient) and a stack; the full step. (The
+    per-table-gather baseline of the one-call lookup is gone: the lookup and
+    gather are one locked pipeline call in the core now.)"""
     import recis.nn.engine as engine
 
     data = SyntheticCTR(num_features=26, num_dense=13, vocab=args.vocab, min_ids=1, max_ids=3)
@@ -275,7 +254,6 @@ def ab(args):
     rust_pool, native = engine.pool_stacked, engine._native
     cases = {
         "pooling": {"embedding_bag + stack": (lambda *a: None, native), "rust, [B, F, D]": (rust_pool, native)},
-        "lookup": {"lookup, then a gather a table": (rust_pool, _PerTableGather()), "one call": (rust_pool, native)},
     }
     for case, variants in cases.items():
         models = {}
@@ -290,24 +268,18 @@ def ab(args):
                     engine.pool_stacked, engine._native = pool_fn, nat
                     m, sparse, dense = models[name]
                     t0 = time.perf_counter()
-                    if case == "lookup":
-                        with torch.no_grad():
-                            m.lookup(b)
-                        t = time.perf_counter() - t0
                     F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
                     for o in (sparse, dense):
                         o.step()
                         o.zero_grad()
-                    if case == "pooling":
-                        t = time.perf_counter() - t0
+                    t = time.perf_counter() - t0
                     if i >= args.warmup:
                         spent[name].append(t)
         finally:
             engine.pool_stacked, engine._native = rust_pool, native
         params = [list(m.parameters()) for m, _, _ in models.values()]
         same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(*params, strict=True))
-        what = "training step" if case == "pooling" else "eval-mode lookup of 26 fields"
-        print(f"{case}: median {what} over {args.steps} steps (dense parameters agree: {same})")
+        print(f"{case}: median training step over {args.steps} steps (dense parameters agree: {same})")
         for name, v in spent.items():
             print(f"  {name:32s} {statistics.median(v) * 1e3:7.1f} ms")
 

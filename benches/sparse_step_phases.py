@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recis import _native
 from recis.nn import DynamicEmbedding, EmbeddingOption, UniformInit
 from recis.nn.dynamic_embedding import concat_ragged, pool
 from recis.optim import SparseAdam
@@ -49,12 +50,13 @@ def main() -> None:
         t = time.perf_counter()
         rt = concat_ragged([feats[n] for n in names])
         t = lap("concat features", t)
-        u, rows, inverse, _ = emb.table.native.lookup_or_insert_unique(rt.values.numpy(), i)
-        t = lap("dedup + lookup/insert", t)
-        w = emb.table.gather(u, rows, True)
-        t = lap("gather rows", t)
+        block, inverse, _rows, _sizes, runs = _native.lookup_gather_many(
+            [emb.table.native], [rt.values.numpy()], [i], [True], [0], [True]
+        )
+        w = torch.from_numpy(block)
+        t = lap("dedup + lookup/insert + gather", t)
         w.requires_grad_(True)
-        emb.table.add_pending(rows, w)
+        emb.table.add_pending(runs[0][2], w)
         out = pool(w, torch.from_numpy(inverse), rt.offsets, None, "sum")
         t = lap("pool forward", t)
         pooled = dict(zip(names, out.split(args.batch_size), strict=True))
@@ -63,8 +65,8 @@ def main() -> None:
         t = lap("dense head forward", t)
         loss.backward()
         t = lap("backward", t)
-        r, ix, g, unique = emb.table.pending_gradients()
-        emb.table.native.apply_gradients_indexed(r, ix, g, unique, kernel, 0.01, i + 1)
+        r, ix, g = emb.table.pending_gradients()
+        _native.apply_gradients_many([emb.table.native], [r], [ix], [g], kernel, 0.01, [i + 1])
         emb.table.clear_pending()
         t = lap("sparse Adam apply", t)
         dense.step()

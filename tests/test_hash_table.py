@@ -250,9 +250,13 @@ def test_lookup_gather_many_equals_lookup_then_gather():
     twin_b = HashTable(EmbeddingOption(dim=3, initializer=NormalInit(0, 1), seed=9), "b")
     ids = [np.array([5, 6, 5, 7]), np.array([5, 8]), np.array([1, 1, 2])]
     insert, initial = [True, False, True], [True, True, False]
-    block, inverse, rows, sizes = _native.lookup_gather_many(
+    block, inverse, rows, sizes, runs = _native.lookup_gather_many(
         [a.native, a.native, b.native], ids, [0, 0, 0], insert, [0, 1, 0], initial
     )
+    # One ticket per run of trainable lookups of one table: request 0 (a, x)
+    # and request 2 (b); request 1 reads.
+    assert [(s, e) for s, e, _ in runs] == [(0, 1), (2, 3)]
+    assert np.array_equal(runs[0][2].rows(), rows[0]) and np.array_equal(runs[1][2].rows(), rows[2])
     found = _native.lookup_unique_many([twin_a.native, twin_a.native, twin_b.native], ids, [0, 0, 0], insert, [0, 1, 0])
     lo = 0
     for k, (t, (uniq, r, inv, _), ns) in enumerate(zip([twin_a, twin_a, twin_b], found, [0, 1, 0], strict=True)):

@@ -41,6 +41,8 @@ class RowWiseAdagradReference(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             for p in group["params"]:
+                if p.grad is None:
+                    continue
                 g = p.grad.coalesce()
                 rows, vals = g.indices()[0], g.values()
                 acc = self.state[p].setdefault("acc", torch.zeros(p.shape[0]))
@@ -58,6 +60,8 @@ class AdamWLazyReference(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for p in self.param_groups[0]["params"]:
+            if p.grad is None:
+                continue
             rows = p.grad.coalesce().indices()[0]
             p[rows] *= 1 - self.defaults["lr"] * self.defaults["wd"]
         self.inner.step()

@@ -8,7 +8,7 @@ import torch
 
 from recis import _native
 from recis.distributed import all_to_all, owner_of, world
-from recis.nn.hash_table import RowsPart, concat, pending_runs
+from recis.nn.hash_table import RowsPart
 
 
 class _Plan:
@@ -90,25 +90,32 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
     # Each id as many times as the batches held it: frequencies and the
     # admission sketch count what one process would have counted.
     look = [np.repeat(i, c) if tr else i for i, c, tr in zip(r_ids, r_cnt, trainable, strict=True)]
-    found = _native.lookup_unique_many(
-        [t.table.native for t in tables], look, [t.table.step for t in tables], trainable, [t.ns for t in tables]
+    # One native call: every table's lookup and the gather of its distinct
+    # rows into one block, under one lock per physical table.
+    block, block_inv, _rows, block_sizes, runs = _native.lookup_gather_many(
+        [t.table.native for t in tables],
+        look,
+        [t.table.step for t in tables],
+        trainable,
+        [t.ns for t in tables],
+        missing_initial,
     )
-    values = torch.empty(int(bounds[-1]), dim)
-    entry_rows = []  # for each received entry, its index into the lookup's distinct rows
-    for j, (t, (_, rows, inv, _), tr) in enumerate(zip(tables, found, trainable, strict=True)):
-        first = np.cumsum(r_cnt[j]) - r_cnt[j] if tr else np.arange(len(r_ids[j]))
-        entry_rows.append(inv[first])
-        rows_j = rows[entry_rows[-1]] if len(first) else rows[:0]
-        lo, hi = int(bounds[j]), int(bounds[j + 1])
-        t.table.native.gather(r_ids[j], rows_j, missing_initial[j], values[lo:hi].numpy(), t.ns)
+    # Each received entry's row of the block: its first position in `look`.
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in look])])
+    firsts = [
+        starts[j] + (np.cumsum(r_cnt[j]) - r_cnt[j] if tr else np.arange(len(r_ids[j])))
+        for j, tr in enumerate(trainable)
+    ]
+    entry_rows = block_inv[np.concatenate(firsts)] if T > 1 else block_inv[firsts[0]]
+    values = torch.from_numpy(block)[torch.from_numpy(entry_rows)]
     # The entries of ids that came from several ranks point at the same
-    # distinct row (the optimizer sums them).
-    for table, run in pending_runs([t.table for t in tables], trainable):
-        base = np.concatenate([[0], np.cumsum([len(found[k][1]) for k in run])])
-        index = concat([entry_rows[k] + base[i] for i, k in enumerate(run)])
-        rows = concat([found[k][1] for k in run])
-        lo, hi = int(bounds[run[0]]), int(bounds[run[-1] + 1])
-        table.add_pending(rows, values, RowsPart(lo, hi, torch.from_numpy(index)))
+    # distinct row (the optimizer sums them). A run's rows are the ticket's,
+    # block rows lo[a]:lo[b].
+    lo = np.concatenate([[0], np.cumsum(block_sizes)])
+    for a, b, ticket in runs:
+        ea, eb = int(bounds[a]), int(bounds[b])
+        index = torch.from_numpy(entry_rows[ea:eb] - lo[a])
+        tables[a].table.add_pending(ticket, values, RowsPart(ea, eb, index))
     back = torch.empty_like(values)
     back[torch.from_numpy(recv_perm)] = values
     mine = all_to_all(back, recv_sizes, send_sizes)

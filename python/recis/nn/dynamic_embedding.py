@@ -72,12 +72,15 @@ class DynamicEmbedding(nn.Module):
             )
         ids_np = ids_to_numpy(ids, f"{self.name}: ids")
         train = self.training and self.option.trainable and torch.is_grad_enabled()
-        uniq, rows, inverse, _counts = self.table.lookup_unique(ids_np, train=train)
         missing_initial = train or self.option.eval_missing == "initial"
-        w = self.table.gather(uniq, rows, missing_initial)
+        # One native call: the lookup and the gather under one lock.
+        block, inverse, _rows, _sizes, runs = _native.lookup_gather_many(
+            [self.table.native], [ids_np], [self.table.step], [train], [0], [missing_initial]
+        )
+        w = torch.from_numpy(block)
         if train:
             w.requires_grad_(True)
-            self.table.add_pending(rows, w)
+            self.table.add_pending(runs[0][2], w)
         return w, torch.from_numpy(inverse)
 
     def forward(self, ids, weights: torch.Tensor | None = None):

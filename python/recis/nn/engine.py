@@ -41,7 +41,7 @@ from torch import nn
 from recis import _native, distributed
 from recis.distributed.exchange import sharded_lookup
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool, pool_stacked
-from recis.nn.hash_table import HashTable, SharedBlock, TableView, concat, ids_to_numpy, pending_runs
+from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -205,7 +205,7 @@ class EmbeddingEngine(nn.Module):
             w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
             return self._pool(order, w, inverse, combiner, stacks)
         # Lookups and the gather of their rows into one block W, one call.
-        block, inverse, rows, sizes = _native.lookup_gather_many(
+        block, inverse, _rows, sizes, runs = _native.lookup_gather_many(
             [v.table.native for v in views],
             ids,
             [v.table.step for v in views],
@@ -220,11 +220,10 @@ class EmbeddingEngine(nn.Module):
             # Where each lookup's rows of W and positions start.
             lo = np.concatenate([[0], np.cumsum(sizes)])
             plo = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
-            for table, run in pending_runs([v.table for v in views], trainable):
-                a, b = run[0], run[-1] + 1
-                table.add_pending(
-                    concat([rows[k] for k in run]), w, (shared, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
-                )
+            # One ticket for each run of trainable lookups of one physical
+            # table (recis_core::pipeline): its rows are W's rows lo[a]:lo[b].
+            for a, b, ticket in runs:
+                views[a].table.add_pending(ticket, w, (shared, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b])))
         return self._pool(order, w, inverse, combiner, stacks)
 
     def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str, stacks: dict) -> dict:

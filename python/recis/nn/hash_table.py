@@ -13,7 +13,6 @@ at the full 64 bits). ``TableView`` is one namespace seen as a table.
 
 from __future__ import annotations
 
-import itertools
 import os
 import weakref
 
@@ -175,18 +174,21 @@ class HashTable:
 
     # -- gradients --------------------------------------------------------------
 
-    def add_pending(self, rows: np.ndarray, weights: torch.Tensor, part=None) -> None:
-        """Records a looked-up block of distinct rows whose ``.grad`` the next
-        optimizer step applies. ``part``: the rows are a share of a block
-        ``weights`` that several tables fill (``nn.engine``)."""
+    def add_pending(self, rows, weights: torch.Tensor, part=None) -> None:
+        """Records a looked-up block of rows whose ``.grad`` the next
+        optimizer step applies. ``rows``: a ``_native.Ticket`` (the rows of
+        a trainable lookup, distinct and vouched for by the core) or a
+        uint32 array. ``part``: the rows are a share of a block ``weights``
+        that several tables fill (``nn.engine``)."""
         self._pending.append((rows, weights, part))
 
     def pending_gradients(self):
         """Gradients of every pending lookup that received one, as
-        (rows, index, grads, rows_unique): ``grads[k]`` belongs to
-        ``rows[index[k]]``. A block's gradient may be sparse (one entry per
-        lookup position, from sparse pooling) or dense ([U, D]); the optimizer
-        sums entries of the same row. None if there is nothing to apply."""
+        (rows, index, grads): ``grads[k]`` belongs to row ``index[k]`` of the
+        rows, which are a list of Tickets (concatenated in order) or one
+        uint32 array. A block's gradient may be sparse (one entry per lookup
+        position, from sparse pooling) or dense ([U, D]); the optimizer sums
+        entries of the same row. None if there is nothing to apply."""
         rows, index, grads = [], [], []
         base = 0
         for r, w, part in self._pending:
@@ -207,14 +209,13 @@ class HashTable:
             base += len(r)
         if not rows:
             return None
-        if len(rows) == 1:
-            return rows[0], index[0].numpy(), grads[0].detach().contiguous().numpy(), True
-        return (
-            np.concatenate(rows),
-            torch.cat(index).numpy(),
-            torch.cat(grads).detach().contiguous().numpy(),
-            False,
-        )
+        if all(isinstance(r, _native.Ticket) for r in rows):
+            rows_arg = rows
+        else:
+            rows_arg = concat([r.rows() if isinstance(r, _native.Ticket) else r for r in rows])
+        if len(index) == 1:
+            return rows_arg, index[0].numpy(), grads[0].detach().contiguous().numpy()
+        return rows_arg, torch.cat(index).numpy(), torch.cat(grads).detach().contiguous().numpy()
 
     def pending_leaves(self) -> list[torch.Tensor]:
         """The leaf tensors of the pending lookups (a shared block appears in
@@ -223,6 +224,17 @@ class HashTable:
 
     def clear_pending(self) -> None:
         self._pending.clear()
+
+    def release_gradients(self) -> list[torch.Tensor]:
+        """``zero_grad`` for this table: drops the pending lookups whose
+        gradient has arrived and returns their leaves (whose ``.grad`` the
+        caller clears, once every table sharing them has been asked). A
+        lookup whose backward has not run yet stays pending: in the usual
+        loop ``forward; zero_grad(); backward(); step()`` its gradient comes
+        after this call."""
+        done = [e for e in self._pending if e[1].grad is not None]
+        self._pending = [e for e in self._pending if e[1].grad is None]
+        return [w for _rows, w, _part in done]
 
     # -- optimizer slots -----------------------------------------------------------
 
@@ -435,16 +447,6 @@ class HashTable:
             )
         if first and "step" in state:
             self.step = int(state["step"][0])
-
-
-def pending_runs(tables: list, trainable: list[bool]):
-    """(physical table, [k, ...]) for each maximal run of consecutive
-    trainable lookups ``k`` into one physical table (``tables[k]``): a run's
-    namespaces never share a row, so its rows are distinct and it can be one
-    pending block."""
-    for (table, tr), run in itertools.groupby(range(len(tables)), key=lambda k: (tables[k], trainable[k])):
-        if tr:
-            yield table, list(run)
 
 
 def concat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -34,6 +34,10 @@ def collect_tables(params) -> list[HashTable]:
                     if all(t is not f for f in found):
                         found.append(t)
         return found
+    if isinstance(params, (str, bytes, dict)) or not hasattr(params, "__iter__"):
+        raise TypeError(
+            f"expected hash tables, modules holding them or iterables of these, got {type(params).__name__}"
+        )
     out: list[HashTable] = []
     for p in params:
         for t in collect_tables(p):
@@ -48,17 +52,40 @@ class SparseOptimizer(torch.optim.Optimizer):
     kind = ""
 
     def __init__(self, tables, defaults: dict):
-        tables = collect_tables(tables)
-        if not tables:
+        # Torch-style param groups: a list of dicts whose "params" are
+        # tables or modules holding them; other keys override the defaults.
+        specs = list(tables) if isinstance(tables, (list, tuple)) else None
+        grouped = bool(specs) and all(isinstance(g, dict) for g in specs)
+        if specs and not grouped and any(isinstance(g, dict) for g in specs):
+            raise TypeError(f"{type(self).__name__}: mix of param-group dicts and tables")
+        if grouped and any("params" not in g for g in specs):
+            raise ValueError(f"{type(self).__name__}: every param group needs 'params'")
+        groups = (
+            [{**g, "params": collect_tables(g["params"])} for g in specs]
+            if grouped
+            else [{"params": collect_tables(tables)}]
+        )
+        if not any(g["params"] for g in groups):
             raise ValueError(f"{type(self).__name__}: no hash tables to optimize")
+        seen: list[HashTable] = []
+        for g in groups:
+            for t in g["params"]:
+                if any(t is s for s in seen):
+                    raise ValueError(f"{type(self).__name__}: table {t.name!r} is in more than one param group")
+                seen.append(t)
         self.tables: dict[int, HashTable] = {}
-        placeholders = []
-        for t in tables:
-            ph = torch.zeros(0, requires_grad=True)
-            self.tables[id(ph)] = t
-            placeholders.append(ph)
+        param_groups = []
+        for g in groups:
+            placeholders = []
+            for t in g["params"]:
+                ph = torch.zeros(0, requires_grad=True)
+                self.tables[id(ph)] = t
+                placeholders.append(ph)
+            param_groups.append({**g, "params": placeholders})
         self._kernels: dict[tuple, _native.SparseOptimizerKernel] = {}
-        super().__init__(placeholders, defaults)
+        super().__init__(param_groups, defaults)
+        for group in self.param_groups:
+            _check_lr(group["lr"])
         for group in self.param_groups:
             kernel = self._kernel(group)
             for p in group["params"]:
@@ -103,7 +130,6 @@ class SparseOptimizer(torch.optim.Optimizer):
                     [pd[0] for _, _, pd, _ in work],
                     [pd[1] for _, _, pd, _ in work],
                     [pd[2] for _, _, pd, _ in work],
-                    [pd[3] for _, _, pd, _ in work],
                     kernel,
                     lr,
                     [s for _, _, _, s in work],
@@ -142,8 +168,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         return finite
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients that have arrived since the last step, as
+        torch's ``zero_grad`` does; lookups whose backward has not run yet
+        keep their place (``forward; zero_grad(); backward(); step()``
+        trains). ``set_to_none`` is accepted for torch's signature: a
+        cleared gradient is dropped either way."""
+        leaves = []
         for t in self.tables.values():
-            t.clear_pending()
+            leaves.extend(t.release_gradients())
+        for w in leaves:
+            w.grad = None
 
     def state_dict(self) -> dict:
         """JSON-serialisable: hyper-parameters per group and each table's step

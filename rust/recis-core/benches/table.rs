@@ -48,7 +48,7 @@ fn bench_lookup(c: &mut Criterion) {
     for threads in [1, 2] {
         let p = pool(threads);
         g.bench_with_input(BenchmarkId::new("recis", threads), &threads, |b, _| {
-            b.iter(|| p.install(|| black_box(table.lookup(&probe))))
+            b.iter(|| p.install(|| black_box(table.lookup(&probe).unwrap())))
         });
         g.bench_with_input(BenchmarkId::new("hashbrown", threads), &threads, |b, _| {
             b.iter(|| {

@@ -272,14 +272,24 @@ pub fn bucketize(values: &[f64], boundaries: &[f64], out: &mut [i64]) {
 /// the result holds, for every `a` of row `i` of `a` and then every `b` of
 /// row `i` of `b` (a-major order), `fingerprint64(le_bytes(a) ++
 /// le_bytes(b))`, then `% bucket` when `bucket > 0`. A row with an empty side
-/// is empty. Returns (values, offsets).
-pub fn cross(a: (&[i64], &[i64]), b: (&[i64], &[i64]), bucket: u64) -> (Vec<i64>, Vec<i64>) {
+/// is empty. Returns (values, offsets), or an error naming the side whose
+/// offsets are malformed, or a result too large to address.
+pub fn cross(a: (&[i64], &[i64]), b: (&[i64], &[i64]), bucket: u64) -> Result<(Vec<i64>, Vec<i64>), String> {
     let (av, ao) = a;
     let (bv, bo) = b;
+    check_offsets(ao, av.len(), "first")?;
+    check_offsets(bo, bv.len(), "second")?;
+    if ao.len() != bo.len() {
+        return Err(format!("batch sizes differ: {} and {}", ao.len() - 1, bo.len() - 1));
+    }
     let rows = ao.len() - 1;
     let mut offsets = vec![0i64; rows + 1];
     for i in 0..rows {
-        offsets[i + 1] = offsets[i] + (ao[i + 1] - ao[i]) * (bo[i + 1] - bo[i]);
+        let n = (ao[i + 1] - ao[i]).checked_mul(bo[i + 1] - bo[i]);
+        offsets[i + 1] = match n.and_then(|n| offsets[i].checked_add(n)) {
+            Some(o) if o <= i32::MAX as i64 => o,
+            _ => return Err(format!("the cross of row {i} and the rows before it exceeds {} values", i32::MAX)),
+        };
     }
     let mut values = vec![0i64; offsets[rows] as usize];
     let out = SendSlice(values.as_mut_ptr());
@@ -290,13 +300,28 @@ pub fn cross(a: (&[i64], &[i64]), b: (&[i64], &[i64]), bucket: u64) -> (Vec<i64>
             buf[..8].copy_from_slice(&x.to_le_bytes());
             for &y in &bv[bo[i] as usize..bo[i + 1] as usize] {
                 buf[8..].copy_from_slice(&y.to_le_bytes());
-                // SAFETY: rows write disjoint ranges offsets[i]..offsets[i + 1].
+                // SAFETY: `values` has offsets[rows] elements; row i writes
+                // offsets[i]..offsets[i + 1], its a-count times its b-count
+                // (the offsets were checked, so these ranges are in bounds),
+                // and rows' ranges are disjoint.
                 unsafe { *out.get().add(k) = bucket_of(fingerprint64(&buf), bucket) };
                 k += 1;
             }
         }
     });
-    (values, offsets)
+    Ok((values, offsets))
+}
+
+/// Checks ragged offsets: they start at 0, never decrease and end at the
+/// number of values. `side` names the feature in the error.
+pub fn check_offsets(offsets: &[i64], values: usize, side: &str) -> Result<(), String> {
+    if offsets.is_empty() || offsets[0] != 0 || *offsets.last().unwrap() != values as i64 {
+        return Err(format!("{side}: offsets must start at 0 and end at the number of values ({values})"));
+    }
+    if let Some(k) = offsets.windows(2).position(|w| w[1] < w[0]) {
+        return Err(format!("{side}: offsets decrease at {k}: {} then {}", offsets[k], offsets[k + 1]));
+    }
+    Ok(())
 }
 
 /// Row `i` of a ragged feature truncated to at most `max_len` elements:
@@ -395,7 +420,7 @@ mod tests {
 
     #[test]
     fn cross_is_a_major_and_empty_rows_stay_empty() {
-        let (v, o) = cross((&[1, 2, 3], &[0, 2, 3, 3]), (&[10, 20, 30], &[0, 1, 1, 3]), 0);
+        let (v, o) = cross((&[1, 2, 3], &[0, 2, 3, 3]), (&[10, 20, 30], &[0, 1, 1, 3]), 0).unwrap();
         assert_eq!(o, vec![0, 2, 2, 2]);
         let h = |a: i64, b: i64| {
             let mut buf = [0u8; 16];
@@ -404,6 +429,14 @@ mod tests {
             fingerprint64(&buf) as i64
         };
         assert_eq!(v, vec![h(1, 10), h(2, 10)]);
+    }
+
+    #[test]
+    fn cross_refuses_malformed_offsets() {
+        assert!(cross((&[1, 2], &[0, 3]), (&[1], &[0, 1]), 0).unwrap_err().contains("first"));
+        assert!(cross((&[1, 2], &[0, 2, 1, 2]), (&[1], &[0, 1, 1, 1]), 0).unwrap_err().contains("decrease"));
+        assert!(cross((&[1], &[0, 1]), (&[1], &[0, 0, 1]), 0).unwrap_err().contains("batch sizes"));
+        assert!(cross((&[], &[]), (&[], &[]), 0).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod init;
 pub mod io;
 pub mod optim;
 mod orc_decode;
+pub mod pipeline;
 pub mod pool;
 pub mod store;
 pub mod table;

@@ -105,19 +105,31 @@ impl<T: Zeroable> Segmented<T> {
         }
     }
 
-    /// Pointer to the first element of `row`.
-    ///
-    /// The row's segment must exist (`ensure` was called for it, or for a later
-    /// row of the same segment). The pointer is valid for `width` elements
-    /// until the store is dropped.
+    /// Pointer to the first element of `row`, valid for `width` elements
+    /// until the store is dropped. Panics if the row's segment does not
+    /// exist (`ensure` was not called for it): that is a bug of the caller,
+    /// caught before any pointer into nothing is made.
     #[inline(always)]
     pub fn row_ptr(&self, row: u32) -> *mut T {
+        match self.try_row_ptr(row) {
+            Some(p) => p,
+            None => panic!("row {row} used before its segment was allocated"),
+        }
+    }
+
+    /// [`row_ptr`](Self::row_ptr), or None if the row's segment does not
+    /// exist yet.
+    #[inline(always)]
+    pub fn try_row_ptr(&self, row: u32) -> Option<*mut T> {
         let (seg, off) = self.locate(row);
         let p = self.segments[seg].load(Ordering::Acquire);
-        debug_assert!(!p.is_null(), "row {row} read before its segment was allocated");
+        if p.is_null() {
+            return None;
+        }
         // SAFETY: the segment holds `base << seg` rows of `width` elements and
-        // `off < base << seg` by construction of `locate`.
-        unsafe { p.add(off * self.width) }
+        // `off < base << seg` by construction of `locate`, so the offset
+        // stays inside its allocation.
+        Some(unsafe { p.add(off * self.width) })
     }
 
     /// Bytes allocated by segments so far (the virtual size: pages never

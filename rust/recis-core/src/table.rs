@@ -8,18 +8,26 @@
 //! - row storage in segments that never move (`store.rs`), with per-row
 //!   metadata (frequency, last step seen) beside it.
 //!
-//! Concurrency. The hot path (`lookup_or_insert_unique`, `lookup_unique`,
-//! `gather`) runs under a shared lock on the table and is lock-free inside it:
-//! a new id claims a key slot by compare-and-swap and takes a row from an
-//! atomic counter or the free list, then publishes the row index; a reader
-//! that finds the key before the index is published waits for it. A batch is
-//! first partitioned by shard, and shards are processed in parallel (rayon),
-//! so each task walks one shard's memory and no two tasks of one call touch
-//! the same slot. Capacity is reserved per shard before inserting; a shard
-//! that lacks room is grown under the exclusive lock, one shard at a time
-//! (its own rehash only), which is the only pause growth causes.
+//! Concurrency. The hot path (lookup, insert, gather) runs under a shared
+//! lock on the table and is lock-free inside it: a new id takes a row from
+//! an atomic counter or the free list, claims a key slot by compare-and-swap,
+//! initialises the row, marks it live and publishes the row index; a reader
+//! that finds the key before the index is published waits for it (bounded).
+//! A batch is first reduced to its distinct ids per shard, with no lock
+//! held; then shards are processed in parallel (rayon), so each task walks
+//! one shard's memory and no two tasks of one call touch the same slot.
+//! Capacity is reserved per shard for the distinct ids before inserting; a
+//! shard that lacks room is grown under the exclusive lock, one shard at a
+//! time (its own rehash only), which is the only pause growth causes.
 //! Maintenance — optimizer updates, eviction, import, slot re-layout — takes
-//! the exclusive lock, between steps.
+//! the exclusive lock, between steps. Who takes which lock, and when, is
+//! `pipeline.rs`'s business: locks are taken at the top of a call, once per
+//! table, never inside a rayon task (its module docs give the rules).
+//!
+//! Rows that callers name themselves (`gather`, `read_rows`) are checked to
+//! be live (a state word in the row's metadata); rows of a lookup are used
+//! under the guard that looked them up, or through a ticket whose epoch
+//! proves no eviction came between.
 //!
 //! The key `u64::MAX` marks an empty slot; the one id equal to it lives in a
 //! side slot, so every 64-bit id is a valid key.
@@ -58,8 +66,19 @@ const ABSENT: usize = usize::MAX;
 const LOOKUP_CHUNK: usize = 64;
 /// A (namespace, id, row) entry of the id map.
 type NsEntry = (u32, u64, u32);
-/// Metadata words per row: frequency, last step seen (low 32 bits).
-const META_WIDTH: usize = 2;
+/// Metadata words per row: frequency, last step seen (low 32 bits), state.
+const META_WIDTH: usize = 3;
+/// Index of the state word in a row's metadata.
+const STATE: usize = 2;
+/// State bit of a row that holds a published id: set (release) once the row
+/// is initialised, cleared when the row is evicted. Only live rows are read
+/// by callers that name rows themselves.
+const LIVE: u32 = 1;
+/// How long a reader waits for a row another thread is inserting before it
+/// reports the id as stalled (an inserting thread that died mid-insert).
+const PENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Ids of tables, for tickets: never reused within a process.
+static NEXT_TABLE_UID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TableError {
@@ -67,6 +86,9 @@ pub enum TableError {
     InvalidArgument(String),
     /// The table has used every row index.
     Full,
+    /// A row another call was inserting was not published in time (that
+    /// call died mid-insert); the message names the id.
+    Stalled(String),
 }
 
 impl fmt::Display for TableError {
@@ -74,6 +96,7 @@ impl fmt::Display for TableError {
         match self {
             TableError::InvalidArgument(m) => write!(f, "{m}"),
             TableError::Full => write!(f, "hash table is full: it holds {MAX_ROWS} rows, the most a table can hold"),
+            TableError::Stalled(m) => write!(f, "{m}"),
         }
     }
 }
@@ -240,19 +263,19 @@ impl Shard {
         h as usize & self.mask
     }
 
+    /// The row published in `slot`, waiting (bounded) while another call
+    /// is inserting it.
     #[inline]
-    fn wait_row(&self, slot: usize) -> u32 {
-        loop {
-            let r = self.rows[slot].load(Ordering::Acquire);
-            if r != PENDING {
-                return r;
-            }
-            std::hint::spin_loop();
+    fn wait_row(&self, slot: usize) -> Result<u32> {
+        let r = self.rows[slot].load(Ordering::Acquire);
+        if r != PENDING {
+            return Ok(r);
         }
+        wait_published(&self.rows[slot], || format!("id {}", self.keys[slot].load(Ordering::Relaxed)))
     }
 
-    fn find(&self, key: u64, h: u64) -> Option<u32> {
-        self.find_slot(key, h).map(|i| self.wait_row(i))
+    fn find(&self, key: u64, h: u64) -> Result<Option<u32>> {
+        self.find_slot(key, h).map(|i| self.wait_row(i)).transpose()
     }
 
     /// The slot holding `key`, without waiting for its row.
@@ -273,18 +296,20 @@ impl Shard {
 
     /// Finds `key` or claims an empty slot for it. Capacity must have been
     /// reserved by the caller.
+    /// Finds `key`'s slot or claims an empty one for it; never waits for a
+    /// row to be published (the caller does, once its own claims are).
     fn find_or_claim(&self, key: u64, h: u64) -> Probe {
         let mut i = self.home(h);
         loop {
             let k = self.keys[i].load(Ordering::Acquire);
             if k == key {
-                return Probe::Found(self.wait_row(i));
+                return Probe::Found(i);
             }
             if k == EMPTY {
                 match self.keys[i].compare_exchange(EMPTY, key, Ordering::AcqRel, Ordering::Acquire) {
                     // The caller adds the batch's claims to `len` at once.
                     Ok(_) => return Probe::Claimed(i),
-                    Err(now) if now == key => return Probe::Found(self.wait_row(i)),
+                    Err(now) if now == key => return Probe::Found(i),
                     Err(_) => {}
                 }
             }
@@ -292,11 +317,10 @@ impl Shard {
         }
     }
 
-    /// Rolls back a claim whose row could not be allocated: the key stays in
-    /// its slot (probing must not break) but maps to `NO_ROW` and reads as
-    /// absent; the next rebuild drops it.
-    fn release_claim(&self, slot: usize) {
-        self.rows[slot].store(NO_ROW, Ordering::Release);
+    /// The row in `slot` if already published.
+    fn published(&self, slot: usize) -> Option<u32> {
+        let r = self.rows[slot].load(Ordering::Acquire);
+        (r != PENDING).then_some(r)
     }
 
     /// Inserts a key known to be absent, under exclusive access.
@@ -342,18 +366,29 @@ impl Shard {
 }
 
 enum Probe {
-    Found(u32),
+    /// The key's slot (its row may still be pending).
+    Found(usize),
     Claimed(usize),
 }
 
 enum Claim {
     Found(u32),
     NotAdmitted,
-    New { slot: usize, row: u32 },
+    New {
+        slot: usize,
+        row: u32,
+    },
+    /// Another call claimed the key and has not published its row yet: it
+    /// is read (and touched, if `touch`) once this task's own claims are
+    /// published, so no task waits while others wait on its claims.
+    Later {
+        slot: usize,
+        touch: bool,
+    },
     Full,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     /// Namespace `n`'s shards are `shards[n * ns_shards..(n + 1) * ns_shards]`.
     shards: Vec<Shard>,
     ns_shards: usize,
@@ -375,6 +410,9 @@ struct Inner {
     /// id first); moved to `free` by the next exclusive operation. A lock,
     /// but only on that rare path.
     spare: Mutex<Vec<u32>>,
+    /// Bumped by every exclusive operation that frees or replaces rows
+    /// (eviction, clear): a ticket's rows are live while it matches.
+    epoch: u64,
 }
 
 pub struct HashTable {
@@ -385,6 +423,12 @@ pub struct HashTable {
     /// namespace 0, so a one-namespace table admits exactly as before).
     salts: Vec<u64>,
     admission: Admission,
+    /// Identity for tickets, unique in the process.
+    uid: u64,
+    /// Id-map shards per namespace, and the shift that picks one from a
+    /// hash: fixed for the table's life (growth rehashes within a shard).
+    ns_shards: usize,
+    shard_shift: u32,
     inner: RwLock<Inner>,
 }
 
@@ -448,8 +492,10 @@ impl HashTable {
             free: Vec::new(),
             free_top: AtomicUsize::new(0),
             spare: Mutex::new(Vec::new()),
+            epoch: 0,
         };
-        Ok(HashTable { cfg, seeds, salts, admission, inner: RwLock::new(inner) })
+        let uid = NEXT_TABLE_UID.fetch_add(1, Ordering::Relaxed);
+        Ok(HashTable { cfg, seeds, salts, admission, uid, ns_shards: per_ns, shard_shift, inner: RwLock::new(inner) })
     }
 
     pub fn config(&self) -> &TableConfig {
@@ -537,25 +583,25 @@ impl HashTable {
     /// the ids' last-seen step and their frequency grows by their count in
     /// the batch.
     pub fn lookup_or_insert_unique(&self, ids: &[u64], step: u64) -> Result<UniqueLookup> {
-        self.batch(0, ids, Mode::Insert { step })
+        self.lookup_or_insert_unique_in(0, ids, step)
     }
 
     /// Read-only lookup of a batch reduced to distinct ids: inserts nothing
     /// and touches no metadata (evaluation).
-    pub fn lookup_unique(&self, ids: &[u64]) -> UniqueLookup {
-        self.batch(0, ids, Mode::Read).expect("read-only lookup cannot fail")
+    pub fn lookup_unique(&self, ids: &[u64]) -> Result<UniqueLookup> {
+        self.lookup_unique_in(0, ids)
     }
 
     /// [`lookup_or_insert_unique`](Self::lookup_or_insert_unique) of ids of namespace `ns`.
     pub fn lookup_or_insert_unique_in(&self, ns: usize, ids: &[u64], step: u64) -> Result<UniqueLookup> {
-        self.check_ns(ns)?;
-        self.batch(ns, ids, Mode::Insert { step })
+        let req = crate::pipeline::Request::new(self, ns, ids).insert(step);
+        Ok(crate::pipeline::lookup_many(&[req])?.pop().expect("one request, one result"))
     }
 
     /// [`lookup_unique`](Self::lookup_unique) of ids of namespace `ns`.
     pub fn lookup_unique_in(&self, ns: usize, ids: &[u64]) -> Result<UniqueLookup> {
-        self.check_ns(ns)?;
-        self.batch(ns, ids, Mode::Read)
+        let req = crate::pipeline::Request::new(self, ns, ids);
+        Ok(crate::pipeline::lookup_many(&[req])?.pop().expect("one request, one result"))
     }
 
     /// Per-position rows of a batch, inserting new ids (see
@@ -566,8 +612,8 @@ impl HashTable {
     }
 
     /// Per-position rows, `NO_ROW` for absent ids. Inserts nothing.
-    pub fn lookup(&self, ids: &[u64]) -> Vec<u32> {
-        self.lookup_in(0, ids).expect("namespace 0 exists")
+    pub fn lookup(&self, ids: &[u64]) -> Result<Vec<u32>> {
+        self.lookup_in(0, ids)
     }
 
     /// [`lookup`](Self::lookup) of ids of namespace `ns`.
@@ -575,54 +621,121 @@ impl HashTable {
         self.check_ns(ns)?;
         let inner = self.read();
         let mut out = vec![NO_ROW; ids.len()];
-        out.par_chunks_mut(LOOKUP_CHUNK).zip(ids.par_chunks(LOOKUP_CHUNK)).for_each(|(o, c)| inner.find_many(ns, c, o));
+        out.par_chunks_mut(LOOKUP_CHUNK)
+            .zip(ids.par_chunks(LOOKUP_CHUNK))
+            .try_for_each(|(o, c)| inner.find_many(ns, c, o))?;
         Ok(out)
     }
 
-    fn batch(&self, ns: usize, ids: &[u64], mode: Mode) -> Result<UniqueLookup> {
+    /// A stable identity of the table (tickets name it).
+    pub(crate) fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Partitions a batch of namespace `ns` by shard and reduces each
+    /// shard's part to its distinct ids. Takes no lock: it reads only `ids`.
+    pub(crate) fn prepare(&self, ns: usize, ids: &[u64]) -> Result<Prepared> {
+        self.check_ns(ns)?;
         if ids.len() > u32::MAX as usize {
             return invalid(format!("ids: a batch holds at most {} ids, got {}", u32::MAX, ids.len()));
         }
-        if let Mode::Insert { step } = mode {
-            if self.admission.decay_due(step) {
-                let _guard = self.write();
-                self.admission.maybe_decay(step);
-            }
-        }
-        let (num_shards, shard_shift) = {
-            let inner = self.read();
-            (inner.ns_shards, inner.shard_shift)
-        };
+        // The shard count of a namespace is fixed for the table's life.
+        let (num_shards, shard_shift) = (self.ns_shards, self.shard_shift);
         let part = Partition::new(ids, num_shards, shard_shift);
-        let base = ns * num_shards;
-        loop {
-            let inner = self.read();
-            if let Mode::Insert { .. } = mode {
-                if let Err(short) = inner.reserve(base, &part.offsets) {
-                    drop(inner);
-                    self.grow(&short);
-                    continue;
+        let mut local_idx = vec![0u32; ids.len()];
+        let local_ptr = SendPtr(local_idx.as_mut_ptr());
+        let shards: Vec<ShardIds> = (0..num_shards)
+            .into_par_iter()
+            .with_min_len(4)
+            .map(|s| {
+                let positions = &part.perm[part.offsets[s]..part.offsets[s + 1]];
+                let mut out = ShardIds::default();
+                if positions.is_empty() {
+                    return out;
                 }
-            }
-            let out = self.process(&inner, ns, ids, &part, mode);
-            if let Mode::Insert { .. } = mode {
-                inner.unreserve(base, &part.offsets, &out.inserted);
-            }
-            return match out.error {
-                Some(e) => Err(e),
-                None => Ok(out.result),
-            };
+                // Dedup with a small open-addressing map local to this task.
+                let cap = (positions.len() * 2).next_power_of_two();
+                let mask = cap - 1;
+                let mut slots: Vec<u32> = vec![u32::MAX; cap];
+                for &p in positions {
+                    let id = ids[p as usize];
+                    let h = part.hashes[p as usize];
+                    let mut i = (h >> 24) as usize & mask;
+                    let li = loop {
+                        let u = slots[i];
+                        if u == u32::MAX {
+                            slots[i] = out.ids.len() as u32;
+                            out.ids.push(id);
+                            out.hashes.push(h);
+                            out.counts.push(0);
+                            break out.ids.len() as u32 - 1;
+                        }
+                        if out.ids[u as usize] == id {
+                            break u;
+                        }
+                        i = (i + 1) & mask;
+                    };
+                    out.counts[li as usize] += 1;
+                    // SAFETY: `local_idx` has one element per input position
+                    // and each position belongs to exactly one shard, so no
+                    // two tasks write the same element; it outlives the loop.
+                    unsafe { *local_ptr.get().add(p as usize) = li };
+                }
+                out
+            })
+            .collect();
+        Ok(Prepared { ns, part, shards, local_idx })
+    }
+
+    /// Reserves id-map room for the distinct ids of `prep` (an insert). On
+    /// failure nothing stays reserved and the shards short of room are
+    /// returned with the keys they must fit.
+    pub(crate) fn reserve(&self, inner: &Inner, prep: &Prepared) -> std::result::Result<(), Vec<(usize, usize)>> {
+        inner.reserve(prep.ns * inner.ns_shards, &prep.shards)
+    }
+
+    /// (shard, distinct ids) of every shard `prep` inserts into: what a
+    /// grow must make room for.
+    pub(crate) fn needs(&self, prep: &Prepared) -> Vec<(usize, usize)> {
+        let base = prep.ns * self.ns_shards;
+        prep.shards
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.ids.is_empty())
+            .map(|(s, d)| (base + s, d.ids.len()))
+            .collect()
+    }
+
+    pub(crate) fn unreserve(&self, inner: &Inner, prep: &Prepared, out: &BatchOut) {
+        inner.unreserve(prep.ns * inner.ns_shards, &prep.shards, &out.inserted);
+    }
+
+    /// Decays the admission counts if `step` is due for it. Takes the
+    /// exclusive lock: call it holding no guard of this table.
+    pub(crate) fn decay_admission(&self, step: u64) {
+        if self.admission.decay_due(step) {
+            let _guard = self.write();
+            self.admission.maybe_decay(step);
         }
     }
 
+    pub(crate) fn read_guard(&self) -> RwLockReadGuard<'_, Inner> {
+        self.read()
+    }
+
+    pub(crate) fn write_guard(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.write()
+    }
+
     /// Grows the shards in `short` (shard, keys needed) under the exclusive
-    /// lock, each by its own rehash, in parallel.
-    fn grow(&self, short: &[(usize, usize)]) {
+    /// lock, each by its own rehash, in parallel. Call it holding no guard
+    /// of this table.
+    pub(crate) fn grow(&self, short: &[(usize, usize)]) {
         let mut inner = self.write();
         inner.reclaim_spare();
         let mut need = vec![0usize; inner.shards.len()];
         for &(s, n) in short {
-            need[s] = n;
+            need[s] += n;
         }
         inner.shards.par_iter_mut().zip(need.par_iter()).for_each(|(shard, &n)| {
             if n > 0 {
@@ -636,67 +749,40 @@ impl HashTable {
         });
     }
 
-    fn process(&self, inner: &Inner, ns: usize, ids: &[u64], part: &Partition, mode: Mode) -> BatchOut {
+    /// The lookup (and, with `step`, insert) of a prepared batch, under the
+    /// shared guard `inner` of this table, with room reserved when
+    /// inserting. Takes no lock.
+    pub(crate) fn process(&self, inner: &Inner, prep: &Prepared, step: Option<u64>) -> BatchOut {
+        let ns = prep.ns;
+        let part = &prep.part;
         let num_shards = inner.ns_shards;
         let base_shard = ns * num_shards;
-        let mut local_idx = vec![0u32; ids.len()];
-        let local_ptr = SendPtr(local_idx.as_mut_ptr());
         struct ShardOut {
-            ids: Vec<u64>,
             rows: Vec<u32>,
-            counts: Vec<u32>,
             inserted: usize,
             error: Option<TableError>,
         }
-        let per_shard: Vec<ShardOut> = (0..num_shards)
-            .into_par_iter()
+        let per_shard: Vec<ShardOut> = prep
+            .shards
+            .par_iter()
+            .enumerate()
             .with_min_len(4)
-            .map(|s| {
-                let positions = &part.perm[part.offsets[s]..part.offsets[s + 1]];
-                let mut out =
-                    ShardOut { ids: Vec::new(), rows: Vec::new(), counts: Vec::new(), inserted: 0, error: None };
-                if positions.is_empty() {
+            .map(|(s, d)| {
+                let mut out = ShardOut { rows: Vec::new(), inserted: 0, error: None };
+                if d.ids.is_empty() {
                     return out;
-                }
-                // Dedup with a small open-addressing map local to this task.
-                let cap = (positions.len() * 2).next_power_of_two();
-                let mask = cap - 1;
-                let mut slots: Vec<u32> = vec![u32::MAX; cap];
-                let mut hashes: Vec<u64> = Vec::new();
-                for &p in positions {
-                    let id = ids[p as usize];
-                    let h = part.hashes[p as usize];
-                    let mut i = (h >> 24) as usize & mask;
-                    let li = loop {
-                        let u = slots[i];
-                        if u == u32::MAX {
-                            slots[i] = out.ids.len() as u32;
-                            out.ids.push(id);
-                            hashes.push(h);
-                            out.counts.push(0);
-                            break out.ids.len() as u32 - 1;
-                        }
-                        if out.ids[u as usize] == id {
-                            break u;
-                        }
-                        i = (i + 1) & mask;
-                    };
-                    out.counts[li as usize] += 1;
-                    // SAFETY: each input position belongs to exactly one shard,
-                    // so no two tasks write the same element.
-                    unsafe { *local_ptr.get().add(p as usize) = li };
                 }
                 let shard = &inner.shards[base_shard + s];
                 // Phases over all distinct ids of the shard, each prefetching
                 // what the next needs, so that their cache misses overlap
                 // instead of forming one dependent chain per id.
-                for &h in &hashes {
+                for &h in &d.hashes {
                     prefetch(&shard.keys[shard.home(h)]);
                 }
-                let slots: Vec<usize> = out
+                let slots: Vec<usize> = d
                     .ids
                     .iter()
-                    .zip(&hashes)
+                    .zip(&d.hashes)
                     .map(|(&id, &h)| if id == EMPTY { ABSENT } else { shard.find_slot(id, h).unwrap_or(ABSENT) })
                     .collect();
                 for &sl in &slots {
@@ -704,80 +790,24 @@ impl HashTable {
                         prefetch(&shard.rows[sl]);
                     }
                 }
-                out.rows = slots
-                    .iter()
-                    .zip(&out.ids)
-                    .map(|(&sl, &id)| match (id, sl) {
+                let mut rows = Vec::with_capacity(d.ids.len());
+                for (&sl, &id) in slots.iter().zip(&d.ids) {
+                    let r = match (id, sl) {
                         (EMPTY, _) => inner.find(ns, EMPTY),
-                        (_, ABSENT) => NO_ROW,
+                        (_, ABSENT) => Ok(NO_ROW),
                         _ => shard.wait_row(sl),
-                    })
-                    .collect();
-                if let Mode::Insert { step } = mode {
-                    let step32 = step.min(u32::MAX as u64) as u32;
-                    let absent = out.rows.iter().filter(|&&r| r >= PENDING).count();
-                    for &r in &out.rows {
-                        if r < PENDING {
-                            prefetch(inner.meta.row_ptr(r));
+                    };
+                    match r {
+                        Ok(r) => rows.push(r),
+                        Err(e) => {
+                            out.error.get_or_insert(e);
+                            rows.push(NO_ROW);
                         }
                     }
-                    // New rows for this shard in one allocation (when every
-                    // new id is admitted), not one contended atomic per id.
-                    let mut fresh = if self.admission.is_always() { inner.alloc_rows(absent) } else { Vec::new() };
-                    // Claim key slots for the new ids first, then write their
-                    // rows, then publish: no locked instruction waits behind
-                    // the cold stores of a new row, and those stores overlap.
-                    let mut claimed: Vec<(usize, usize, u32)> = Vec::new();
-                    // Indexing: the loop writes `out.rows[j]` while reading
-                    // the parallel arrays `out.ids`, `out.counts`, `hashes`.
-                    #[allow(clippy::needless_range_loop)]
-                    for j in 0..out.ids.len() {
-                        let r = out.rows[j];
-                        if r < PENDING {
-                            inner.touch(r, out.counts[j], step32);
-                            continue;
-                        }
-                        let id = out.ids[j];
-                        if id == EMPTY {
-                            match self.find_or_insert_sentinel(inner, ns, out.counts[j], step, &mut fresh) {
-                                Ok((row, new)) => {
-                                    out.inserted += new as usize;
-                                    out.rows[j] = row;
-                                }
-                                Err(e) => {
-                                    out.error.get_or_insert(e);
-                                }
-                            }
-                            continue;
-                        }
-                        match self.claim(inner, ns, shard, id, hashes[j], out.counts[j], step, &mut fresh) {
-                            Claim::Found(row) => out.rows[j] = row,
-                            Claim::NotAdmitted => {}
-                            Claim::New { slot, row } => claimed.push((j, slot, row)),
-                            Claim::Full => {
-                                out.error.get_or_insert(TableError::Full);
-                            }
-                        }
-                    }
-                    const AHEAD: usize = 4;
-                    let width = inner.values.width();
-                    for (c, &(j, _, row)) in claimed.iter().enumerate() {
-                        if let Some(&(_, _, next)) = claimed.get(c + AHEAD) {
-                            prefetch_row_for_write(inner.values.row_ptr(next), width);
-                        }
-                        self.init_row(inner, row, self.seeds[ns], out.ids[j], out.counts[j], step32);
-                    }
-                    for &(j, slot, row) in &claimed {
-                        shard.rows[slot].store(row, Ordering::Release);
-                        out.rows[j] = row;
-                    }
-                    if !claimed.is_empty() {
-                        shard.len.fetch_add(claimed.len(), Ordering::Relaxed);
-                        out.inserted += claimed.len();
-                    }
-                    if !fresh.is_empty() {
-                        inner.return_rows(fresh);
-                    }
+                }
+                out.rows = rows;
+                if let Some(step) = step {
+                    self.insert_absent(inner, ns, shard, d, step, &mut out.rows, &mut out.inserted, &mut out.error);
                 }
                 out
             })
@@ -785,35 +815,135 @@ impl HashTable {
 
         let mut base = Vec::with_capacity(num_shards + 1);
         let mut total = 0usize;
-        for o in &per_shard {
+        for d in &prep.shards {
             base.push(total);
-            total += o.ids.len();
+            total += d.ids.len();
         }
+        let n = prep.local_idx.len();
         let mut result = UniqueLookup {
             ids: Vec::with_capacity(total),
             rows: Vec::with_capacity(total),
-            inverse: vec![0u32; ids.len()],
+            inverse: vec![0u32; n],
             counts: Vec::with_capacity(total),
         };
         let mut inserted = Vec::with_capacity(num_shards);
         let mut error = None;
-        for o in per_shard {
-            result.ids.extend_from_slice(&o.ids);
+        for (o, d) in per_shard.into_iter().zip(&prep.shards) {
+            result.ids.extend_from_slice(&d.ids);
             result.rows.extend_from_slice(&o.rows);
-            result.counts.extend_from_slice(&o.counts);
+            result.counts.extend_from_slice(&d.counts);
             inserted.push(o.inserted);
             if error.is_none() {
                 error = o.error;
             }
         }
         let inv_ptr = SendPtr(result.inverse.as_mut_ptr());
+        let local_idx = &prep.local_idx;
         (0..num_shards).into_par_iter().with_min_len(16).for_each(|s| {
             for &p in &part.perm[part.offsets[s]..part.offsets[s + 1]] {
-                // SAFETY: positions are disjoint across shards (see above).
+                // SAFETY: `inverse` has one element per input position and
+                // positions are disjoint across shards, so no two tasks write
+                // the same element.
                 unsafe { *inv_ptr.get().add(p as usize) = base[s] as u32 + local_idx[p as usize] };
             }
         });
         BatchOut { result, inserted, error }
+    }
+
+    /// The insert phase of one shard's distinct ids `d`: admits the absent
+    /// ones, claims their key slots, initialises and publishes their rows.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_absent(
+        &self,
+        inner: &Inner,
+        ns: usize,
+        shard: &Shard,
+        d: &ShardIds,
+        step: u64,
+        rows: &mut [u32],
+        inserted: &mut usize,
+        error: &mut Option<TableError>,
+    ) {
+        let step32 = step.min(u32::MAX as u64) as u32;
+        let absent = rows.iter().filter(|&&r| r >= PENDING).count();
+        for &r in rows.iter() {
+            if r < PENDING {
+                prefetch(inner.meta.row_ptr(r));
+            }
+        }
+        // New rows for this shard in one allocation (when every new id is
+        // admitted), not one contended atomic per id.
+        let mut fresh = if self.admission.is_always() { inner.alloc_rows(absent) } else { Vec::new() };
+        // Claim key slots for the new ids first, then write their rows, then
+        // publish: no locked instruction waits behind the cold stores of a
+        // new row, and those stores overlap.
+        let mut claimed: Vec<(usize, usize, u32)> = Vec::new();
+        let mut later: Vec<(usize, usize, bool)> = Vec::new();
+        // Indexing: the loop writes `rows[j]` while reading the parallel
+        // arrays `d.ids`, `d.counts`, `d.hashes`.
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..d.ids.len() {
+            let r = rows[j];
+            if r < PENDING {
+                inner.touch(r, d.counts[j], step32);
+                continue;
+            }
+            let id = d.ids[j];
+            if id == EMPTY {
+                match self.find_or_insert_sentinel(inner, ns, d.counts[j], step, &mut fresh) {
+                    // The sentinel lives beside the shards: it fills none of
+                    // the reserved slots (`inserted` counts those).
+                    Ok((row, _new)) => rows[j] = row,
+                    Err(e) => {
+                        error.get_or_insert(e);
+                    }
+                }
+                continue;
+            }
+            match self.claim(inner, ns, shard, id, d.hashes[j], d.counts[j], step, &mut fresh) {
+                Claim::Found(row) => rows[j] = row,
+                Claim::NotAdmitted => rows[j] = NO_ROW,
+                Claim::New { slot, row } => claimed.push((j, slot, row)),
+                Claim::Later { slot, touch } => later.push((j, slot, touch)),
+                Claim::Full => {
+                    error.get_or_insert(TableError::Full);
+                }
+            }
+        }
+        const AHEAD: usize = 4;
+        let width = inner.values.width();
+        for (c, &(j, _, row)) in claimed.iter().enumerate() {
+            if let Some(&(_, _, next)) = claimed.get(c + AHEAD) {
+                prefetch_row_for_write(inner.values.row_ptr(next), width);
+            }
+            self.init_row(inner, row, self.seeds[ns], d.ids[j], d.counts[j], step32);
+        }
+        for &(j, slot, row) in &claimed {
+            shard.rows[slot].store(row, Ordering::Release);
+            rows[j] = row;
+        }
+        if !claimed.is_empty() {
+            shard.len.fetch_add(claimed.len(), Ordering::Relaxed);
+            *inserted += claimed.len();
+        }
+        // Every claim of this task is published: now wait for the others'.
+        for (j, slot, touch) in later {
+            match shard.wait_row(slot) {
+                Ok(row) if row < PENDING => {
+                    if touch {
+                        inner.touch(row, d.counts[j], step32);
+                    }
+                    rows[j] = row;
+                }
+                Ok(_) => rows[j] = NO_ROW,
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            inner.return_rows(fresh);
+        }
     }
 
     /// For an id found absent by the probe phase: admits it or not, and
@@ -832,26 +962,39 @@ impl HashTable {
         fresh: &mut Vec<u32>,
     ) -> Claim {
         let step32 = step.min(u32::MAX as u64) as u32;
-        if !self.admission.observe(self.admission_key(ns, id), count, step) {
-            // A racing call may have admitted it; then it reads as stored.
-            return match shard.find(id, h) {
-                Some(row) if row < PENDING => Claim::Found(row),
-                _ => Claim::NotAdmitted,
-            };
-        }
-        match shard.find_or_claim(id, h) {
-            Probe::Found(NO_ROW) => Claim::Full,
-            Probe::Found(row) => {
-                inner.touch(row, count, step32);
+        // A key another call holds: its row now, or after our own claims.
+        let held = |slot: usize, touch: bool| match shard.published(slot) {
+            Some(row) if row < PENDING => {
+                if touch {
+                    inner.touch(row, count, step32);
+                }
                 Claim::Found(row)
             }
-            Probe::Claimed(slot) => match fresh.pop().or_else(|| inner.alloc_row()) {
-                Some(row) => Claim::New { slot, row },
-                None => {
-                    shard.release_claim(slot);
-                    Claim::Full
-                }
-            },
+            Some(_) => Claim::NotAdmitted,
+            None => Claim::Later { slot, touch },
+        };
+        if !self.admission.observe(self.admission_key(ns, id), count, step) {
+            // A racing call may have admitted it; then it reads as stored.
+            return match shard.find_slot(id, h) {
+                Some(slot) => held(slot, false),
+                None => Claim::NotAdmitted,
+            };
+        }
+        // The row first, then the key: a full table leaves no claimed key
+        // behind.
+        let Some(row) = fresh.pop().or_else(|| inner.alloc_row()) else {
+            return match shard.find_slot(id, h) {
+                Some(slot) => held(slot, true),
+                None => Claim::Full,
+            };
+        };
+        match shard.find_or_claim(id, h) {
+            Probe::Claimed(slot) => Claim::New { slot, row },
+            Probe::Found(slot) => {
+                // A racing call inserted it first: the row goes back.
+                fresh.push(row);
+                held(slot, true)
+            }
         }
     }
 
@@ -866,10 +1009,9 @@ impl HashTable {
         let step32 = step.min(u32::MAX as u64) as u32;
         let sentinel = &inner.sentinel_rows[ns];
         loop {
-            let r = sentinel.load(Ordering::Acquire);
+            let mut r = sentinel.load(Ordering::Acquire);
             if r == PENDING {
-                std::hint::spin_loop();
-                continue;
+                r = wait_published(sentinel, || format!("id {EMPTY} of namespace {ns}"))?;
             }
             if r != NO_ROW {
                 inner.touch(r, count, step32);
@@ -903,10 +1045,13 @@ impl HashTable {
         self.cfg.initializer.fill(seed, id, &mut r[..self.cfg.dim]);
         r[self.cfg.dim..].fill(inner.slot_init);
         let m = inner.meta.row_ptr(row);
-        // SAFETY: the meta segment was ensured with the row; two words a row.
+        // SAFETY: the meta segment was ensured with the row; META_WIDTH
+        // words a row. The release store of LIVE publishes the row's values
+        // to readers that check the state with an acquire load.
         unsafe {
             (*m).store(count, Ordering::Relaxed);
             (*m.add(1)).store(step32, Ordering::Relaxed);
+            (*m.add(STATE)).store(LIVE, Ordering::Release);
         }
     }
 
@@ -945,7 +1090,6 @@ impl HashTable {
     /// the initial values of missing rows).
     pub fn gather_in(&self, ns: usize, ids: &[u64], rows: &[u32], missing: Missing, out: &mut [f32]) -> Result<()> {
         self.check_ns(ns)?;
-        let seed = self.seeds[ns];
         let d = self.cfg.dim;
         if ids.len() != rows.len() {
             return invalid(format!("ids and rows differ in length: {} vs {}", ids.len(), rows.len()));
@@ -959,7 +1103,26 @@ impl HashTable {
             ));
         }
         let inner = self.read();
-        inner.check_rows(rows, "rows", true)?;
+        inner.check_live(rows, "rows", true)?;
+        self.gather_live(&inner, ns, ids, rows, missing, out);
+        Ok(())
+    }
+
+    /// The gather of rows known to be live under the guard `inner` held
+    /// since they were checked or looked up. Sizes are the caller's to
+    /// check. Takes no lock.
+    pub(crate) fn gather_live(
+        &self,
+        inner: &Inner,
+        ns: usize,
+        ids: &[u64],
+        rows: &[u32],
+        missing: Missing,
+        out: &mut [f32],
+    ) {
+        let seed = self.seeds[ns];
+        let d = self.cfg.dim;
+        debug_assert_eq!(out.len(), rows.len() * d);
         // Chunks of rows in parallel; within a chunk the rows a few places
         // ahead are prefetched, so the cache misses of random rows overlap
         // instead of being waited for one at a time.
@@ -985,16 +1148,18 @@ impl HashTable {
                             Missing::Initial => self.cfg.initializer.fill(seed, id, o),
                         }
                     } else {
-                        // SAFETY: `r` is a live row (checked); rows are
-                        // written only under the exclusive lock or before
-                        // publication, and we hold the shared lock.
+                        // SAFETY: `r` is live (checked, or just looked up,
+                        // under the guard the caller still holds): its
+                        // segment exists and its values were written before
+                        // it became live. A live row is written only under
+                        // the exclusive lock, which cannot be taken while
+                        // the caller holds the shared one.
                         let src = unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), d) };
                         o.copy_from_slice(src);
                     }
                 }
             },
         );
-        Ok(())
     }
 
     /// Sets the optimizer-slot layout: `slot_width` values per row, filled
@@ -1037,26 +1202,42 @@ impl HashTable {
         step: u64,
     ) -> Result<()> {
         let index: Vec<u32> = (0..rows.len() as u32).collect();
-        self.apply_gradients_indexed(rows, &index, grads, false, opt, lr, step)
+        self.apply_gradients_indexed(rows, &index, grads, opt, lr, step)
     }
 
     /// Optimizer step with gradients given per lookup position: `grads[k]`
     /// belongs to row `rows[index[k]]` (the layout of a sparse gradient of a
-    /// block of looked-up rows). Gradients of the same row are summed before
-    /// the update: by a linear counting sort on `index` when `rows_unique`
-    /// says no row appears twice in `rows`, else by sorting on the row.
-    #[allow(clippy::too_many_arguments)]
+    /// block of looked-up rows). Rows may repeat: gradients of the same row
+    /// are summed before the update (grouped by sorting on the row).
+    /// [`crate::pipeline::apply_many`] with tickets takes the linear path.
     pub fn apply_gradients_indexed(
         &self,
         rows: &[u32],
         index: &[u32],
         grads: &[f32],
-        rows_unique: bool,
+        opt: &SparseOptimizer,
+        lr: f32,
+        step: u64,
+    ) -> Result<()> {
+        let inner = self.write();
+        self.apply_locked(&inner, GradRows::Any(rows), index, grads, opt, lr, step)
+    }
+
+    /// Checks an update, then applies it under the exclusive guard `inner`.
+    /// Takes no lock. On error the table is unchanged.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_locked(
+        &self,
+        inner: &Inner,
+        rows: GradRows<'_>,
+        index: &[u32],
+        grads: &[f32],
         opt: &SparseOptimizer,
         lr: f32,
         step: u64,
     ) -> Result<()> {
         let d = self.cfg.dim;
+        let (GradRows::Any(rs) | GradRows::Distinct(rs)) = rows;
         if grads.len() != index.len() * d {
             return invalid(format!(
                 "grads: expected {} values ({} gradient rows x dim {d}), got {}",
@@ -1065,11 +1246,11 @@ impl HashTable {
                 grads.len()
             ));
         }
-        if let Some(k) = first_where(index, |&i| i as usize >= rows.len()) {
-            return invalid(format!("index[{k}] = {} is out of range for {} rows", index[k], rows.len()));
+        if let Some(k) = first_where(index, |&i| i as usize >= rs.len()) {
+            return invalid(format!("index[{k}] = {} is out of range for {} rows", index[k], rs.len()));
         }
         if let Some(bad) = first_where(grads, |g| !g.is_finite()) {
-            let r = rows[index[bad / d] as usize];
+            let r = rs[index[bad / d] as usize];
             return invalid(format!(
                 "grads: non-finite gradient {} for row {r} (gradient row {}, column {}); the table is unchanged",
                 grads[bad],
@@ -1080,7 +1261,6 @@ impl HashTable {
         if !lr.is_finite() {
             return invalid(format!("lr must be finite, got {lr}"));
         }
-        let inner = self.write();
         if inner.slot_width != opt.slot_width(d) {
             return invalid(format!(
                 "the table's rows hold {} slot values but {} needs {}; call set_slots first",
@@ -1089,12 +1269,23 @@ impl HashTable {
                 opt.slot_width(d)
             ));
         }
-        inner.check_rows(rows, "rows", true)?;
+        // Under the exclusive lock no insert is in flight, so every row
+        // below the counter has its segment (ensured before the shared lock
+        // that allocated it was released). Rows from a ticket are live (its
+        // epoch was checked); others are checked here.
+        match rows {
+            GradRows::Distinct(_) => inner.check_rows(rs, "rows", true)?,
+            GradRows::Any(_) => inner.check_live(rs, "rows", true)?,
+        }
         // Groups of gradient rows with one target row each: `order` lists
         // gradient rows group by group, `targets[g]` is group g's table row
-        // and `starts[g]..starts[g + 1]` its span in `order`.
-        let (order, starts, targets) =
-            if rows_unique { group_by_index(rows, index) } else { group_by_row(rows, index) };
+        // and `starts[g]..starts[g + 1]` its span in `order`. Targets are
+        // distinct either way: `Distinct` rows come from one lookup (a
+        // ticket the caller verified), others are grouped by row.
+        let (order, starts, targets) = match rows {
+            GradRows::Distinct(rs) => group_by_index(rs, index),
+            GradRows::Any(rs) => group_by_row(rs, index),
+        };
         let width = inner.values.width();
         let values = &inner.values;
         let prepared = opt.prepare(lr, step);
@@ -1126,8 +1317,11 @@ impl HashTable {
                         }
                         buf
                     };
-                    // SAFETY: the exclusive lock is held and every group has
-                    // a distinct target row, so no other thread touches it.
+                    // SAFETY: the caller holds the exclusive guard, so no
+                    // other call reads or writes rows; targets are distinct
+                    // (see the grouping above), so no two tasks of this call
+                    // reach one row; the row's segment exists (checked
+                    // above: below the counter, under the exclusive lock).
                     let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(targets[gi]), width) };
                     let (w, slots) = row.split_at_mut(d);
                     prepared.update(w, slots, g);
@@ -1210,6 +1404,12 @@ impl HashTable {
                 shard.rebuild(0, |k, _| !gone.contains(&(ns, k)));
             }
         });
+        for &(_, _, r) in &evicted {
+            // SAFETY: `r` was a live row; exclusive lock held; STATE is
+            // within the row's META_WIDTH words.
+            unsafe { (*inner.meta.row_ptr(r).add(STATE)).store(0, Ordering::Release) };
+        }
+        inner.epoch += 1;
         let top = *inner.free_top.get_mut();
         inner.free.truncate(top);
         inner.free.extend(evicted.iter().map(|&(_, _, r)| r));
@@ -1254,9 +1454,10 @@ impl HashTable {
         if values.len() != rows.len() * w || frequency.len() != rows.len() || last_step.len() != rows.len() {
             return invalid(format!("read_rows: output sizes do not match {} rows of width {w}", rows.len()));
         }
-        inner.check_rows(rows, "rows", false)?;
+        inner.check_live(rows, "rows", false)?;
         values.par_chunks_mut(w).zip(rows.par_iter()).for_each(|(o, &r)| {
-            // SAFETY: live row (checked), shared lock held.
+            // SAFETY: live row (checked under the shared lock still held):
+            // initialised, and written only under the exclusive lock.
             o.copy_from_slice(unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), w) });
         });
         for (k, &r) in rows.iter().enumerate() {
@@ -1286,14 +1487,16 @@ impl HashTable {
         last_step: &[u32],
     ) -> Result<()> {
         self.check_ns(ns)?;
-        let w = self.cfg.dim + self.slot_width();
+        // The width is read under the same exclusive guard that writes.
+        let mut inner = self.write();
+        let w = self.cfg.dim + inner.slot_width;
         if values.len() != ids.len() * w {
             return invalid(format!(
                 "import: values hold {} floats, expected {} ids x width {w} (dim {} + {} slot values)",
                 values.len(),
                 ids.len(),
                 self.cfg.dim,
-                self.slot_width()
+                inner.slot_width
             ));
         }
         if frequency.len() != ids.len() || last_step.len() != ids.len() {
@@ -1304,13 +1507,12 @@ impl HashTable {
                 last_step.len()
             ));
         }
-        let mut inner = self.write();
         let mut seen = std::collections::HashSet::with_capacity(ids.len());
         if let Some(dup) = ids.iter().find(|&&id| !seen.insert(id)) {
             return invalid(format!("import: id {dup} occurs twice"));
         }
         for (k, &id) in ids.iter().enumerate() {
-            let row = match inner.find(ns, id) {
+            let row = match inner.find(ns, id)? {
                 r if r != NO_ROW => r,
                 _ => {
                     let row = inner.alloc_row().ok_or(TableError::Full)?;
@@ -1336,6 +1538,7 @@ impl HashTable {
                 let m = inner.meta.row_ptr(row);
                 (*m).store(frequency[k], Ordering::Relaxed);
                 (*m.add(1)).store(last_step[k], Ordering::Relaxed);
+                (*m.add(STATE)).store(LIVE, Ordering::Release);
             }
         }
         Ok(())
@@ -1351,6 +1554,11 @@ impl HashTable {
             *sentinel.get_mut() = NO_ROW;
         }
         *inner.next_row.get_mut() = 0;
+        // Fresh stores: no reused row keeps a stale LIVE state.
+        let width = inner.values.width();
+        inner.values = Segmented::new(width, self.cfg.first_segment_rows);
+        inner.meta = Segmented::new(META_WIDTH, self.cfg.first_segment_rows);
+        inner.epoch += 1;
         inner.free.clear();
         *inner.free_top.get_mut() = 0;
         inner.spare.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
@@ -1367,16 +1575,70 @@ impl HashTable {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Mode {
-    Read,
-    Insert { step: u64 },
+/// A batch reduced to distinct ids per shard (`HashTable::prepare`).
+pub(crate) struct Prepared {
+    ns: usize,
+    part: Partition,
+    /// One entry per shard of the namespace.
+    shards: Vec<ShardIds>,
+    /// For each input position, the index of its id in its shard's `ids`.
+    local_idx: Vec<u32>,
 }
 
-struct BatchOut {
-    result: UniqueLookup,
+/// One shard's distinct ids of a batch, with their hashes and counts.
+#[derive(Default)]
+struct ShardIds {
+    ids: Vec<u64>,
+    hashes: Vec<u64>,
+    counts: Vec<u32>,
+}
+
+pub(crate) struct BatchOut {
+    pub(crate) result: UniqueLookup,
     inserted: Vec<usize>,
-    error: Option<TableError>,
+    pub(crate) error: Option<TableError>,
+}
+
+impl BatchOut {
+    /// The outcome of a batch that inserted nothing (to undo a reservation).
+    pub(crate) fn nothing_inserted(prep: &Prepared) -> Self {
+        BatchOut { result: UniqueLookup::default(), inserted: vec![0; prep.shards.len()], error: None }
+    }
+}
+
+/// The rows an update names: `Distinct` rows never repeat (one lookup's,
+/// vouched for by a ticket), `Any` may.
+#[derive(Clone, Copy)]
+pub(crate) enum GradRows<'a> {
+    Distinct(&'a [u32]),
+    Any(&'a [u32]),
+}
+
+/// Waits, spinning then yielding, for `slot` to leave `PENDING`; after
+/// `PENDING_WAIT` the id (`what`) is reported as stalled.
+#[cold]
+fn wait_published(slot: &AtomicU32, what: impl Fn() -> String) -> Result<u32> {
+    let start = std::time::Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let r = slot.load(Ordering::Acquire);
+        if r != PENDING {
+            return Ok(r);
+        }
+        spins = spins.wrapping_add(1);
+        if spins < 1 << 10 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+            if spins % 1024 == 0 && start.elapsed() > PENDING_WAIT {
+                return Err(TableError::Stalled(format!(
+                    "{}: another call claimed it {:?} ago and never published its row (did it die mid-insert?)",
+                    what(),
+                    PENDING_WAIT
+                )));
+            }
+        }
+    }
 }
 
 /// Hints the CPU to load `p`'s cache line; never faults.
@@ -1585,6 +1847,10 @@ impl Partition {
 }
 
 impl Inner {
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     fn len(&self) -> usize {
         let sentinels = self.sentinel_rows.iter().filter(|s| s.load(Ordering::Acquire) != NO_ROW).count();
         self.shards.iter().map(|s| s.len.load(Ordering::Acquire)).sum::<usize>() + sentinels
@@ -1599,7 +1865,7 @@ impl Inner {
     /// Rows of `ids` into `out`, in phases (hash and prefetch every home
     /// slot, probe, prefetch and read row indices) so the cache misses of a
     /// chunk overlap.
-    fn find_many(&self, ns: usize, ids: &[u64], out: &mut [u32]) {
+    fn find_many(&self, ns: usize, ids: &[u64], out: &mut [u32]) -> Result<()> {
         let shard_of = |h: u64| self.shard_of(ns, h);
         let mut slots = [ABSENT; LOOKUP_CHUNK];
         let mut hashes = [0u64; LOOKUP_CHUNK];
@@ -1619,27 +1885,27 @@ impl Inner {
         }
         for (k, &id) in ids.iter().enumerate() {
             out[k] = if id == EMPTY {
-                self.find(ns, EMPTY)
+                self.find(ns, EMPTY)?
             } else if slots[k] == ABSENT {
                 NO_ROW
             } else {
-                self.shards[shard_of(hashes[k])].wait_row(slots[k])
+                self.shards[shard_of(hashes[k])].wait_row(slots[k])?
             };
         }
+        Ok(())
     }
 
-    fn find(&self, ns: usize, id: u64) -> u32 {
+    fn find(&self, ns: usize, id: u64) -> Result<u32> {
         if id == EMPTY {
-            loop {
-                let r = self.sentinel_rows[ns].load(Ordering::Acquire);
-                if r != PENDING {
-                    return r;
-                }
-                std::hint::spin_loop();
+            let s = &self.sentinel_rows[ns];
+            let r = s.load(Ordering::Acquire);
+            if r != PENDING {
+                return Ok(r);
             }
+            return wait_published(s, || format!("id {EMPTY} of namespace {ns}"));
         }
         let h = mix64(id);
-        self.shards[self.shard_of(ns, h)].find(id, h).unwrap_or(NO_ROW)
+        Ok(self.shards[self.shard_of(ns, h)].find(id, h)?.unwrap_or(NO_ROW))
     }
 
     /// Records a sighting. Plain relaxed loads and stores, not read-modify-
@@ -1722,12 +1988,13 @@ impl Inner {
     /// Reserves room for each shard's part of a batch. On failure nothing
     /// stays reserved and the shards short of room are returned with the
     /// number of keys they must fit.
-    /// `offsets` are over the shards from `base` on (one namespace's).
-    fn reserve(&self, base: usize, offsets: &[usize]) -> std::result::Result<(), Vec<(usize, usize)>> {
+    /// `parts` are the distinct ids of the shards from `base` on (one
+    /// namespace's).
+    fn reserve(&self, base: usize, parts: &[ShardIds]) -> std::result::Result<(), Vec<(usize, usize)>> {
         let mut short = Vec::new();
-        let shards = &self.shards[base..base + offsets.len() - 1];
+        let shards = &self.shards[base..base + parts.len()];
         for (s, shard) in shards.iter().enumerate() {
-            let n = offsets[s + 1] - offsets[s];
+            let n = parts[s].ids.len();
             if n == 0 {
                 continue;
             }
@@ -1738,7 +2005,7 @@ impl Inner {
         }
         if !short.is_empty() {
             for (s, shard) in shards.iter().enumerate() {
-                let n = offsets[s + 1] - offsets[s];
+                let n = parts[s].ids.len();
                 if n > 0 {
                     shard.reserved.fetch_sub(n, Ordering::AcqRel);
                 }
@@ -1749,13 +2016,37 @@ impl Inner {
     }
 
     /// Returns the unused part of a reservation.
-    fn unreserve(&self, base: usize, offsets: &[usize], inserted: &[usize]) {
-        for (s, shard) in self.shards[base..base + offsets.len() - 1].iter().enumerate() {
-            let n = offsets[s + 1] - offsets[s];
+    fn unreserve(&self, base: usize, parts: &[ShardIds], inserted: &[usize]) {
+        for (s, shard) in self.shards[base..base + parts.len()].iter().enumerate() {
+            let n = parts[s].ids.len();
             if n > 0 {
                 shard.reserved.fetch_sub(n - inserted[s], Ordering::AcqRel);
             }
         }
+    }
+
+    /// Checks that every row (but `NO_ROW` where `allow_missing`) is live:
+    /// published and not evicted. Under the shared lock a row below the
+    /// counter may still be allocating (no segment yet) or initialising;
+    /// neither is read.
+    fn check_live(&self, rows: &[u32], name: &str, allow_missing: bool) -> Result<()> {
+        let live = |r: u32| -> bool {
+            match self.meta.try_row_ptr(r) {
+                // SAFETY: the segment exists, so the row's META_WIDTH words
+                // are allocated; they are atomics.
+                Some(m) => unsafe { (*m.add(STATE)).load(Ordering::Acquire) & LIVE != 0 },
+                None => false,
+            }
+        };
+        let limit = self.next_row.load(Ordering::Acquire).min(MAX_ROWS);
+        if let Some(k) = first_where(rows, |&r| !((allow_missing && r == NO_ROW) || ((r as u64) < limit && live(r)))) {
+            return invalid(format!(
+                "{name}[{k}] = {} is not a live row of this table (it has {limit} rows; the row is free, evicted \
+                 or being inserted)",
+                rows[k]
+            ));
+        }
+        Ok(())
     }
 
     fn check_rows(&self, rows: &[u32], name: &str, allow_missing: bool) -> Result<()> {

@@ -19,7 +19,7 @@ fn small_table(dim: usize) -> HashTable {
 }
 
 fn gather(t: &HashTable, ids: &[u64], missing: Missing) -> Vec<f32> {
-    let rows = t.lookup(ids);
+    let rows = t.lookup(ids).unwrap();
     let mut out = vec![0.0; ids.len() * t.dim()];
     t.gather(ids, &rows, missing, &mut out).unwrap();
     out
@@ -33,7 +33,7 @@ fn every_u64_is_a_key_including_the_empty_sentinel() {
     assert_eq!(t.len(), ids.len());
     let distinct: HashSet<u32> = rows.iter().copied().collect();
     assert_eq!(distinct.len(), ids.len());
-    assert_eq!(t.lookup(&ids), rows);
+    assert_eq!(t.lookup(&ids).unwrap(), rows);
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn initial_value_depends_on_seed_and_id_only() {
 #[test]
 fn read_only_lookup_inserts_nothing() {
     let t = small_table(2);
-    let u = t.lookup_unique(&[5, 6, 5]);
+    let u = t.lookup_unique(&[5, 6, 5]).unwrap();
     assert!(u.rows.iter().all(|&r| r == NO_ROW));
     assert_eq!(t.len(), 0);
     assert_eq!(gather(&t, &[5], Missing::Zeros), vec![0.0, 0.0]);
@@ -120,7 +120,7 @@ fn eviction_by_frequency_norm_and_cap() {
     assert_eq!(gone, HashSet::from([3, 4]));
     let gone = t.evict(&EvictionPolicy { max_rows: Some(1), score: EvictionScore::Lfu, ..Default::default() }, 5);
     assert_eq!(gone.len(), 2);
-    assert!(t.lookup(&[0]) != vec![NO_ROW], "the most frequent id stays");
+    assert!(t.lookup(&[0]).unwrap() != vec![NO_ROW], "the most frequent id stays");
     // A row zeroed by import has norm 0.
     let (ids, _) = t.export_keys();
     t.import(&ids, &[0.0, 0.0], &[1], &[1]).unwrap();
@@ -186,7 +186,7 @@ fn grows_from_tiny_to_many_ids_without_losing_any() {
         rows.extend(t.lookup_or_insert(chunk, 1).unwrap());
     }
     assert_eq!(t.len(), ids.len());
-    assert_eq!(t.lookup(&ids), rows);
+    assert_eq!(t.lookup(&ids).unwrap(), rows);
     let distinct: HashSet<u32> = rows.iter().copied().collect();
     assert_eq!(distinct.len(), ids.len());
 }
@@ -261,7 +261,7 @@ proptest! {
                     }
                 }
                 Op::Lookup(ids) => {
-                    let rows = t.lookup(&ids);
+                    let rows = t.lookup(&ids).unwrap();
                     for (&id, &r) in ids.iter().zip(&rows) {
                         prop_assert_eq!(r != NO_ROW, model.contains_key(&id), "id {}", id);
                     }

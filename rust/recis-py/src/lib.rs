@@ -10,10 +10,11 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArray2,
     PyReadwriteArray3,
 };
-use pyo3::exceptions::{PyMemoryError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rayon::prelude::*;
+use recis_core::pipeline::{self, Request, Rows, Ticket, Update};
 use recis_core::{
     AdmissionPolicy, EvictionPolicy, EvictionScore, Initializer, Missing, SparseOptimizer, TableConfig, TableError,
     NO_ROW,
@@ -24,6 +25,7 @@ fn to_py(e: TableError) -> PyErr {
     match e {
         TableError::InvalidArgument(m) => PyValueError::new_err(m),
         TableError::Full => PyMemoryError::new_err(e.to_string()),
+        TableError::Stalled(m) => PyRuntimeError::new_err(m),
     }
 }
 
@@ -181,8 +183,9 @@ impl PyHashTable {
     }
 
     #[getter]
-    fn slot_width(&self) -> usize {
-        self.table.slot_width()
+    fn slot_width(&self, py: Python<'_>) -> usize {
+        let t = &self.table;
+        py.detach(|| t.slot_width())
     }
 
     #[getter]
@@ -193,13 +196,15 @@ impl PyHashTable {
     #[classattr]
     const NO_ROW: u32 = NO_ROW;
 
-    fn __len__(&self) -> usize {
-        self.table.len()
+    fn __len__(&self, py: Python<'_>) -> usize {
+        let t = &self.table;
+        py.detach(|| t.len())
     }
 
     /// Ids stored in namespace `ns`.
-    fn len_in(&self, ns: usize) -> PyResult<usize> {
-        self.table.len_in(ns).map_err(to_py)
+    fn len_in(&self, py: Python<'_>, ns: usize) -> PyResult<usize> {
+        let t = &self.table;
+        py.detach(|| t.len_in(ns)).map_err(to_py)
     }
 
     /// Distinct ids of a batch, inserting new ones: (ids, rows, inverse, counts).
@@ -329,9 +334,7 @@ impl PyHashTable {
     }
 
     /// One fused optimizer step with gradients per lookup position:
-    /// `grads[k]` ([n, dim]) belongs to `rows[index[k]]`. `rows_unique` says
-    /// no row appears twice in `rows` (one lookup block), which allows a
-    /// linear merge.
+    /// `grads[k]` ([n, dim]) belongs to `rows[index[k]]` (rows may repeat).
     #[allow(clippy::too_many_arguments)]
     fn apply_gradients_indexed(
         &self,
@@ -339,7 +342,6 @@ impl PyHashTable {
         rows: PyReadonlyArray1<'_, u32>,
         index: PyReadonlyArray1<'_, i64>,
         grads: PyReadonlyArray2<'_, f32>,
-        rows_unique: bool,
         optimizer: &PyOptimizer,
         lr: f32,
         step: u64,
@@ -350,8 +352,7 @@ impl PyHashTable {
             grads.as_slice().map_err(|_| value_err("grads must be a contiguous [n, dim] float32 array".into()))?;
         let t = &self.table;
         let opt = &optimizer.opt;
-        py.detach(|| t.apply_gradients_indexed(rows, &indices_u32(index)?, grads, rows_unique, opt, lr, step))
-            .map_err(to_py)
+        py.detach(|| t.apply_gradients_indexed(rows, &indices_u32(index)?, grads, opt, lr, step)).map_err(to_py)
     }
 
     /// Evicts ids by the given criteria; returns the evicted ids and their
@@ -442,14 +443,21 @@ impl PyHashTable {
         (c.into_pyarray(py), e)
     }
 
-    fn set_admission_state(&self, counters: PyReadonlyArray1<'_, u32>, last_decay_epoch: u32) -> PyResult<()> {
+    fn set_admission_state(
+        &self,
+        py: Python<'_>,
+        counters: PyReadonlyArray1<'_, u32>,
+        last_decay_epoch: u32,
+    ) -> PyResult<()> {
         let c = contiguous(&counters, "counters")?;
-        self.table.set_admission_state(c, last_decay_epoch).map_err(to_py)
+        let t = &self.table;
+        py.detach(|| t.set_admission_state(c, last_decay_epoch)).map_err(to_py)
     }
 
     /// Size and memory use.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.table.stats();
+        let t = &self.table;
+        let s = py.detach(|| t.stats());
         let d = PyDict::new(py);
         d.set_item("len", s.len)?;
         d.set_item("id_map_slots", s.id_map_slots)?;
@@ -629,18 +637,20 @@ type RaggedPair<'py> =
 fn cross_many<'py>(py: Python<'py>, pairs: Vec<RaggedPair<'py>>, buckets: Vec<u64>) -> PyResult<Vec<RaggedOut<'py>>> {
     same_len(pairs.len(), buckets.len(), "cross_many")?;
     let mut xs = Vec::with_capacity(pairs.len());
-    for (k, (av, ao, bv, bo)) in pairs.iter().enumerate() {
+    for (av, ao, bv, bo) in pairs.iter() {
         let (av, ao) = (contiguous(av, "a values")?, contiguous(ao, "a offsets")?);
         let (bv, bo) = (contiguous(bv, "b values")?, contiguous(bo, "b offsets")?);
-        check_ragged(ao, av.len(), &format!("pairs[{k}] first"))?;
-        check_ragged(bo, bv.len(), &format!("pairs[{k}] second"))?;
-        if ao.len() != bo.len() {
-            return Err(value_err(format!("pairs[{k}]: batch sizes differ: {} and {}", ao.len() - 1, bo.len() - 1)));
-        }
         xs.push(((av, ao), (bv, bo)));
     }
-    let outs: Vec<(Vec<i64>, Vec<i64>)> =
-        py.detach(|| xs.par_iter().zip(buckets.par_iter()).map(|(&(a, b), &bk)| features::cross(a, b, bk)).collect());
+    let outs: Vec<(Vec<i64>, Vec<i64>)> = py
+        .detach(|| {
+            xs.par_iter()
+                .zip(buckets.par_iter())
+                .enumerate()
+                .map(|(k, (&(a, b), &bk))| features::cross(a, b, bk).map_err(|e| format!("pairs[{k}]: {e}")))
+                .collect::<Result<_, String>>()
+        })
+        .map_err(value_err)?;
     Ok(outs.into_iter().map(|(v, o)| (v.into_pyarray(py), o.into_pyarray(py))).collect())
 }
 
@@ -821,9 +831,54 @@ impl PyOrcReader {
     }
 }
 
-/// `lookup_unique` (or `lookup_or_insert_unique` where `insert[i]`) of
-/// several (table, namespace) pairs in one call, in parallel. A table may
-/// appear several times (its namespaces).
+/// The rows a trainable lookup handed out (`recis_core::pipeline::Ticket`):
+/// opaque to Python, which passes it back to `apply_gradients_many`.
+#[pyclass(name = "Ticket", module = "recis._native", frozen)]
+struct PyTicket {
+    ticket: Arc<Ticket>,
+}
+
+#[pymethods]
+impl PyTicket {
+    fn __len__(&self) -> usize {
+        self.ticket.len()
+    }
+
+    /// A copy of the rows.
+    fn rows<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
+        self.ticket.rows().to_vec().into_pyarray(py)
+    }
+}
+
+/// The pipeline requests of parallel argument lists.
+fn requests<'a>(
+    ts: &'a [Arc<recis_core::HashTable>],
+    ns: &[usize],
+    ids: &[&'a [u64]],
+    steps: &[u64],
+    insert: &[bool],
+    initial: &[bool],
+) -> Vec<Request<'a>> {
+    (0..ts.len())
+        .map(|i| {
+            let r =
+                Request::new(&ts[i], ns[i], ids[i]).missing(if initial[i] { Missing::Initial } else { Missing::Zeros });
+            if insert[i] {
+                r.insert(steps[i])
+            } else {
+                r
+            }
+        })
+        .collect()
+}
+
+fn native_tables(tables: &[Bound<'_, PyHashTable>]) -> Vec<Arc<recis_core::HashTable>> {
+    tables.iter().map(|t| t.get().table.clone()).collect()
+}
+
+/// `recis_core::pipeline::lookup_many`: the lookups (inserting where
+/// `insert[i]`) of several (table, namespace) pairs in one call. Returns
+/// (ids, rows, inverse, counts) for each.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 #[pyo3(signature = (tables, ids, steps, insert, namespaces=None))]
@@ -837,44 +892,25 @@ fn lookup_unique_many<'py>(
 ) -> PyResult<
     Vec<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<u32>>)>,
 > {
-    same_len(tables.len(), ids.len(), "lookup_unique_many")?;
-    same_len(tables.len(), steps.len(), "lookup_unique_many")?;
-    same_len(tables.len(), insert.len(), "lookup_unique_many")?;
-    let ns = namespaces.unwrap_or_else(|| vec![0; tables.len()]);
-    same_len(tables.len(), ns.len(), "lookup_unique_many")?;
-    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
+    let n = tables.len();
+    let ns = namespaces.unwrap_or_else(|| vec![0; n]);
+    for (len, what) in [(ids.len(), "ids"), (steps.len(), "steps"), (insert.len(), "insert"), (ns.len(), "namespaces")]
+    {
+        same_len(n, len, what)?;
+    }
+    let ts = native_tables(&tables);
     let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
-    let found = py.detach(|| lookup_all(&ts, &ns, &ids, &steps, &insert));
-    Ok(found.map_err(to_py)?.into_iter().map(|u| unique_to_py(py, u)).collect())
+    let reqs = requests(&ts, &ns, &ids, &steps, &insert, &vec![false; n]);
+    let found = py.detach(|| pipeline::lookup_many(&reqs)).map_err(to_py)?;
+    Ok(found.into_iter().map(|u| unique_to_py(py, u)).collect())
 }
 
-/// Each table's lookup of its ids (inserting where `insert`), the tables in
-/// parallel.
-fn lookup_all(
-    ts: &[Arc<recis_core::HashTable>],
-    ns: &[usize],
-    ids: &[&[u64]],
-    steps: &[u64],
-    insert: &[bool],
-) -> Result<Vec<recis_core::UniqueLookup>, TableError> {
-    (0..ts.len())
-        .into_par_iter()
-        .map(|i| {
-            if insert[i] {
-                ts[i].lookup_or_insert_unique_in(ns[i], ids[i], steps[i])
-            } else {
-                ts[i].lookup_unique_in(ns[i], ids[i])
-            }
-        })
-        .collect()
-}
-
-/// `lookup_unique_many` and the gather of every looked-up row in one call:
-/// the lookups in parallel, then each table's distinct rows gathered into
-/// its range of one `[U, dim]` block (missing rows as zeros, or their
-/// initial values where `initial`). Returns (block, inverse into the block
-/// for every position of every table in order, the rows of each table,
-/// how many distinct ids each table has).
+/// `recis_core::pipeline::lookup_gather`: the lookups and the gather of
+/// their distinct rows into one `[U, dim]` block (missing rows as zeros, or
+/// their initial values where `initial`). Returns (block, inverse into the
+/// block for every position of every request in order, each request's
+/// rows, each request's number of distinct ids, and (first, end, Ticket)
+/// for each run of trainable requests of one table).
 #[pyfunction]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn lookup_gather_many<'py>(
@@ -885,56 +921,33 @@ fn lookup_gather_many<'py>(
     insert: Vec<bool>,
     namespaces: Vec<usize>,
     initial: Vec<bool>,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<i64>>, Vec<Bound<'py, PyArray1<u32>>>, Vec<usize>)> {
+) -> PyResult<(
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<i64>>,
+    Vec<Bound<'py, PyArray1<u32>>>,
+    Vec<usize>,
+    Vec<(usize, usize, PyTicket)>,
+)> {
     let n = tables.len();
-    for (len, what) in [(ids.len(), "ids"), (steps.len(), "steps"), (insert.len(), "insert")] {
+    for (len, what) in [
+        (ids.len(), "ids"),
+        (steps.len(), "steps"),
+        (insert.len(), "insert"),
+        (namespaces.len(), "namespaces"),
+        (initial.len(), "initial"),
+    ] {
         same_len(n, len, what)?;
     }
-    same_len(n, namespaces.len(), "namespaces")?;
-    same_len(n, initial.len(), "initial")?;
-    if n == 0 {
-        return Err(value_err("lookup_gather_many: no tables".into()));
-    }
-    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
-    let dim = ts[0].dim();
-    if let Some(k) = ts.iter().position(|t| t.dim() != dim) {
-        return Err(value_err(format!("lookup_gather_many: table {k} has dim {}, table 0 has {dim}", ts[k].dim())));
-    }
+    let ts = native_tables(&tables);
     let ids: Vec<&[u64]> = ids.iter().map(|a| contiguous(a, "ids").map(as_u64)).collect::<PyResult<_>>()?;
-    let (block, inverse, found) = py
-        .detach(|| -> Result<_, TableError> {
-            let found = lookup_all(&ts, &namespaces, &ids, &steps, &insert)?;
-            let total: usize = found.iter().map(|u| u.rows.len()).sum();
-            let positions: usize = found.iter().map(|u| u.inverse.len()).sum();
-            let mut block = vec![0.0f32; total * dim];
-            let mut inverse = vec![0i64; positions];
-            // Each table's share of the block and of the positions.
-            let mut parts = Vec::with_capacity(n);
-            let (mut brest, mut irest) = (&mut block[..], &mut inverse[..]);
-            let mut lo = 0usize;
-            for u in &found {
-                let (b, br) = std::mem::take(&mut brest).split_at_mut(u.rows.len() * dim);
-                let (iv, ir) = std::mem::take(&mut irest).split_at_mut(u.inverse.len());
-                parts.push((b, iv, lo));
-                lo += u.rows.len();
-                brest = br;
-                irest = ir;
-            }
-            parts.into_par_iter().enumerate().try_for_each(|(i, (b, iv, lo))| {
-                let u = &found[i];
-                for (o, &k) in iv.iter_mut().zip(&u.inverse) {
-                    *o = (lo + k as usize) as i64;
-                }
-                let missing = if initial[i] { Missing::Initial } else { Missing::Zeros };
-                ts[i].gather_in(namespaces[i], &u.ids, &u.rows, missing, b)
-            })?;
-            Ok((block, inverse, found))
-        })
-        .map_err(to_py)?;
-    let sizes: Vec<usize> = found.iter().map(|u| u.rows.len()).collect();
-    let rows = found.into_iter().map(|u| u.rows.into_pyarray(py)).collect();
-    let block = Array2::from_shape_vec((sizes.iter().sum(), dim), block).expect("block shape").into_pyarray(py);
-    Ok((block, inverse.into_pyarray(py), rows, sizes))
+    let reqs = requests(&ts, &namespaces, &ids, &steps, &insert, &initial);
+    let block = py.detach(|| pipeline::lookup_gather(&reqs)).map_err(to_py)?;
+    let dim = ts[0].dim();
+    let sizes: Vec<usize> = block.found.iter().map(|u| u.rows.len()).collect();
+    let rows = block.found.into_iter().map(|u| u.rows.into_pyarray(py)).collect();
+    let values = Array2::from_shape_vec((sizes.iter().sum(), dim), block.values).expect("block shape").into_pyarray(py);
+    let runs = block.runs.into_iter().map(|(a, b, t)| (a, b, PyTicket { ticket: Arc::new(t) })).collect();
+    Ok((values, block.inverse.into_pyarray(py), rows, sizes, runs))
 }
 
 /// Gradient-row indices as the core takes them (u32); one out of range is
@@ -949,53 +962,69 @@ fn indices_u32(index: &[i64]) -> Result<Vec<u32>, TableError> {
         .collect()
 }
 
-/// `apply_gradients_indexed` of several tables in one call, the tables in
-/// parallel. Returns one entry per table: None, or the error that left that
-/// table unchanged.
+/// What `apply_gradients_many` takes as a table's rows.
+enum RowsArg<'py> {
+    Tickets(Vec<Arc<Ticket>>),
+    Any(PyReadonlyArray1<'py, u32>),
+}
+
+/// `recis_core::pipeline::apply_many`: one optimizer step for each table,
+/// the tables in parallel. `rows[i]` is a list of Tickets (the table's
+/// lookups since the last step, in order) or a uint32 array of rows.
+/// Returns one entry per table: None, or the error that left it unchanged.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn apply_gradients_many<'py>(
     py: Python<'py>,
     tables: Vec<Bound<'py, PyHashTable>>,
-    rows: Vec<PyReadonlyArray1<'py, u32>>,
+    rows: Vec<Bound<'py, PyAny>>,
     index: Vec<PyReadonlyArray1<'py, i64>>,
     grads: Vec<PyReadonlyArray2<'py, f32>>,
-    rows_unique: Vec<bool>,
     optimizer: &PyOptimizer,
     lr: f32,
     steps: Vec<u64>,
 ) -> PyResult<Vec<Option<String>>> {
     let n = tables.len();
-    for (len, what) in [(rows.len(), "rows"), (index.len(), "index"), (grads.len(), "grads")] {
+    for (len, what) in [(rows.len(), "rows"), (index.len(), "index"), (grads.len(), "grads"), (steps.len(), "steps")] {
         same_len(n, len, what)?;
     }
-    same_len(n, rows_unique.len(), "rows_unique")?;
-    same_len(n, steps.len(), "steps")?;
-    let ts: Vec<Arc<recis_core::HashTable>> = tables.iter().map(|t| t.get().table.clone()).collect();
-    let rows: Vec<&[u32]> = rows.iter().map(|a| contiguous(a, "rows")).collect::<PyResult<_>>()?;
-    let index: Vec<&[i64]> = index.iter().map(|a| contiguous(a, "index")).collect::<PyResult<_>>()?;
+    let ts = native_tables(&tables);
+    let rows: Vec<RowsArg> =
+        rows.iter()
+            .map(|r| match r.extract::<Vec<Bound<'py, PyTicket>>>() {
+                Ok(tickets) => Ok(RowsArg::Tickets(tickets.iter().map(|t| t.get().ticket.clone()).collect())),
+                Err(_) => r.extract::<PyReadonlyArray1<'py, u32>>().map(RowsArg::Any).map_err(|_| {
+                    value_err("rows: each entry must be a list of Tickets or a uint32 array of rows".into())
+                }),
+            })
+            .collect::<PyResult<_>>()?;
+    let index: Vec<Vec<u32>> = index
+        .iter()
+        .map(|a| contiguous(a, "index").and_then(|ix| indices_u32(ix).map_err(to_py)))
+        .collect::<PyResult<_>>()?;
     let grads: Vec<&[f32]> = grads
         .iter()
         .map(|g| g.as_slice().map_err(|_| value_err("grads must be contiguous [n, dim] float32 arrays".into())))
         .collect::<PyResult<_>>()?;
+    let tickets: Vec<Vec<&Ticket>> = rows
+        .iter()
+        .map(|r| match r {
+            RowsArg::Tickets(ts) => ts.iter().map(|t| &**t).collect(),
+            RowsArg::Any(_) => Vec::new(),
+        })
+        .collect();
+    let updates: Vec<Update> = (0..n)
+        .map(|i| {
+            let rows = match &rows[i] {
+                RowsArg::Tickets(_) => Ok(Rows::Tickets(&tickets[i])),
+                RowsArg::Any(a) => contiguous(a, "rows").map(Rows::Any),
+            }?;
+            Ok(Update { table: &ts[i], rows, index: &index[i], grads: grads[i], step: steps[i] })
+        })
+        .collect::<PyResult<_>>()?;
     let opt = &optimizer.opt;
-    Ok(py.detach(|| {
-        (0..n)
-            .into_par_iter()
-            .map(|i| {
-                ts[i].apply_gradients_indexed(
-                    rows[i],
-                    &indices_u32(index[i])?,
-                    grads[i],
-                    rows_unique[i],
-                    opt,
-                    lr,
-                    steps[i],
-                )
-            })
-            .map(|r: Result<(), TableError>| r.err().map(|e| e.to_string()))
-            .collect()
-    }))
+    let done = py.detach(|| pipeline::apply_many(&updates, opt, lr));
+    Ok(done.into_iter().map(|r| r.err().map(|e| e.to_string())).collect())
 }
 
 /// The bag layout of `pool_forward` / `pool_backward`, checked.
@@ -1088,6 +1117,7 @@ fn num_threads() -> usize {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHashTable>()?;
     m.add_class::<PyOptimizer>()?;
+    m.add_class::<PyTicket>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_unique_many, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_gather_many, m)?)?;

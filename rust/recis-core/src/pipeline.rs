@@ -1,0 +1,350 @@
+//! The sparse step of a group of features, in one home: the lookups of
+//! several (table, namespace) id batches, the gather of their rows into one
+//! `[U, dim]` block, and the optimizer update of the rows a step touched.
+//! The bindings call these and nothing else for a group's step; a sharded
+//! step calls the same functions on each side of its exchange.
+//!
+//! # Lock discipline
+//!
+//! Each physical table has one `RwLock` (see `table.rs`). The rules, which
+//! together rule out the deadlock of a rayon worker that, waiting inside
+//! one call, steals a task of another call on the same table:
+//!
+//! 1. **Locks are taken only at the top of a call, never inside a rayon
+//!    task.** The work a call runs in parallel (dedup, probe, insert,
+//!    gather, update) takes no table lock, so a worker that steals a task
+//!    can never block on a lock, whoever holds it.
+//! 2. **Each physical table is locked once per call**, whatever the number
+//!    of its namespaces in the call, and the guards of several tables are
+//!    taken in the order of their `uid`, so two calls never wait on each
+//!    other in a cycle.
+//! 3. **Growth and admission decay take the exclusive lock with no guard
+//!    held by their own thread**: a lookup that finds a shard short of room
+//!    drops every guard it holds, grows, and starts its locked phase again
+//!    (the lock-free dedup is kept).
+//!
+//! The small `spare` mutex of a table is taken inside tasks, but only
+//! around a `Vec::extend`: no work runs under it.
+//!
+//! # Tickets
+//!
+//! The rows of a trainable lookup leave the core as a [`Ticket`]: its rows
+//! are distinct (one row per distinct id, namespaces never share rows) and
+//! were live when looked up. While the table's epoch (bumped by eviction
+//! and clear) is unchanged they still are, so the update of a ticket's rows
+//! groups gradients by the linear counting sort and needs no check of its
+//! own. Rows that come from anywhere else are checked and grouped by row.
+
+use crate::optim::SparseOptimizer;
+use crate::table::{BatchOut, GradRows, HashTable, Inner, Missing, Prepared, TableError, UniqueLookup};
+use rayon::prelude::*;
+use std::sync::{RwLockReadGuard, RwLockWriteGuard};
+
+type Result<T> = std::result::Result<T, TableError>;
+
+/// One batch of ids of one namespace of one table.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub table: &'a HashTable,
+    pub namespace: usize,
+    pub ids: &'a [u64],
+    /// Insert new ids (training) at this step; None: read only.
+    pub insert: Option<u64>,
+    /// How rows of ids without one read in a gather.
+    pub missing: Missing,
+}
+
+impl<'a> Request<'a> {
+    /// A read-only request; missing ids read as zeros.
+    pub fn new(table: &'a HashTable, namespace: usize, ids: &'a [u64]) -> Self {
+        Request { table, namespace, ids, insert: None, missing: Missing::Zeros }
+    }
+
+    /// Inserts new ids at `step`.
+    pub fn insert(mut self, step: u64) -> Self {
+        self.insert = Some(step);
+        self
+    }
+
+    pub fn missing(mut self, missing: Missing) -> Self {
+        self.missing = missing;
+        self
+    }
+}
+
+/// The rows a trainable lookup of one table handed out: distinct, and live
+/// while the table's epoch is `epoch`.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    table: u64,
+    epoch: u64,
+    rows: Vec<u32>,
+}
+
+impl Ticket {
+    pub fn rows(&self) -> &[u32] {
+        &self.rows
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// A group's block: every request's distinct rows gathered into one
+/// `[U, dim]` array, request after request.
+#[derive(Debug)]
+pub struct Block {
+    /// `[U, dim]`, row-major.
+    pub values: Vec<f32>,
+    /// For every input position of every request in order, its row of
+    /// `values`.
+    pub inverse: Vec<i64>,
+    /// Each request's lookup (its `inverse` is local to the request).
+    pub found: Vec<UniqueLookup>,
+    /// One per maximal run of consecutive inserting requests of one table:
+    /// (first request, end request, the run's rows as one ticket). The
+    /// run's rows of `values` are contiguous, request after request.
+    pub runs: Vec<(usize, usize, Ticket)>,
+}
+
+/// The distinct tables of `tables`, in lock order (by uid).
+fn lock_order<'a>(tables: impl Iterator<Item = &'a HashTable>) -> Vec<&'a HashTable> {
+    let mut out: Vec<&HashTable> = Vec::new();
+    for t in tables {
+        if !out.iter().any(|o| std::ptr::eq(*o, t)) {
+            out.push(t);
+        }
+    }
+    out.sort_by_key(|t| t.uid());
+    out
+}
+
+fn position(order: &[&HashTable], t: &HashTable) -> usize {
+    order.iter().position(|o| std::ptr::eq(*o, t)).expect("table in lock order")
+}
+
+/// Runs the lookups of `reqs` under one shared guard per table, then
+/// `then(guards, results)` under the same guards (`guards[k]` is the guard
+/// of `reqs[k]`'s table).
+fn locked_lookups<R>(reqs: &[Request<'_>], then: impl FnOnce(&[&Inner], Vec<UniqueLookup>) -> Result<R>) -> Result<R> {
+    let order = lock_order(reqs.iter().map(|r| r.table));
+    // Admission decay first, holding nothing (rule 3).
+    for t in &order {
+        if let Some(step) = reqs.iter().filter(|r| std::ptr::eq(r.table, *t)).filter_map(|r| r.insert).max() {
+            t.decay_admission(step);
+        }
+    }
+    // Lock-free: each request's distinct ids per shard.
+    let prepared: Vec<Prepared> =
+        reqs.par_iter().map(|r| r.table.prepare(r.namespace, r.ids)).collect::<Result<_>>()?;
+    let slot: Vec<usize> = reqs.iter().map(|r| position(&order, r.table)).collect();
+    loop {
+        let guards: Vec<RwLockReadGuard<'_, Inner>> = order.iter().map(|t| t.read_guard()).collect();
+        let inner: Vec<&Inner> = slot.iter().map(|&k| &*guards[k]).collect();
+        // Reserve id-map room for every inserting request; a shortfall
+        // undoes the reservations, drops the guards and grows.
+        let mut short: Option<(usize, Vec<(usize, usize)>)> = None;
+        let mut reserved = Vec::new();
+        for (k, r) in reqs.iter().enumerate() {
+            if r.insert.is_some() {
+                match r.table.reserve(inner[k], &prepared[k]) {
+                    Ok(()) => reserved.push(k),
+                    Err(s) => {
+                        short = Some((k, s));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some((k, _)) = short {
+            for &j in &reserved {
+                let none = BatchOut::nothing_inserted(&prepared[j]);
+                reqs[j].table.unreserve(inner[j], &prepared[j], &none);
+            }
+            drop(inner);
+            drop(guards);
+            // Room for every inserting request of that table at once (two
+            // requests may share a shard), so the retry fits.
+            let table = reqs[k].table;
+            let need: Vec<(usize, usize)> = reqs
+                .iter()
+                .zip(&prepared)
+                .filter(|(r, _)| r.insert.is_some() && std::ptr::eq(r.table, table))
+                .flat_map(|(r, p)| r.table.needs(p))
+                .collect();
+            table.grow(&need);
+            continue;
+        }
+        let outs: Vec<BatchOut> =
+            reqs.par_iter().zip(&prepared).zip(&inner).map(|((r, p), g)| r.table.process(g, p, r.insert)).collect();
+        let mut found = Vec::with_capacity(outs.len());
+        let mut error = None;
+        for (k, out) in outs.into_iter().enumerate() {
+            if reqs[k].insert.is_some() {
+                reqs[k].table.unreserve(inner[k], &prepared[k], &out);
+            }
+            if error.is_none() {
+                error = out.error;
+            }
+            found.push(out.result);
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        return then(&inner, found);
+    }
+}
+
+/// The lookups of several (table, namespace) batches in one call, in
+/// parallel; a table may appear several times (its namespaces). Results
+/// come in the order of `reqs`.
+pub fn lookup_many(reqs: &[Request<'_>]) -> Result<Vec<UniqueLookup>> {
+    locked_lookups(reqs, |_, found| Ok(found))
+}
+
+/// [`lookup_many`] and the gather of every request's distinct rows into one
+/// block, under the same guards: the rows gathered are the rows looked up.
+/// Every table must have the same dim.
+pub fn lookup_gather(reqs: &[Request<'_>]) -> Result<Block> {
+    let Some(first) = reqs.first() else {
+        return Err(TableError::InvalidArgument("lookup_gather: no requests".into()));
+    };
+    let dim = first.table.dim();
+    if let Some(k) = reqs.iter().position(|r| r.table.dim() != dim) {
+        return Err(TableError::InvalidArgument(format!(
+            "lookup_gather: request {k}'s table has dim {}, request 0's has {dim}",
+            reqs[k].table.dim()
+        )));
+    }
+    locked_lookups(reqs, |inner, found| {
+        let total: usize = found.iter().map(|u| u.rows.len()).sum();
+        let positions: usize = found.iter().map(|u| u.inverse.len()).sum();
+        let mut values = vec![0.0f32; total * dim];
+        let mut inverse = vec![0i64; positions];
+        // Each request's share of the block and of the positions.
+        let mut parts = Vec::with_capacity(reqs.len());
+        let (mut vrest, mut irest) = (&mut values[..], &mut inverse[..]);
+        let mut lo = 0usize;
+        for u in &found {
+            let (v, vr) = std::mem::take(&mut vrest).split_at_mut(u.rows.len() * dim);
+            let (iv, ir) = std::mem::take(&mut irest).split_at_mut(u.inverse.len());
+            parts.push((v, iv, lo));
+            lo += u.rows.len();
+            vrest = vr;
+            irest = ir;
+        }
+        parts.into_par_iter().enumerate().for_each(|(k, (v, iv, lo))| {
+            let u = &found[k];
+            for (o, &i) in iv.iter_mut().zip(&u.inverse) {
+                *o = (lo + i as usize) as i64;
+            }
+            let r = &reqs[k];
+            // The rows were looked up under the guard still held: live.
+            r.table.gather_live(inner[k], r.namespace, &u.ids, &u.rows, r.missing, v);
+        });
+        let mut runs = Vec::new();
+        let mut k = 0;
+        while k < reqs.len() {
+            if reqs[k].insert.is_none() {
+                k += 1;
+                continue;
+            }
+            // A run's namespaces are distinct, so its rows are: a namespace
+            // that comes again starts a new run (and ticket).
+            let mut end = k + 1;
+            while end < reqs.len()
+                && reqs[end].insert.is_some()
+                && std::ptr::eq(reqs[end].table, reqs[k].table)
+                && !reqs[k..end].iter().any(|r| r.namespace == reqs[end].namespace)
+            {
+                end += 1;
+            }
+            let rows: Vec<u32> = found[k..end].iter().flat_map(|u| u.rows.iter().copied()).collect();
+            runs.push((k, end, Ticket { table: reqs[k].table.uid(), epoch: inner[k].epoch(), rows }));
+            k = end;
+        }
+        Ok(Block { values, inverse, found, runs })
+    })
+}
+
+/// The rows of an update: tickets of the table's lookups (concatenated in
+/// order), or rows from elsewhere.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    Tickets(&'a [&'a Ticket]),
+    Any(&'a [u32]),
+}
+
+/// One optimizer step of one table: `grads[k]` (`dim` values) belongs to
+/// row `rows[index[k]]`; gradients of one row are summed first.
+#[derive(Clone, Copy)]
+pub struct Update<'a> {
+    pub table: &'a HashTable,
+    pub rows: Rows<'a>,
+    pub index: &'a [u32],
+    pub grads: &'a [f32],
+    pub step: u64,
+}
+
+/// Applies several tables' updates in one call: one exclusive guard per
+/// table (in lock order), the tables in parallel, several updates of one
+/// table one after another. Returns each update's outcome; an update that
+/// fails leaves its table unchanged.
+pub fn apply_many(updates: &[Update<'_>], opt: &SparseOptimizer, lr: f32) -> Vec<Result<()>> {
+    let order = lock_order(updates.iter().map(|u| u.table));
+    let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
+    // Shared references to the exclusively locked state: the tasks below
+    // write rows through the table's row store, which the exclusive guard
+    // makes theirs alone.
+    let inner: Vec<&Inner> = guards.iter().map(|g| &**g).collect();
+    let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
+    for (k, u) in updates.iter().enumerate() {
+        by_table[position(&order, u.table)].push(k);
+    }
+    let done: Vec<Vec<(usize, Result<()>)>> = inner
+        .par_iter()
+        .zip(&by_table)
+        .map(|(g, ks)| ks.iter().map(|&k| (k, apply_one(g, &updates[k], opt, lr))).collect())
+        .collect();
+    drop(inner);
+    drop(guards);
+    let mut out: Vec<Option<Result<()>>> = (0..updates.len()).map(|_| None).collect();
+    for (k, r) in done.into_iter().flatten() {
+        out[k] = Some(r);
+    }
+    out.into_iter().map(|r| r.expect("every update ran")).collect()
+}
+
+fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> Result<()> {
+    match u.rows {
+        Rows::Any(rows) => u.table.apply_locked(inner, GradRows::Any(rows), u.index, u.grads, opt, lr, u.step),
+        Rows::Tickets(ts) => {
+            for t in ts {
+                if t.table != u.table.uid() {
+                    return Err(TableError::InvalidArgument(
+                        "a ticket of another table was passed to this table's update".into(),
+                    ));
+                }
+                if t.epoch != inner.epoch() {
+                    return Err(TableError::InvalidArgument(
+                        "the table was evicted or cleared since these rows were looked up; their gradients are \
+                         dropped (call the optimizer's step before evict)"
+                            .into(),
+                    ));
+                }
+            }
+            if let [t] = ts {
+                u.table.apply_locked(inner, GradRows::Distinct(&t.rows), u.index, u.grads, opt, lr, u.step)
+            } else {
+                // Several lookups of one table: rows may repeat.
+                let rows: Vec<u32> = ts.iter().flat_map(|t| t.rows.iter().copied()).collect();
+                u.table.apply_locked(inner, GradRows::Any(&rows), u.index, u.grads, opt, lr, u.step)
+            }
+        }
+    }
+}
