@@ -38,9 +38,17 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q
 
+# The sparse step against its peers is the shared harness, run from ../shared
+# (it needs `make bench-peers` for TorchRec).
+PEER_VARIANTS ?= plain_sparseadam,trec_fused_ebc,recis_adam,recis_rowwise_adagrad
+
 bench: setup
 	cargo bench -p recis-core --bench table
-	$(PY) benches/sparse_step.py
+	@if [ -f ../shared/bench/peer_step.py ]; then \
+		cd ../shared && $(abspath $(PY)) bench/peer_step.py --variants $(PEER_VARIANTS) --interleave; \
+	else \
+		echo "bench: ../shared/bench/peer_step.py is not here; the sparse-step comparison needs the shared harness"; \
+	fi
 
 # The TorchRec CPU peer, versions pinned to match torch 2.13.
 bench-peers: setup

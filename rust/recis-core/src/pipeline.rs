@@ -26,6 +26,11 @@
 //! The small `spare` mutex of a table is taken inside tasks, but only
 //! around a `Vec::extend`: no work runs under it.
 //!
+//! The contract for callers: every public method of `HashTable` and every
+//! function here locks at its top, so call them from plain threads, not
+//! from inside rayon tasks that run other calls on the same table. Several
+//! batches of one step are one call here (the bindings never nest them).
+//!
 //! # Tickets
 //!
 //! The rows of a trainable lookup leave the core as a [`Ticket`]: its rows

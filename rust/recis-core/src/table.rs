@@ -415,6 +415,9 @@ pub(crate) struct Inner {
     epoch: u64,
 }
 
+/// See the module docs. Its methods lock the table at their top: call them
+/// (or `pipeline`'s functions, for several batches at once) from plain
+/// threads, never from inside rayon tasks that work on the same table.
 pub struct HashTable {
     cfg: TableConfig,
     /// Initializer seed of each namespace.
