@@ -251,9 +251,9 @@ def ab(args):
     for _ in range(args.warmup + args.steps):
         feats, dense, labels = data.batch(args.batch_size, rng)
         batches.append({**feats, "dense": dense, "label": labels})
-    rust_pool, native = engine.pool_stacked, engine._native
+    rust_pool = engine.pool_stacked
     cases = {
-        "pooling": {"embedding_bag + stack": (lambda *a: None, native), "rust, [B, F, D]": (rust_pool, native)},
+        "pooling": {"embedding_bag + stack": lambda *a: None, "rust, [B, F, D]": rust_pool},
     }
     for case, variants in cases.items():
         models = {}
@@ -264,8 +264,8 @@ def ab(args):
         spent = {name: [] for name in variants}
         try:
             for i, b in enumerate(batches):
-                for name, (pool_fn, nat) in variants.items():
-                    engine.pool_stacked, engine._native = pool_fn, nat
+                for name, pool_fn in variants.items():
+                    engine.pool_stacked = pool_fn
                     m, sparse, dense = models[name]
                     t0 = time.perf_counter()
                     F.binary_cross_entropy_with_logits(m(b), b["label"]).backward()
@@ -276,7 +276,7 @@ def ab(args):
                     if i >= args.warmup:
                         spent[name].append(t)
         finally:
-            engine.pool_stacked, engine._native = rust_pool, native
+            engine.pool_stacked = rust_pool
         params = [list(m.parameters()) for m, _, _ in models.values()]
         same = all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(*params, strict=True))
         print(f"{case}: median training step over {args.steps} steps (dense parameters agree: {same})")

@@ -8,7 +8,7 @@ import torch
 
 from recis import _native
 from recis.distributed import all_to_all, owner_of, world
-from recis.nn.hash_table import RowsPart
+from recis.nn.hash_table import RowsPart, lookup_gather
 
 
 class _Plan:
@@ -92,14 +92,7 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
     look = [np.repeat(i, c) if tr else i for i, c, tr in zip(r_ids, r_cnt, trainable, strict=True)]
     # One native call: every table's lookup and the gather of its distinct
     # rows into one block, under one lock per physical table.
-    block, block_inv, _rows, block_sizes, runs = _native.lookup_gather_many(
-        [t.table.native for t in tables],
-        look,
-        [t.table.step for t in tables],
-        trainable,
-        [t.ns for t in tables],
-        missing_initial,
-    )
+    block, block_inv, block_sizes, runs = lookup_gather(tables, look, trainable, missing_initial)
     # Each received entry's row of the block: its first position in `look`.
     starts = np.concatenate([[0], np.cumsum([len(x) for x in look])])
     firsts = [

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recis import _native, distributed
-from recis.nn.hash_table import HashTable, ids_to_numpy, table_for
+from recis.nn.hash_table import HashTable, TableView, ids_to_numpy, lookup_gather, table_for
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -74,9 +74,7 @@ class DynamicEmbedding(nn.Module):
         train = self.training and self.option.trainable and torch.is_grad_enabled()
         missing_initial = train or self.option.eval_missing == "initial"
         # One native call: the lookup and the gather under one lock.
-        block, inverse, _rows, _sizes, runs = _native.lookup_gather_many(
-            [self.table.native], [ids_np], [self.table.step], [train], [0], [missing_initial]
-        )
+        block, inverse, _sizes, runs = lookup_gather([TableView(self.table, 0)], [ids_np], [train], [missing_initial])
         w = torch.from_numpy(block)
         if train:
             w.requires_grad_(True)

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis import _native, distributed
+from recis import distributed
 from recis.distributed.exchange import sharded_lookup
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool, pool_stacked
-from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy
+from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy, lookup_gather
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -205,14 +205,7 @@ class EmbeddingEngine(nn.Module):
             w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
             return self._pool(order, w, inverse, combiner, stacks)
         # Lookups and the gather of their rows into one block W, one call.
-        block, inverse, _rows, sizes, runs = _native.lookup_gather_many(
-            [v.table.native for v in views],
-            ids,
-            [v.table.step for v in views],
-            trainable,
-            [v.ns for v in views],
-            missing_initial,
-        )
+        block, inverse, sizes, runs = lookup_gather(views, ids, trainable, missing_initial)
         w, inverse = torch.from_numpy(block), torch.from_numpy(inverse)
         if any(trainable):
             w.requires_grad_(True)

@@ -449,6 +449,24 @@ class HashTable:
             self.step = int(state["step"][0])
 
 
+def lookup_gather(views: list, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]):
+    """One native call (``recis_core::pipeline::lookup_gather``) for the
+    lookups of ``views`` (``TableView``s: namespaces of physical tables),
+    inserting where ``trainable``, and the gather of their distinct rows into
+    one block: (block [U, D], inverse, each lookup's number of distinct
+    rows, and (first, end, Ticket) for each run of trainable lookups of one
+    physical table)."""
+    block, inverse, _rows, sizes, runs = _native.lookup_gather_many(
+        [v.table.native for v in views],
+        ids,
+        [v.table.step for v in views],
+        trainable,
+        [v.ns for v in views],
+        missing_initial,
+    )
+    return block, inverse, sizes, runs
+
+
 def concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
