@@ -120,7 +120,9 @@ def engine_only(out: str) -> None:
     distributed.init_from_env()
     rank, n = distributed.rank(), distributed.world()
     engine = EmbeddingEngine(te.options())
-    opt = SparseAdam(engine, lr=0.05)
+    # RECIS_TEST_IN_BACKWARD=1: the update runs inside backward, on the owners.
+    in_backward = os.environ.get("RECIS_TEST_IN_BACKWARD") == "1"
+    opt = SparseAdam(engine, lr=0.05, in_backward=in_backward)
     for raw, step, targets in te.batches(4, batch=8):
         feats = {f: RaggedTensor(raw[idx], offsets) for f, (idx, offsets) in step.items()}
         if n > 1:
@@ -132,7 +134,7 @@ def engine_only(out: str) -> None:
     dump(
         torch.nn.Module(),
         {t.name: t for t in engine.tables()},
-        os.path.join(out, f"result-{n}-{rank}-engine.safetensors"),
+        os.path.join(out, f"result-{n}-{rank}-engine{'-inb' if in_backward else ''}.safetensors"),
     )
 
 

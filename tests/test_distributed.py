@@ -50,6 +50,7 @@ def runs(tmp_path_factory):
     torchrun(WORKER, str(out), "6", env={"RECIS_TEST_ACCUM": "1"})
     subprocess.run([sys.executable, WORKER, str(out), "engine"], check=True, capture_output=True, env=env, timeout=180)
     torchrun(WORKER, str(out), "engine")
+    torchrun(WORKER, str(out), "engine", env={"RECIS_TEST_IN_BACKWARD": "1"})
     # The one-process checkpoint, re-sharded over two ranks.
     torchrun(WORKER, str(out), "load", str(out / "run-1" / "checkpoints" / "ckpt-6"))
     return out
@@ -94,6 +95,13 @@ def test_engine_features_of_every_kind_over_two_ranks(runs):
     # One config: the three logical tables are namespaces of one table.
     assert {k.split(".")[0] for k in one} == {"a+2:a", "a+2:b", "a+2:engine_test_shared"}
     same_as_one_process(one, result(runs, "2-0-engine"), result(runs, "2-1-engine"))
+
+
+def test_optimizer_in_backward_over_two_ranks(runs):
+    # The owners apply each table's gradient in backward, once all of its
+    # blocks have arrived (the shared table is read by three features in
+    # two groups): the same tables as the deferred update of one process.
+    same_as_one_process(result(runs, "1-0-engine"), result(runs, "2-0-engine-inb"), result(runs, "2-1-engine-inb"))
 
 
 def test_gradient_accumulation_over_two_ranks(runs):

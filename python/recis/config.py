@@ -54,6 +54,7 @@ epochs = 1
 max_steps = 0                 # 0: run the epochs
 gradient_accumulation_steps = 1
 mixed_precision = "none"      # "none", "bf16" or "fp16"
+sparse_update = "auto"        # "auto", "in_backward" or "deferred": when the sparse optimizer updates
 log_every_steps = 10
 eval_every_steps = 0          # 0: only at the end
 save_every_steps = 0          # 0: only at the end
@@ -129,6 +130,7 @@ class TrainerConfig:
     max_steps: int = 0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "none"
+    sparse_update: str = "auto"
     log_every_steps: int = 10
     eval_every_steps: int = 0
     save_every_steps: int = 0
@@ -248,6 +250,7 @@ def load_config(path: str) -> JobConfig:
     for part in trainer.warm_start_parts:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
+    _one_of(trainer.sparse_update, ("auto", "in_backward", "deferred"), f"{path}: [trainer].sparse_update")
     return JobConfig(path, data, features, model, optimizer, trainer)
 
 
@@ -329,6 +332,7 @@ class Job:
             max_steps=t.max_steps or None,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=None if t.mixed_precision == "none" else t.mixed_precision,
+            sparse_update=t.sparse_update,
             log_every_steps=t.log_every_steps,
             eval_every_steps=t.eval_every_steps or None,
             save_every_steps=t.save_every_steps or None,

@@ -8,6 +8,7 @@ import torch
 
 from recis import _native
 from recis.distributed import all_to_all, owner_of, world
+from recis.nn.backend import apply_arrived
 from recis.nn.hash_table import RowsPart, lookup_gather
 
 
@@ -18,7 +19,7 @@ class _Plan:
     ``holder``: the owner's gathered rows, whose ``.grad`` the backward
     fills for the tables' pending lookups."""
 
-    def __init__(self, order, send_sizes, recv_sizes, recv_perm, holder, n_unique, dim):
+    def __init__(self, order, send_sizes, recv_sizes, recv_perm, holder, n_unique, dim, tables):
         self.order = order
         self.send_sizes = send_sizes
         self.recv_sizes = recv_sizes
@@ -26,6 +27,8 @@ class _Plan:
         self.holder = holder
         self.n_unique = n_unique
         self.dim = dim
+        # The owner's physical tables with pending lookups into ``holder``.
+        self.tables = tables
 
     def send_gradient(self, grad: torch.Tensor) -> None:
         if grad.is_sparse:
@@ -40,6 +43,9 @@ class _Plan:
         got = recv[self.recv_perm]
         h = self.holder
         h.grad = got if h.grad is None else h.grad + got
+        if any(t.in_backward is not None for t in self.tables):
+            # Optimizer in backward: the owner applies it on arrival.
+            apply_arrived(h, self.tables)
 
 
 class _FromOwners(torch.autograd.Function):
@@ -105,10 +111,13 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
     # distinct row (the optimizer sums them). A run's rows are the ticket's,
     # block rows lo[a]:lo[b].
     lo = np.concatenate([[0], np.cumsum(block_sizes)])
+    owners = []
     for a, b, ticket in runs:
         ea, eb = int(bounds[a]), int(bounds[b])
         index = torch.from_numpy(entry_rows[ea:eb] - lo[a])
         tables[a].table.add_pending(ticket, values, RowsPart(ea, eb, index))
+        if all(tables[a].table is not t for t in owners):
+            owners.append(tables[a].table)
     back = torch.empty_like(values)
     back[torch.from_numpy(recv_perm)] = values
     mine = all_to_all(back, recv_sizes, send_sizes)
@@ -121,6 +130,8 @@ def sharded_lookup(tables, ids: list[np.ndarray], trainable: list[bool], missing
         lo += s
     inverse = torch.cat(inverse) if T > 1 else inverse[0]
     if any(trainable):
-        plan = _Plan(torch.from_numpy(order), send_sizes, recv_sizes, torch.from_numpy(recv_perm), values, len(w), dim)
+        plan = _Plan(
+            torch.from_numpy(order), send_sizes, recv_sizes, torch.from_numpy(recv_perm), values, len(w), dim, owners
+        )
         w = _FromOwners.apply(torch.zeros((), requires_grad=True), w, plan)
     return w, inverse

@@ -67,6 +67,10 @@ class TrainingArguments:
     plot: a PNG of the loss and AUC curves, ``output_dir/curves.png``, at the
         end (None: if ``matplotlib`` is installed).
     progress: a progress line per log step on stdout.
+    sparse_update: when the sparse optimizer updates the tables: "auto"
+        (inside backward when nothing needs the sparse gradient in between:
+        no gradient accumulation and no fp16 loss scaling; else at the
+        optimizer step), "in_backward" or "deferred" (``SparseOptimizer.in_backward``).
     """
 
     output_dir: str
@@ -87,8 +91,14 @@ class TrainingArguments:
     tensorboard: bool | None = None
     plot: bool | None = None
     progress: bool = True
+    sparse_update: str = "auto"
 
     def __post_init__(self):
+        if self.sparse_update not in ("auto", "in_backward", "deferred"):
+            raise ValueError(
+                "TrainingArguments.sparse_update must be 'auto', 'in_backward' or 'deferred', "
+                f"got {self.sparse_update!r}"
+            )
         if self.gradient_accumulation_steps < 1:
             raise ValueError("TrainingArguments.gradient_accumulation_steps must be >= 1")
         if self.mixed_precision not in (None, "bf16", "fp16"):
@@ -137,6 +147,8 @@ class Trainer:
             raise ValueError("Trainer: the model's tables must have distinct names (they name checkpoint files)")
         self.global_step = 0
         self.scaler = DynamicLossScaler() if args.mixed_precision == "fp16" else None
+        if sparse_optimizer is not None and hasattr(sparse_optimizer, "in_backward"):
+            self._choose_sparse_update(sparse_optimizer)
         os.makedirs(args.output_dir, exist_ok=True)
         self.checkpoints = CheckpointManager(os.path.join(args.output_dir, "checkpoints"), args.keep_checkpoints)
         self._log_path = os.path.join(args.output_dir, "log.jsonl")
@@ -207,6 +219,27 @@ class Trainer:
                 f"{self.checkpoints.latest() or 'none (none was saved)'}"
             )
         return y.float()
+
+    def _choose_sparse_update(self, opt) -> None:
+        """``sparse_update``: in backward when nothing needs the sparse
+        gradient between backward and step (no accumulation, no loss
+        scaling), else deferred; an explicit choice that cannot hold is an
+        error."""
+        a = self.args
+        needs = []
+        if a.gradient_accumulation_steps > 1:
+            needs.append(f"gradient_accumulation_steps = {a.gradient_accumulation_steps}")
+        if self.scaler is not None:
+            needs.append("fp16 loss scaling")
+        mode = a.sparse_update
+        if mode == "auto" and needs and opt.in_backward:
+            mode = "in_backward"  # the optimizer asked for it: say why it cannot
+        if mode == "in_backward" and needs:
+            raise ValueError(
+                f"Trainer: the sparse update cannot run in backward with {' and '.join(needs)}: they need the "
+                "sparse gradient at the optimizer step (sparse_update = 'deferred', or in_backward=False)"
+            )
+        opt.in_backward = mode == "in_backward" or (mode == "auto" and not needs)
 
     def _optimizer_step(self) -> None:
         distributed.average_dense_gradients(self.model.parameters())

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis import _native, distributed
-from recis.nn.hash_table import HashTable, TableView, ids_to_numpy, lookup_gather, table_for
+from recis import _native
+from recis.nn.backend import SparseBackend, default_backend
+from recis.nn.hash_table import HashTable, TableView, ids_to_numpy, table_for
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -46,8 +47,18 @@ class DynamicEmbedding(nn.Module):
         out.sum().backward(); opt.step(); opt.zero_grad()
     """
 
-    def __init__(self, option: EmbeddingOption, name: str = "embedding", table: HashTable | None = None):
+    def __init__(
+        self,
+        option: EmbeddingOption,
+        name: str = "embedding",
+        table: HashTable | None = None,
+        backend: SparseBackend | None = None,
+    ):
+        """``backend``: where lookups go (``recis.nn.backend``); by default
+        chosen at the first lookup: sharded over the ranks under
+        ``torchrun``, else local."""
         super().__init__()
+        self.backend = backend
         if option.combiner == "tuple":
             raise ValueError(f"{name}: combiner 'tuple' (sequences) is for EmbeddingEngine; DynamicEmbedding pools")
         self.option = option
@@ -65,21 +76,13 @@ class DynamicEmbedding(nn.Module):
     def lookup_unique(self, ids: torch.Tensor):
         """Distinct ids of a batch and their rows as a tensor ``W_u`` [U, D]
         that requires grad when training: (W_u, inverse)."""
-        if distributed.active():
-            raise RuntimeError(
-                f"{self.name}: DynamicEmbedding keeps its whole table in this process; under torchrun use "
-                "EmbeddingEngine, whose tables are sharded over the ranks"
-            )
         ids_np = ids_to_numpy(ids, f"{self.name}: ids")
         train = self.training and self.option.trainable and torch.is_grad_enabled()
         missing_initial = train or self.option.eval_missing == "initial"
-        # One native call: the lookup and the gather under one lock.
-        block, inverse, _sizes, runs = lookup_gather([TableView(self.table, 0)], [ids_np], [train], [missing_initial])
-        w = torch.from_numpy(block)
-        if train:
-            w.requires_grad_(True)
-            self.table.add_pending(runs[0][2], w)
-        return w, torch.from_numpy(inverse)
+        if self.backend is None:
+            self.backend = default_backend()
+        block = self.backend.lookup([TableView(self.table, 0)], [ids_np], [train], [missing_initial])
+        return block.w, block.inverse
 
     def forward(self, ids, weights: torch.Tensor | None = None):
         """Pooled [B, D] embeddings of a RaggedTensor or [B, L] id tensor; or,
@@ -135,36 +138,45 @@ class _PoolStacked(torch.autograd.Function):
     looked-up row, so the optimizer has nothing left to group."""
 
     @staticmethod
-    def forward(ctx, w, inverse, offsets, weights, mean, features):
+    def forward(ctx, w, inverse, offsets, weights, mean, features, fused):
         batch = (offsets.numel() - 1) // features
         out = torch.empty(batch, features, w.shape[1], dtype=w.dtype)
         wn = None if weights is None else weights.numpy()
         _native.pool_forward(w.detach().numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, out.numpy())
-        ctx.args = (inverse, offsets, weights, mean, features, w.shape[0], w.shape[1])
+        ctx.args = (inverse, offsets, weights, mean, features, w.shape[0], w.shape[1], fused)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        inverse, offsets, weights, mean, features, rows, dim = ctx.args
-        gw = torch.empty(rows, dim, dtype=grad.dtype)
+        inverse, offsets, weights, mean, features, rows, dim, fused = ctx.args
+        g = grad.detach().to(torch.float32).contiguous()
+        if fused is not None and fused.ready():
+            # Optimizer in backward: the pooled gradient goes straight into
+            # the update (recis.nn.backend); w gets no gradient.
+            fused.apply(g, inverse, offsets, weights, mean, features)
+            return None, None, None, None, None, None, None
+        gw = torch.empty(rows, dim, dtype=torch.float32)
         wn = None if weights is None else weights.numpy()
-        g = grad.detach().to(gw.dtype).contiguous()
         _native.pool_backward(g.numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, gw.numpy())
-        return gw, None, None, None, None, None
+        return gw, None, None, None, None, None, None
 
 
-def pool_stacked(w, inverse, offsets, weights, combiner: str, features: int) -> torch.Tensor | None:
+def pool_stacked(w, inverse, offsets, weights, combiner: str, features: int, fused=None) -> torch.Tensor | None:
     """``pool`` for ``features`` features of one batch size, written
     sample-major: bag ``f * B + b`` of ``offsets`` goes to ``[b, f]`` of the
     [B, features, D] result. None where it does not apply (another dtype, or
-    weights that require grad); the caller then pools with ``pool``."""
+    weights that require grad); the caller then pools with ``pool``.
+    ``fused``: a ``recis.nn.backend.FusedUpdate`` the backward may hand the
+    pooled gradient to instead of computing ``w``'s."""
     if w.dtype != torch.float32 or (weights is not None and weights.requires_grad) or combiner not in ("sum", "mean"):
         return None
     if (offsets.numel() - 1) % features:
         return None
     if weights is not None:
         weights = weights.detach().to(torch.float32).contiguous()
-    return _PoolStacked.apply(w, inverse.contiguous(), offsets.contiguous(), weights, combiner == "mean", features)
+    return _PoolStacked.apply(
+        w, inverse.contiguous(), offsets.contiguous(), weights, combiner == "mean", features, fused
+    )
 
 
 def pool(w: torch.Tensor, inverse: torch.Tensor, offsets: torch.Tensor, weights, combiner: str) -> torch.Tensor:

@@ -23,8 +23,12 @@ grouping. (Pooling falls back to torch's ``embedding_bag``, with a sparse
 gradient, for features of different batch sizes or weights that require
 grad.)
 
-Under ``torchrun`` the tables are sharded by rows over the ranks and a
-group's lookup is an exchange with the ids' owners (``recis.distributed``).
+Where a group's lookup goes is the engine's backend (``recis.nn.backend``),
+chosen once: this process's tables, or, under ``torchrun``, tables sharded
+by rows over the ranks, where a group's lookup is an exchange with the ids'
+owners (``recis.distributed``). With an optimizer in backward
+(``in_backward=True``) the pooling's backward hands the pooled gradient to
+the update directly and ``W`` gets no gradient.
 
 Sequence features (``combiner="tuple"``) return ``[B, L, D]``: the ids of
 each row in order, zero-padded to the longest row of the batch (cut them to
@@ -33,15 +37,13 @@ a fixed length upstream with ``features.SequenceTruncate``).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recis import distributed
-from recis.distributed.exchange import sharded_lookup
+from recis.nn.backend import SparseBackend, default_backend
 from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool, pool_stacked
-from recis.nn.hash_table import HashTable, SharedBlock, TableView, ids_to_numpy, lookup_gather
+from recis.nn.hash_table import HashTable, TableView, ids_to_numpy
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
 
@@ -62,8 +64,14 @@ class EmbeddingEngine(nn.Module):
     ``coalesce=False`` keeps one physical table per logical table.
     """
 
-    def __init__(self, features: dict[str, EmbeddingOption], coalesce: bool = True):
+    def __init__(
+        self, features: dict[str, EmbeddingOption], coalesce: bool = True, backend: SparseBackend | None = None
+    ):
+        """``backend``: where lookups go (``recis.nn.backend``); by default
+        chosen at the first lookup: sharded over the ranks under
+        ``torchrun``, else local."""
         super().__init__()
+        self.backend = backend
         if not features:
             raise ValueError("EmbeddingEngine: needs at least one feature")
         if not isinstance(coalesce, bool):
@@ -201,25 +209,13 @@ class EmbeddingEngine(nn.Module):
             tr or self.options[by_table[t][0][0]].eval_missing == "initial"
             for t, tr in zip(logical, trainable, strict=True)
         ]
-        if distributed.active():
-            w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
-            return self._pool(order, w, inverse, combiner, stacks)
-        # Lookups and the gather of their rows into one block W, one call.
-        block, inverse, sizes, runs = lookup_gather(views, ids, trainable, missing_initial)
-        w, inverse = torch.from_numpy(block), torch.from_numpy(inverse)
-        if any(trainable):
-            w.requires_grad_(True)
-            shared = SharedBlock(inverse)
-            # Where each lookup's rows of W and positions start.
-            lo = np.concatenate([[0], np.cumsum(sizes)])
-            plo = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
-            # One ticket for each run of trainable lookups of one physical
-            # table (recis_core::pipeline): its rows are W's rows lo[a]:lo[b].
-            for a, b, ticket in runs:
-                views[a].table.add_pending(ticket, w, (shared, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b])))
-        return self._pool(order, w, inverse, combiner, stacks)
+        if self.backend is None:
+            self.backend = default_backend()
+        block = self.backend.lookup(views, ids, trainable, missing_initial)
+        return self._pool(order, block, combiner, stacks)
 
-    def _pool(self, order, w: torch.Tensor, inverse: torch.Tensor, combiner: str, stacks: dict) -> dict:
+    def _pool(self, order, block, combiner: str, stacks: dict) -> dict:
+        w, inverse = block.w, block.inverse
         rts = [rt for _, rt in order]
         if combiner == "tuple":
             return self._sequences(order, w, inverse)
@@ -227,7 +223,7 @@ class EmbeddingEngine(nn.Module):
         names = [n for n, _ in order]
         if all(r.batch_size == rts[0].batch_size for r in rts):
             # [B, F, D] in one Rust pass; each feature's output is a view.
-            stacked = pool_stacked(w, inverse, rt.offsets, rt.weights, combiner, len(rts))
+            stacked = pool_stacked(w, inverse, rt.offsets, rt.weights, combiner, len(rts), block.fused)
             if stacked is not None:
                 for k, n in enumerate(names):
                     stacks[n] = (stacked, k)

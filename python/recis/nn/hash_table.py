@@ -103,6 +103,9 @@ class HashTable:
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
         self._optimizer_kind: str | None = None
         self._slot_init = 0.0
+        # The sparse optimizer that updates this table in backward, if any
+        # (``SparseOptimizer(..., in_backward=True)``).
+        self.in_backward = None
 
     @property
     def dim(self) -> int:
@@ -182,8 +185,9 @@ class HashTable:
         that several tables fill (``nn.engine``)."""
         self._pending.append((rows, weights, part))
 
-    def pending_gradients(self):
-        """Gradients of every pending lookup that received one, as
+    def pending_gradients(self, entries=None):
+        """Gradients of every pending lookup (or of ``entries``, some of
+        them) that received one, as
         (rows, index, grads): ``grads[k]`` belongs to row ``index[k]`` of the
         rows, which are a list of Tickets (concatenated in order) or one
         uint32 array. A block's gradient may be sparse (one entry per lookup
@@ -191,7 +195,7 @@ class HashTable:
         entries of the same row. None if there is nothing to apply."""
         rows, index, grads = [], [], []
         base = 0
-        for r, w, part in self._pending:
+        for r, w, part in self._pending if entries is None else entries:
             if part is not None:
                 got = part_gradient(w, part)
                 if got is None:
@@ -224,6 +228,26 @@ class HashTable:
 
     def clear_pending(self) -> None:
         self._pending.clear()
+
+    def waits_for(self, leaf: torch.Tensor) -> bool:
+        """True if a pending lookup of this table reads ``leaf``."""
+        return any(w is leaf for _r, w, _p in self._pending)
+
+    def all_arrived(self) -> bool:
+        """True if every pending lookup has its gradient (an update in
+        backward waits for the last one, so that a row read by several
+        lookups of one step gets one update, as torch's would)."""
+        return bool(self._pending) and all(w.grad is not None for _r, w, _p in self._pending)
+
+    def only_reads(self, leaf: torch.Tensor) -> bool:
+        """True if there are pending lookups and all of them read ``leaf``."""
+        return bool(self._pending) and all(w is leaf for _r, w, _p in self._pending)
+
+    def take_pending(self) -> list:
+        """Removes and returns every pending lookup (for an update in
+        backward)."""
+        mine, self._pending = self._pending, []
+        return mine
 
     def release_gradients(self) -> list[torch.Tensor]:
         """``zero_grad`` for this table: drops the pending lookups whose

@@ -51,7 +51,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     kind = ""
 
-    def __init__(self, tables, defaults: dict):
+    def __init__(self, tables, defaults: dict, in_backward: bool = False):
         # Torch-style param groups: a list of dicts whose "params" are
         # tables or modules holding them; other keys override the defaults.
         specs = list(tables) if isinstance(tables, (list, tuple)) else None
@@ -90,6 +90,33 @@ class SparseOptimizer(torch.optim.Optimizer):
             kernel = self._kernel(group)
             for p in group["params"]:
                 self.tables[id(p)].attach_optimizer(kernel, self.kind)
+        # Placeholders whose table was updated in backward since the last step.
+        self._updated: set[int] = set()
+        self.in_backward = in_backward
+
+    @property
+    def in_backward(self) -> bool:
+        """True: each table's update runs inside ``backward``, as soon as the
+        gradient of its lookups arrives (TorchRec's optimizer in backward,
+        fbgemm's fused TBE); the pooled gradient goes straight into the
+        update, with no gradient tensor of the looked-up rows. ``step``
+        then only advances the step counts. Use it when nothing needs the
+        sparse gradient between ``backward`` and ``step``: no gradient
+        accumulation (each ``backward`` is an update), no loss scaling, no
+        clipping. False (the default): gradients wait for ``step``. Applies
+        to lookups made after it is set."""
+        return self._in_backward
+
+    @in_backward.setter
+    def in_backward(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"{type(self).__name__}: in_backward must be True or False, got {on!r}")
+        self._in_backward = on
+        for t in self.tables.values():
+            if on:
+                t.in_backward = self
+            elif t.in_backward is self:
+                t.in_backward = None
 
     def _hyper(self, group) -> list[float]:
         raise NotImplementedError
@@ -105,56 +132,118 @@ class SparseOptimizer(torch.optim.Optimizer):
     def table_of(self, p) -> HashTable:
         return self.tables[id(p)]
 
+    def _placement(self, table: HashTable):
+        """(placeholder, param group) of ``table``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.tables[id(p)] is table:
+                    return p, group
+        raise ValueError(f"{type(self).__name__}: table {table.name!r} is not optimized here")
+
+    def _apply(self, group, work) -> None:
+        """One native call for ``work`` ((placeholder, table, pending
+        gradients) of tables of ``group``), the tables in parallel, each at
+        the step after its count. Raises ValueError naming the first table
+        that refused (each refusing table is unchanged); the others are
+        updated."""
+        if not work:
+            return
+        errors = _native.apply_gradients_many(
+            [t.native for _, t, _ in work],
+            [pd[0] for _, _, pd in work],
+            [pd[1] for _, _, pd in work],
+            [pd[2] for _, _, pd in work],
+            self._kernel(group),
+            float(group["lr"]),
+            [int(self.state[p].get("step", 0)) + 1 for p, _, _ in work],
+        )
+        failed = None
+        for (p, table, _), err in zip(work, errors, strict=True):
+            if err is None:
+                self._updated.add(id(p))
+            elif failed is None:
+                failed = f"table {table.name!r}: {err}"
+        if failed is not None:
+            raise ValueError(failed)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Applies the pending gradients of every table, then advances each
-        table's step. A non-finite gradient raises ValueError and changes
-        nothing in that table."""
+        table's step (and, for tables updated since the last step, here or
+        in backward, their optimizer step count). A non-finite gradient
+        raises ValueError and changes nothing in that table."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            kernel = self._kernel(group)
-            lr = float(group["lr"])
             # One native call for the group's tables, applied in parallel.
             work = []
             for p in group["params"]:
                 table = self.tables[id(p)]
                 pending = table.pending_gradients()
                 if pending is not None:
-                    work.append((p, table, pending, int(self.state[p].get("step", 0)) + 1))
-            if work:
-                errors = _native.apply_gradients_many(
-                    [t.native for _, t, _, _ in work],
-                    [pd[0] for _, _, pd, _ in work],
-                    [pd[1] for _, _, pd, _ in work],
-                    [pd[2] for _, _, pd, _ in work],
-                    kernel,
-                    lr,
-                    [s for _, _, _, s in work],
-                )
-                failed = None
-                for (p, table, _, step), err in zip(work, errors, strict=True):
-                    if err is None:
-                        self.state[p]["step"] = step
-                    elif failed is None:
-                        failed = f"table {table.name!r}: {err}"
-                if failed is not None:
-                    for p in group["params"]:
-                        self.tables[id(p)].clear_pending()
-                    raise ValueError(failed)
-            for p in group["params"]:
-                table = self.tables[id(p)]
-                table.clear_pending()
-                table.step += 1
+                    work.append((p, table, pending))
+            try:
+                self._apply(group, work)
+            except ValueError:
+                self._close_step(group, advance=False)
+                raise
+            self._close_step(group, advance=True)
         return loss
+
+    def _close_step(self, group, advance: bool) -> None:
+        """Ends ``group``'s step: pending lookups dropped, the step count of
+        each table updated since the last step advanced, and (``advance``)
+        each table's clock."""
+        for p in group["params"]:
+            table = self.tables[id(p)]
+            table.clear_pending()
+            if id(p) in self._updated:
+                self._updated.discard(id(p))
+                self.state[p]["step"] = int(self.state[p].get("step", 0)) + 1
+            if advance:
+                table.step += 1
+
+    @torch.no_grad()
+    def apply_in_backward(self, tables: list[HashTable]) -> None:
+        """Optimizer in backward: applies now the gradients that every
+        pending lookup of ``tables`` has received (one native call a param
+        group). Called from ``backward`` (``recis.nn.backend``)."""
+        by_group: dict[int, tuple] = {}
+        for t in tables:
+            pending = t.pending_gradients(t.take_pending())
+            if pending is None:
+                continue
+            p, group = self._placement(t)
+            by_group.setdefault(id(group), (group, []))[1].append((p, t, pending))
+        for group, work in by_group.values():
+            self._apply(group, work)
+
+    @torch.no_grad()
+    def apply_pooled(self, tables, w, parts, grad, inverse, offsets, weights, mean: bool, features: int) -> None:
+        """Optimizer in backward, fused with the pooling's backward: the
+        update of ``tables``' lookups into ``w`` (their only pending ones)
+        from the gradient of the pooled output ``grad`` ([B, features, D])."""
+        gw = torch.empty(w.shape, dtype=torch.float32)
+        wn = None if weights is None else weights.numpy()
+        _native.pool_backward(grad.numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, gw.numpy())
+        w.grad = gw
+        try:
+            self.apply_in_backward(tables)
+        finally:
+            w.grad = None
 
     @torch.no_grad()
     def unscale_(self, factor: float) -> bool:
         """Multiplies every pending gradient by ``factor`` (each lookup block
         once, even when several tables share it); True if all are finite.
         For loss scaling (``recis.framework.scaler``)."""
+        if self._in_backward:
+            raise RuntimeError(
+                f"{type(self).__name__}: in_backward=True updates the tables inside backward, so there is no "
+                "sparse gradient left to unscale; loss scaling needs in_backward=False"
+            )
         seen: set[int] = set()
         finite = True
         for t in self.tables.values():
@@ -228,9 +317,9 @@ class SparseSGD(SparseOptimizer):
 
     kind = "sgd"
 
-    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0):
+    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0, in_backward: bool = False):
         _check_lr(lr)
-        super().__init__(tables, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(tables, dict(lr=lr, weight_decay=weight_decay), in_backward)
 
     def _hyper(self, g):
         return [g["weight_decay"]]
@@ -250,6 +339,7 @@ class SparseAdagrad(SparseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        in_backward: bool = False,
     ):
         _check_lr(lr)
         super().__init__(
@@ -261,6 +351,7 @@ class SparseAdagrad(SparseOptimizer):
                 initial_accumulator_value=initial_accumulator_value,
                 eps=eps,
             ),
+            in_backward,
         )
 
     def _hyper(self, g):
@@ -280,10 +371,13 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
+        in_backward: bool = False,
     ):
         _check_lr(lr)
         super().__init__(
-            tables, dict(lr=lr, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps)
+            tables,
+            dict(lr=lr, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value, eps=eps),
+            in_backward,
         )
 
     def _hyper(self, g):
@@ -296,9 +390,17 @@ class SparseAdam(SparseOptimizer):
 
     kind = "adam"
 
-    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        tables,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        in_backward: bool = False,
+    ):
         _check_lr(lr)
-        super().__init__(tables, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(tables, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), in_backward)
 
     def _hyper(self, g):
         return [g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]]
@@ -311,5 +413,13 @@ class SparseAdamW(SparseAdam):
 
     kind = "adamw"
 
-    def __init__(self, tables, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
-        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(
+        self,
+        tables,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        in_backward: bool = False,
+    ):
+        super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, in_backward=in_backward)

@@ -1,0 +1,167 @@
+"""The sparse path's one interface: where a group's lookups go, and where
+their gradient goes back.
+
+A *group* is what ``EmbeddingEngine`` looks up together: features pooled
+the same way, as batches of ids of one or several logical tables
+(``TableView``s: namespaces of physical tables). A backend turns them into
+a ``Block``: ``w`` [U, D], every distinct row the group reads, table after
+table, and ``inverse``, the row of ``w`` each id position reads. Pooling
+then runs on ``w`` (``recis.nn.dynamic_embedding``), the same whatever the
+backend. The backend owns what happens to ``w``'s gradient:
+
+- ``LocalBackend``: this process holds every table. One native call looks
+  the ids up (inserting new ones when training) and gathers their rows
+  (``recis_core::pipeline::lookup_gather``); the rows' tickets wait in
+  their tables for the sparse optimizer, or — optimizer in backward — are
+  updated as soon as the gradient arrives.
+- ``ShardedBackend``: under ``torchrun`` the tables are sharded by rows over
+  the ranks; the same native call runs on each owner, between two
+  all-to-alls (``recis.distributed.exchange``). The gradient goes back to
+  the owners, where it waits for the optimizer or is applied on arrival.
+- The GPU device cache (``cuda/``) is to be the third.
+
+Which one a module uses is decided once, by ``default_backend()`` when the
+module first looks something up; modules carry no branches on the process
+group.
+
+Optimizer in backward (``SparseOptimizer(..., in_backward=True)``): a
+trainable lookup of a table whose optimizer updates in backward gets, on
+the local backend, a ``FusedUpdate``: the pooling's backward hands it the
+pooled gradient and the update runs from there in one native call
+(``recis_core::pipeline::apply_pooled``), with no gradient tensor for
+``w``. Where pooling cannot fuse (sequences, torch's ``embedding_bag``
+fallback, a block shared with deferred tables, the sharded backend), the
+update runs when ``w``'s gradient has accumulated
+(``apply_arrived``), still inside ``backward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recis import distributed
+from recis.nn.hash_table import SharedBlock, lookup_gather
+
+
+class Block:
+    """A group's looked-up rows: ``w`` [U, D] (a leaf that requires grad,
+    or an autograd output tied to the owners, when training), ``inverse``
+    (int64, one row of ``w`` per id position, the group's positions table
+    after table) and ``fused``: what the pooling's backward may hand the
+    pooled gradient to (None: none)."""
+
+    __slots__ = ("fused", "inverse", "w")
+
+    def __init__(self, w: torch.Tensor, inverse: torch.Tensor, fused=None):
+        self.w, self.inverse, self.fused = w, inverse, fused
+
+
+class SparseBackend:
+    """Base class: ``lookup`` is the whole interface."""
+
+    name = ""
+
+    def lookup(self, views: list, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]) -> Block:
+        """The group's block. ``ids[k]``: int64 ids of ``views[k]``;
+        ``trainable[k]``: insert new ids and record the lookup for the
+        optimizer; ``missing_initial[k]``: an id without a row reads its
+        initial value (else zeros). Every view has the same dim."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LocalBackend(SparseBackend):
+    """Every table in this process."""
+
+    name = "local"
+
+    def lookup(self, views, ids, trainable, missing_initial) -> Block:
+        block, inverse, sizes, runs = lookup_gather(views, ids, trainable, missing_initial)
+        w, inverse = torch.from_numpy(block), torch.from_numpy(inverse)
+        if not any(trainable):
+            return Block(w, inverse)
+        w.requires_grad_(True)
+        shared = SharedBlock(inverse)
+        # Where each lookup's rows of W and positions start.
+        lo = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        plo = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        tables, parts = [], []
+        # One ticket for each run of trainable lookups of one physical
+        # table: its rows are W's rows lo[a]:lo[b], its positions
+        # plo[a]:plo[b].
+        for a, b, ticket in runs:
+            table = views[a].table
+            part = (shared, int(lo[a]), int(lo[b]), int(plo[a]), int(plo[b]))
+            table.add_pending(ticket, w, part)
+            parts.append((table, ticket, part))
+            if all(table is not t for t in tables):
+                tables.append(table)
+        fused = None
+        if any(t.in_backward is not None for t in tables):
+            w.register_post_accumulate_grad_hook(lambda leaf: apply_arrived(leaf, tables))
+            fused = FusedUpdate(w, tables, parts)
+        return Block(w, inverse, fused)
+
+
+class ShardedBackend(SparseBackend):
+    """Tables sharded by rows over the ranks of the process group."""
+
+    name = "sharded"
+
+    def lookup(self, views, ids, trainable, missing_initial) -> Block:
+        from recis.distributed.exchange import sharded_lookup
+
+        w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
+        return Block(w, inverse)
+
+
+def default_backend() -> SparseBackend:
+    """The backend for this process: sharded inside a process group of more
+    than one rank, else local."""
+    return ShardedBackend() if distributed.active() else LocalBackend()
+
+
+def apply_arrived(leaf: torch.Tensor, tables: list) -> None:
+    """Optimizer in backward, now that ``leaf``'s gradient has arrived: the
+    update of each of ``tables`` whose optimizer updates in backward and
+    whose pending lookups all have their gradient (a table read by several
+    blocks of one step waits for the last, so that each row gets one
+    update, as torch's would). When no table waits for ``leaf`` any more,
+    its gradient is dropped."""
+    by_opt: dict[int, tuple] = {}
+    for t in tables:
+        if t.in_backward is not None and t.all_arrived():
+            by_opt.setdefault(id(t.in_backward), (t.in_backward, []))[1].append(t)
+    for opt, ts in by_opt.values():
+        opt.apply_in_backward(ts)
+    if not any(t.waits_for(leaf) for t in tables):
+        leaf.grad = None
+
+
+class FusedUpdate:
+    """What the pooling's backward hands the pooled gradient to when every
+    table reading ``w`` updates in backward: the gradient of each row and
+    the optimizer update, in one native call, with no gradient of ``w``."""
+
+    def __init__(self, w: torch.Tensor, tables: list, parts: list):
+        self.w, self.tables, self.parts = w, tables, parts
+
+    def ready(self) -> bool:
+        """True when the pooled gradient may go straight to the tables:
+        every table reading ``w`` updates in backward and waits for ``w``
+        alone (a table that waits for other blocks too is updated once
+        they have all arrived, through ``w``'s gradient)."""
+        return all(t.in_backward is not None and t.only_reads(self.w) for t in self.tables)
+
+    def apply(self, grad: torch.Tensor, inverse, offsets, weights, mean: bool, features: int) -> None:
+        by_opt: dict[int, tuple] = {}
+        for t in self.tables:
+            by_opt.setdefault(id(t.in_backward), (t.in_backward, []))[1].append(t)
+        for opt, ts in by_opt.values():
+            opt.apply_pooled(ts, self.w, self.parts, grad, inverse, offsets, weights, mean, features)
+
+
+__all__ = ["Block", "FusedUpdate", "LocalBackend", "ShardedBackend", "SparseBackend", "default_backend"]
