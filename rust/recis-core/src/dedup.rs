@@ -4,6 +4,7 @@
 //! (the all-to-all of sharded training) rather than looked up.
 
 use crate::hash::mix64;
+use rayon::prelude::*;
 
 /// The distinct ids of a batch: `ids[inverse[p]]` is the id at position
 /// `p`, and `counts[k]` how many positions hold `ids[k]`.
@@ -41,6 +42,14 @@ pub fn distinct(batch: &[u64]) -> Distinct {
         out.inverse.push(k as u32);
     }
     out
+}
+
+/// [`distinct`] of each batch, the batches in parallel.
+pub fn distinct_many(batches: &[&[u64]]) -> Result<Vec<Distinct>, String> {
+    if let Some(k) = batches.iter().position(|b| b.len() >= u32::MAX as usize) {
+        return Err(format!("batches[{k}]: {} ids; a batch holds fewer than 2^32", batches[k].len()));
+    }
+    Ok(batches.par_iter().map(|b| distinct(b)).collect())
 }
 
 #[cfg(test)]

@@ -361,6 +361,123 @@ pub fn multi_hash(ids: &[i64], buckets: &[u64], out: &mut [i64]) {
     });
 }
 
+// ----------------------------------------------------------------------------
+// Several features in one call: each `*_many` checks every feature's input
+// and parameters (an error names the feature by its index), then runs the
+// features in parallel (and each in chunks).
+
+/// `inputs` and `params` pair up one to one.
+fn same_len(inputs: usize, params: usize, what: &str) -> Result<(), String> {
+    if inputs != params {
+        return Err(format!("{what}: {inputs} inputs but {params} parameters"));
+    }
+    Ok(())
+}
+
+/// `f(input, param, out)` for every pair, in parallel, `out` being
+/// `len(input) * width` ids.
+fn map_pairs<I: Sync, P: Sync>(
+    inputs: &[I],
+    params: &[P],
+    len: impl Fn(&I, &P) -> usize + Sync,
+    f: impl Fn(&I, &P, &mut [i64]) + Sync,
+) -> Vec<Vec<i64>> {
+    inputs
+        .par_iter()
+        .zip(params.par_iter())
+        .map(|(x, p)| {
+            let mut out = vec![0i64; len(x, p)];
+            f(x, p, &mut out);
+            out
+        })
+        .collect()
+}
+
+/// [`hash_strings`] of each column into its bucket count.
+pub fn hash_strings_many(columns: &[Strings<'_>], buckets: &[u64]) -> Result<Vec<Vec<i64>>, String> {
+    same_len(columns.len(), buckets.len(), "hash_strings_many")?;
+    for (k, s) in columns.iter().enumerate() {
+        s.validate().map_err(|m| format!("strings[{k}]: {m}"))?;
+    }
+    Ok(map_pairs(columns, buckets, |s, _| s.len(), |s, &b, o| hash_strings(*s, b, o)))
+}
+
+/// [`hash_ids`] of each batch into its bucket count.
+pub fn hash_ids_many(ids: &[&[i64]], buckets: &[u64]) -> Result<Vec<Vec<i64>>, String> {
+    same_len(ids.len(), buckets.len(), "hash_ids_many")?;
+    Ok(map_pairs(ids, buckets, |x, _| x.len(), |x, &b, o| hash_ids(x, b, o)))
+}
+
+/// [`modulo`] of each batch; every `mod` must be at least 1.
+pub fn mod_many(ids: &[&[i64]], mods: &[u64]) -> Result<Vec<Vec<i64>>, String> {
+    same_len(ids.len(), mods.len(), "mod_many")?;
+    if let Some(k) = mods.iter().position(|&m| m == 0) {
+        return Err(format!("mods[{k}]: mod must be >= 1"));
+    }
+    Ok(map_pairs(ids, mods, |x, _| x.len(), |x, &m, o| modulo(x, m, o)))
+}
+
+/// [`multi_hash`] of each batch (row-major `[len, k]`); each needs at least
+/// one bucket count, each at least 1.
+pub fn multi_hash_many(ids: &[&[i64]], buckets: &[Vec<u64>]) -> Result<Vec<Vec<i64>>, String> {
+    same_len(ids.len(), buckets.len(), "multi_hash_many")?;
+    if let Some(k) = buckets.iter().position(|b| b.is_empty() || b.contains(&0)) {
+        return Err(format!("buckets[{k}]: needs at least one bucket count, each >= 1"));
+    }
+    Ok(map_pairs(ids, buckets, |x, b| x.len() * b.len(), |x, b, o| multi_hash(x, b, o)))
+}
+
+/// [`bucketize`] of each batch against its boundaries, which must be sorted
+/// and free of NaN.
+pub fn bucketize_many(values: &[&[f64]], boundaries: &[&[f64]]) -> Result<Vec<Vec<i64>>, String> {
+    same_len(values.len(), boundaries.len(), "bucketize_many")?;
+    for (k, b) in boundaries.iter().enumerate() {
+        if b.iter().any(|x| x.is_nan()) || b.windows(2).any(|w| w[0] > w[1]) {
+            return Err(format!("boundaries[{k}] must be sorted and free of NaN"));
+        }
+    }
+    Ok(map_pairs(values, boundaries, |x, _| x.len(), |x, b, o| bucketize(x, b, o)))
+}
+
+/// A ragged feature: (values, offsets).
+pub type Ragged<'a> = (&'a [i64], &'a [i64]);
+
+/// A ragged result: (values, offsets).
+pub type RaggedVec = (Vec<i64>, Vec<i64>);
+
+/// [`cross`] of each pair into its bucket count: (values, offsets) each.
+pub fn cross_many(pairs: &[(Ragged<'_>, Ragged<'_>)], buckets: &[u64]) -> Result<Vec<RaggedVec>, String> {
+    same_len(pairs.len(), buckets.len(), "cross_many")?;
+    pairs
+        .par_iter()
+        .zip(buckets.par_iter())
+        .enumerate()
+        .map(|(k, (&(a, b), &bk))| cross(a, b, bk).map_err(|e| format!("pairs[{k}]: {e}")))
+        .collect()
+}
+
+/// Each ragged feature (given by its offsets) truncated to its `max_lens`
+/// (see [`truncate_ranges`]): (index of every kept value, new offsets).
+pub fn truncate_many(offsets: &[&[i64]], max_lens: &[usize], keep_first: &[bool]) -> Result<Vec<RaggedVec>, String> {
+    same_len(offsets.len(), max_lens.len(), "truncate_many")?;
+    same_len(offsets.len(), keep_first.len(), "truncate_many")?;
+    for (k, o) in offsets.iter().enumerate() {
+        check_offsets(o, o.last().map_or(0, |&l| l.max(0) as usize), &format!("offsets[{k}]"))?;
+    }
+    Ok(offsets
+        .par_iter()
+        .zip(max_lens.par_iter().zip(keep_first.par_iter()))
+        .map(|(o, (&m, &first))| {
+            let (starts, new_offsets) = truncate_ranges(o, m, first);
+            let mut index = Vec::with_capacity(*new_offsets.last().unwrap() as usize);
+            for (i, &s) in starts.iter().enumerate() {
+                index.extend(s..s + (new_offsets[i + 1] - new_offsets[i]));
+            }
+            (index, new_offsets)
+        })
+        .collect())
+}
+
 #[derive(Clone, Copy)]
 struct SendSlice(*mut i64);
 // SAFETY: used only for writes to disjoint ranges (see `cross`).
@@ -437,6 +554,22 @@ mod tests {
         assert!(cross((&[1, 2], &[0, 2, 1, 2]), (&[1], &[0, 1, 1, 1]), 0).unwrap_err().contains("decrease"));
         assert!(cross((&[1], &[0, 1]), (&[1], &[0, 0, 1]), 0).unwrap_err().contains("batch sizes"));
         assert!(cross((&[], &[]), (&[], &[]), 0).is_err());
+    }
+
+    #[test]
+    fn many_ops_name_the_feature_that_is_wrong() {
+        assert!(mod_many(&[&[1], &[2]], &[3, 0]).unwrap_err().contains("mods[1]"));
+        assert!(mod_many(&[&[1]], &[3, 4]).unwrap_err().contains("1 inputs but 2"));
+        assert!(multi_hash_many(&[&[1]], &[vec![]]).unwrap_err().contains("buckets[0]"));
+        assert!(bucketize_many(&[&[1.0]], &[&[2.0, 1.0]]).unwrap_err().contains("boundaries[0]"));
+        assert!(truncate_many(&[&[0, 2], &[0, 3, 1]], &[1, 1], &[true, true]).unwrap_err().contains("offsets[1]"));
+        let s = Strings { bytes: b"ab", offsets: &[0, 3] };
+        assert!(hash_strings_many(&[s], &[0]).unwrap_err().contains("strings[0]"));
+        assert!(cross_many(&[((&[1], &[0, 1]), (&[1], &[0, 2]))], &[0]).unwrap_err().contains("pairs[0]"));
+        let (index, offsets) = truncate_many(&[&[0, 3, 4]], &[2], &[false]).unwrap().remove(0);
+        assert_eq!((index, offsets), (vec![1, 2, 3], vec![0, 2, 3]));
+        let out = multi_hash_many(&[&[5, 6]], &[vec![7, 11]]).unwrap();
+        assert_eq!(out[0].len(), 4);
     }
 
     #[test]
