@@ -4,15 +4,20 @@
 //! Pure Rust: nothing here knows about Python.
 
 pub mod admission;
+mod batch;
+mod column;
 pub mod dedup;
 pub mod features;
 pub mod hash;
+mod idmap;
 pub mod init;
 pub mod io;
 pub mod optim;
 mod orc_decode;
 pub mod pipeline;
+mod policy;
 pub mod pool;
+mod rows;
 pub mod store;
 pub mod table;
 

@@ -19,7 +19,7 @@
 //! patched base and delta. Corrupt input is an error, never a panic or an
 //! out-of-bounds read.
 
-use crate::io::{Column, Values};
+use crate::column::{Column, Values};
 use bytes::Bytes;
 use orc_rust::compression::{Compression, Decompressor};
 use orc_rust::proto::column_encoding::Kind as EncodingKind;

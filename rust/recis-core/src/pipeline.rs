@@ -40,8 +40,9 @@
 //! groups gradients by the linear counting sort and needs no check of its
 //! own. Rows that come from anywhere else are checked and grouped by row.
 
+use crate::batch::{BatchOut, GradRows, Prepared};
 use crate::optim::SparseOptimizer;
-use crate::table::{BatchOut, GradRows, HashTable, Inner, Missing, Prepared, TableError, UniqueLookup};
+use crate::table::{HashTable, Inner, Missing, TableError, UniqueLookup};
 use rayon::prelude::*;
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 

@@ -15,7 +15,7 @@
 //! global allocator.
 //!
 //! This type owns memory only: which rows are live, and who may write them, is
-//! the table's business (see `table.rs`).
+//! the table's business (see `rows.rs`).
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::marker::PhantomData;
@@ -49,7 +49,7 @@ pub struct Segmented<T: Zeroable> {
 
 // SAFETY: the store hands out raw pointers only; the segments array is atomic
 // and segments are never freed before `drop`. Callers synchronise element
-// access (table.rs).
+// access (the table; rows.rs gives its rules).
 unsafe impl<T: Zeroable> Send for Segmented<T> {}
 // SAFETY: as above.
 unsafe impl<T: Zeroable> Sync for Segmented<T> {}
