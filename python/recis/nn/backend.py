@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recis import distributed
+from recis import _native, distributed
 from recis.nn.hash_table import SharedBlock, lookup_gather
 
 
@@ -157,11 +157,38 @@ class FusedUpdate:
         return all(t.in_backward is not None and t.only_reads(self.w) for t in self.tables)
 
     def apply(self, grad: torch.Tensor, inverse, offsets, weights, mean: bool, features: int) -> None:
-        by_opt: dict[int, tuple] = {}
+        """One native call (``recis_core::pipeline::apply_pooled``) for every
+        table's share of ``w``: each row's gradient summed from ``grad`` (the
+        pooled output's, [B, features, D]) and its update, in one pass.
+        Raises ValueError naming the first table that refused (it is
+        unchanged); the others are updated."""
         for t in self.tables:
-            by_opt.setdefault(id(t.in_backward), (t.in_backward, []))[1].append(t)
-        for opt, ts in by_opt.values():
-            opt.apply_pooled(ts, self.w, self.parts, grad, inverse, offsets, weights, mean, features)
+            t.take_pending()
+        targets = [t.in_backward.fused_target(t) for t, _ticket, _part in self.parts]
+        errors = _native.apply_pooled(
+            grad.numpy(),
+            inverse.numpy(),
+            offsets.numpy(),
+            None if weights is None else weights.numpy(),
+            mean,
+            features,
+            self.w.shape[0],
+            [t.native for t, _ticket, _part in self.parts],
+            [ticket for _t, ticket, _part in self.parts],
+            [(lo, hi) for _t, _ticket, (_s, lo, hi, _pl, _ph) in self.parts],
+            [(plo, phi) for _t, _ticket, (_s, _lo, _hi, plo, phi) in self.parts],
+            [k for k, _lr, _step, _done in targets],
+            [lr for _k, lr, _step, _done in targets],
+            [step for _k, _lr, step, _done in targets],
+        )
+        failed = None
+        for (t, _ticket, _part), (_k, _lr, _step, done), err in zip(self.parts, targets, errors, strict=True):
+            if err is None:
+                done()
+            elif failed is None:
+                failed = f"table {t.name!r}: {err}"
+        if failed is not None:
+            raise ValueError(failed)
 
 
 __all__ = ["Block", "FusedUpdate", "LocalBackend", "ShardedBackend", "SparseBackend", "default_backend"]

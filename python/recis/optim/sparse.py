@@ -220,19 +220,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group, work in by_group.values():
             self._apply(group, work)
 
-    @torch.no_grad()
-    def apply_pooled(self, tables, w, parts, grad, inverse, offsets, weights, mean: bool, features: int) -> None:
-        """Optimizer in backward, fused with the pooling's backward: the
-        update of ``tables``' lookups into ``w`` (their only pending ones)
-        from the gradient of the pooled output ``grad`` ([B, features, D])."""
-        gw = torch.empty(w.shape, dtype=torch.float32)
-        wn = None if weights is None else weights.numpy()
-        _native.pool_backward(grad.numpy(), inverse.numpy(), offsets.numpy(), wn, mean, features, gw.numpy())
-        w.grad = gw
-        try:
-            self.apply_in_backward(tables)
-        finally:
-            w.grad = None
+    def fused_target(self, table: HashTable):
+        """(kernel, lr, step, done) of ``table``'s next update in backward;
+        ``done()`` records that it ran (``recis.nn.backend.FusedUpdate``)."""
+        p, group = self._placement(table)
+        step = int(self.state[p].get("step", 0)) + 1
+        return self._kernel(group), float(group["lr"]), step, lambda: self._updated.add(id(p))
 
     @torch.no_grad()
     def unscale_(self, factor: float) -> bool:

@@ -40,10 +40,12 @@
 //! groups gradients by the linear counting sort and needs no check of its
 //! own. Rows that come from anywhere else are checked and grouped by row.
 
-use crate::batch::{BatchOut, GradRows, Prepared};
+use crate::batch::{BatchOut, GradRows, Grads, Prepared};
 use crate::optim::SparseOptimizer;
+use crate::pool::Bags;
 use crate::table::{HashTable, Inner, Missing, TableError, UniqueLookup};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
 type Result<T> = std::result::Result<T, TableError>;
@@ -326,31 +328,136 @@ pub fn apply_many(updates: &[Update<'_>], opt: &SparseOptimizer, lr: f32) -> Vec
     out.into_iter().map(|r| r.expect("every update ran")).collect()
 }
 
+/// A ticket may update `table` under `inner`: it is the table's and its
+/// rows are still live (no eviction or clear since).
+fn check_ticket(t: &Ticket, table: &HashTable, inner: &Inner) -> Result<()> {
+    if t.table != table.uid() {
+        return Err(TableError::InvalidArgument("a ticket of another table was passed to this table's update".into()));
+    }
+    if t.epoch != inner.epoch() {
+        return Err(TableError::InvalidArgument(
+            "the table was evicted or cleared since these rows were looked up; their gradients are dropped (call \
+             the optimizer's step before evict)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> Result<()> {
+    let grads = Grads::Rows(u.grads);
     match u.rows {
-        Rows::Any(rows) => u.table.apply_locked(inner, GradRows::Any(rows), u.index, u.grads, opt, lr, u.step),
+        Rows::Any(rows) => u.table.apply_locked(inner, GradRows::Any(rows), u.index, grads, opt, lr, u.step),
         Rows::Tickets(ts) => {
             for t in ts {
-                if t.table != u.table.uid() {
-                    return Err(TableError::InvalidArgument(
-                        "a ticket of another table was passed to this table's update".into(),
-                    ));
-                }
-                if t.epoch != inner.epoch() {
-                    return Err(TableError::InvalidArgument(
-                        "the table was evicted or cleared since these rows were looked up; their gradients are \
-                         dropped (call the optimizer's step before evict)"
-                            .into(),
-                    ));
-                }
+                check_ticket(t, u.table, inner)?;
             }
             if let [t] = ts {
-                u.table.apply_locked(inner, GradRows::Distinct(&t.rows), u.index, u.grads, opt, lr, u.step)
+                u.table.apply_locked(inner, GradRows::Distinct(&t.rows), u.index, grads, opt, lr, u.step)
             } else {
                 // Several lookups of one table: rows may repeat.
                 let rows: Vec<u32> = ts.iter().flat_map(|t| t.rows.iter().copied()).collect();
-                u.table.apply_locked(inner, GradRows::Any(&rows), u.index, u.grads, opt, lr, u.step)
+                u.table.apply_locked(inner, GradRows::Any(&rows), u.index, grads, opt, lr, u.step)
             }
         }
     }
+}
+
+/// One table's share of a pooled block, for [`apply_pooled`]: the block's
+/// rows `rows` are the ticket's rows, in order, and the lookup positions
+/// `positions` (of the bags' `inverse`) are the table's.
+#[derive(Clone)]
+pub struct PooledPart<'a> {
+    pub table: &'a HashTable,
+    pub ticket: &'a Ticket,
+    pub rows: Range<usize>,
+    pub positions: Range<usize>,
+    pub opt: &'a SparseOptimizer,
+    pub lr: f32,
+    pub step: u64,
+}
+
+/// The optimizer update fused with the pooling's backward (optimizer in
+/// backward): from `grad`, the gradient of the pooled output of `bags`
+/// (`[batch, features, dim]`), each part's rows get their summed gradient
+/// and their update in one pass, with no `[rows, dim]` gradient between
+/// (each entry reads its row of `grad` directly; see
+/// [`crate::pool::Bags::terms`]). One exclusive guard per table, in lock
+/// order; the tables in parallel, several parts of one table one after
+/// another. Returns each part's outcome; a part that fails leaves its table
+/// unchanged.
+pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
+    let checked: Vec<Result<Vec<u32>>> = parts.iter().map(|p| part_index(bags, grad, p)).collect();
+    let (src, coef) = bags.terms();
+    let order = lock_order(parts.iter().map(|p| p.table));
+    let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
+    // As in `apply_many`: the exclusive guards make the rows this call's.
+    let inner: Vec<&Inner> = guards.iter().map(|g| &**g).collect();
+    let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
+    for (k, p) in parts.iter().enumerate() {
+        by_table[position(&order, p.table)].push(k);
+    }
+    let done: Vec<Vec<(usize, Result<()>)>> = inner
+        .par_iter()
+        .zip(&by_table)
+        .map(|(g, ks)| {
+            ks.iter()
+                .map(|&k| {
+                    let p = &parts[k];
+                    let run = || -> Result<()> {
+                        let index = checked[k].as_ref().map_err(Clone::clone)?;
+                        check_ticket(p.ticket, p.table, g)?;
+                        let at = p.positions.clone();
+                        let terms = Grads::Terms { pooled: grad, src: &src[at.clone()], coef: &coef[at] };
+                        p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), index, terms, p.opt, p.lr, p.step)
+                    };
+                    (k, run())
+                })
+                .collect()
+        })
+        .collect();
+    drop(inner);
+    drop(guards);
+    let mut out: Vec<Option<Result<()>>> = (0..parts.len()).map(|_| None).collect();
+    for (k, r) in done.into_iter().flatten() {
+        out[k] = Some(r);
+    }
+    out.into_iter().map(|r| r.expect("every part ran")).collect()
+}
+
+/// A part's entries as indices into its ticket's rows, checked: its ranges
+/// lie inside the block and the bags, the ticket has one row a block row,
+/// and every position reads one of the part's rows.
+fn part_index(bags: &Bags<'_>, grad: &[f32], p: &PooledPart<'_>) -> Result<Vec<u32>> {
+    let bad = |m: String| Err(TableError::InvalidArgument(m));
+    let d = p.table.dim();
+    if grad.len() != bags.outputs() * d {
+        return bad(format!(
+            "grad: expected {} values ({} pooled rows x dim {d}), got {}",
+            bags.outputs() * d,
+            bags.outputs(),
+            grad.len()
+        ));
+    }
+    let inverse = bags.inverse();
+    if p.rows.start > p.rows.end || p.rows.end > bags.rows() {
+        return bad(format!("rows {:?} are not inside the block's {} rows", p.rows, bags.rows()));
+    }
+    if p.positions.start > p.positions.end || p.positions.end > inverse.len() {
+        return bad(format!("positions {:?} are not inside the {} lookup positions", p.positions, inverse.len()));
+    }
+    if p.ticket.len() != p.rows.len() {
+        return bad(format!("the ticket holds {} rows but the part names {} block rows", p.ticket.len(), p.rows.len()));
+    }
+    let (lo, hi) = (p.rows.start as i64, p.rows.end as i64);
+    let at = &inverse[p.positions.clone()];
+    if let Some(k) = at.iter().position(|&r| r < lo || r >= hi) {
+        return bad(format!(
+            "position {} reads block row {}, not one of the part's rows {:?}",
+            p.positions.start + k,
+            at[k],
+            p.rows
+        ));
+    }
+    Ok(at.iter().map(|&r| (r - lo) as u32).collect())
 }

@@ -213,6 +213,16 @@ impl<'a> Bags<'a> {
         (src, coef)
     }
 
+    /// Every position's row of the looked-up block.
+    pub fn inverse(&self) -> &'a [i64] {
+        self.inverse
+    }
+
+    /// The number of rows of the looked-up block.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// The number of rows of the pooled output (`batch * features`).
     pub fn outputs(&self) -> usize {
         self.batch * self.features

@@ -251,3 +251,125 @@ fn one_namespace_twice_in_a_call_grows_once_and_splits_the_run() {
         }
     }
 }
+
+/// (bag lengths per feature and sample, ids per position, weights, mean).
+fn pooled_case() -> impl Strategy<Value = (usize, usize, Vec<usize>, Vec<u64>, Vec<f32>, bool, bool)> {
+    (1usize..4, 1usize..6, any::<bool>(), any::<bool>()).prop_flat_map(|(features, batch, weighted, mean)| {
+        proptest::collection::vec(0usize..4, features * batch).prop_flat_map(move |lens| {
+            let n: usize = lens.iter().sum();
+            (Just(lens), proptest::collection::vec(0u64..12, n), proptest::collection::vec(-2.0f32..2.0, n))
+                .prop_map(move |(lens, ids, w)| (features, batch, lens, ids, w, weighted, mean))
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The update fused with the pooling's backward equals the pooling's
+    /// backward into a [rows, dim] gradient followed by the deferred
+    /// update, bit for bit, for every optimizer (two namespaces of one
+    /// table: one namespace per feature, the last feature's positions in
+    /// the second).
+    #[test]
+    fn fused_update_equals_backward_then_update((features, batch, lens, ids, wts, weighted, mean) in pooled_case()) {
+        use recis_core::pipeline::{apply_pooled, PooledPart};
+        use recis_core::pool::Bags;
+        let dim = 3;
+        let mut offsets = vec![0i64];
+        for &l in &lens {
+            offsets.push(offsets[offsets.len() - 1] + l as i64);
+        }
+        // Positions of features 0..features-1 in namespace 0, the last in 1.
+        let split = offsets[(features - 1) * batch] as usize;
+        let weights = if weighted { Some(&wts[..]) } else { None };
+        let opts = [
+            SparseOptimizer::Sgd { weight_decay: 0.01 },
+            SparseOptimizer::Adagrad { lr_decay: 0.01, eps: 1e-10, initial_accumulator: 0.1, weight_decay: 0.0 },
+            SparseOptimizer::RowWiseAdagrad { eps: 1e-8, initial_accumulator: 0.0, weight_decay: 0.0 },
+            SparseOptimizer::Adam { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 },
+            SparseOptimizer::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
+        ];
+        for opt in &opts {
+            let tables = [coalesced(dim, 2, 16), coalesced(dim, 2, 16)];
+            for t in &tables {
+                t.set_slots(opt.slot_width(dim), opt.slot_init()).unwrap();
+            }
+            let mut got = Vec::new();
+            for (k, t) in tables.iter().enumerate() {
+                let reqs = [Request::new(t, 0, &ids[..split]).insert(1), Request::new(t, 1, &ids[split..]).insert(1)];
+                let block = lookup_gather(&reqs).unwrap();
+                let rows = block.values.len() / dim;
+                let bags = Bags::new(&block.inverse, &offsets, weights, mean, features, rows).unwrap();
+                let grad: Vec<f32> = (0..bags.outputs() * dim).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+                let (_, _, ticket) = &block.runs[0];
+                if k == 0 {
+                    let mut gw = vec![0.0f32; rows * dim];
+                    bags.backward(&grad, dim, &mut gw).unwrap();
+                    let index: Vec<u32> = (0..rows as u32).collect();
+                    let tickets = [ticket];
+                    let u = Update { table: t, rows: Rows::Tickets(&tickets), index: &index, grads: &gw, step: 3 };
+                    for r in apply_many(&[u], opt, 0.05) {
+                        r.unwrap();
+                    }
+                } else {
+                    let part = PooledPart {
+                        table: t, ticket, rows: 0..rows, positions: 0..ids.len(), opt, lr: 0.05, step: 3,
+                    };
+                    for r in apply_pooled(&bags, &grad, &[part]) {
+                        r.unwrap();
+                    }
+                }
+                let (keys, _rows, _ns) = t.export_entries();
+                let mut all = vec![0.0f32; keys.len() * dim];
+                t.gather(&keys, &t.lookup(&keys).unwrap(), Missing::Zeros, &mut all).unwrap();
+                got.push(all);
+            }
+            prop_assert_eq!(&got[0], &got[1], "{}", opt.name());
+        }
+    }
+}
+
+#[test]
+fn fused_update_refuses_bad_parts_and_non_finite_gradients_and_changes_nothing() {
+    use recis_core::pipeline::{apply_pooled, PooledPart};
+    use recis_core::pool::Bags;
+    let t = coalesced(2, 1, 16);
+    let sgd = SparseOptimizer::Sgd { weight_decay: 0.0 };
+    t.set_slots(sgd.slot_width(2), 0.0).unwrap();
+    let ids = [5u64, 6, 5];
+    let block = lookup_gather(&[Request::new(&t, 0, &ids).insert(1)]).unwrap();
+    let (_, _, ticket) = &block.runs[0];
+    let offsets = [0i64, 2, 3];
+    let bags = Bags::new(&block.inverse, &offsets, None, false, 1, 2).unwrap();
+    let before = block.values.clone();
+    let read = |t: &HashTable| {
+        let mut v = vec![0.0f32; 4];
+        t.gather(&[5, 6], &t.lookup(&[5, 6]).unwrap(), Missing::Zeros, &mut v).unwrap();
+        v
+    };
+    let part = |rows: std::ops::Range<usize>, positions: std::ops::Range<usize>| PooledPart {
+        table: &t,
+        ticket,
+        rows,
+        positions,
+        opt: &sgd,
+        lr: 0.1,
+        step: 1,
+    };
+    let cases: [(Vec<f32>, PooledPart, &str); 4] = [
+        (vec![1.0, f32::NAN, 0.0, 0.0], part(0..2, 0..3), "non-finite gradient NaN in row 0"),
+        (vec![1.0; 3], part(0..2, 0..3), "grad: expected 4 values"),
+        (vec![1.0; 4], part(0..1, 0..3), "the ticket holds 2 rows"),
+        (vec![1.0; 4], part(0..2, 0..4), "positions 0..4"),
+    ];
+    for (grad, p, want) in cases {
+        let e = apply_pooled(&bags, &grad, &[p]).remove(0).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+        assert_eq!(read(&t), before);
+    }
+    let huge = vec![f32::MAX / 2.0; 4];
+    let e = apply_pooled(&bags, &huge, &[part(0..2, 0..3)]).remove(0).unwrap_err().to_string();
+    assert!(e.contains("past float32's range"), "{e}");
+    assert_eq!(read(&t), before);
+}

@@ -80,6 +80,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(table::distinct_many, m)?)?;
     m.add_class::<optim::PyOptimizer>()?;
     m.add_function(wrap_pyfunction!(optim::apply_gradients_many, m)?)?;
+    m.add_function(wrap_pyfunction!(optim::apply_pooled, m)?)?;
     m.add_function(wrap_pyfunction!(pool::pool_forward, m)?)?;
     m.add_function(wrap_pyfunction!(pool::pool_backward, m)?)?;
     m.add_function(wrap_pyfunction!(features::fingerprint64, m)?)?;

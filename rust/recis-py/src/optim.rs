@@ -3,9 +3,9 @@
 
 use crate::table::{native_tables, PyHashTable, PyTicket};
 use crate::{contiguous, params, same_len, to_py, value_err};
-use numpy::{PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;
-use recis_core::pipeline::{self, Rows, Ticket, Update};
+use recis_core::pipeline::{self, PooledPart, Rows, Ticket, Update};
 use recis_core::{SparseOptimizer, TableError};
 use std::sync::Arc;
 
@@ -133,5 +133,63 @@ pub(crate) fn apply_gradients_many<'py>(
         .collect::<PyResult<_>>()?;
     let opt = &optimizer.opt;
     let done = py.detach(|| pipeline::apply_many(&updates, opt, lr));
+    Ok(done.into_iter().map(|r| r.err().map(|e| e.to_string())).collect())
+}
+
+/// `recis_core::pipeline::apply_pooled`: the optimizer update of several
+/// tables' rows of a pooled block, fused with the pooling's backward (an
+/// optimizer in backward). `grad` is the pooled output's gradient
+/// ([batch, features, dim]); the bags are those of `pool_forward` over a
+/// block of `rows` rows. Part `i`: table `tables[i]`'s ticket `tickets[i]`
+/// holds block rows `row_ranges[i]`, read by positions `positions[i]`,
+/// updated by `kernels[i]` at `lrs[i]`, step `steps[i]`. Returns one entry
+/// per part: None, or the error that left its table unchanged.
+#[pyfunction]
+#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, rows, tables, tickets, row_ranges, positions, kernels, lrs, steps))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_pooled<'py>(
+    py: Python<'py>,
+    grad: PyReadonlyArray3<'py, f32>,
+    inverse: PyReadonlyArray1<'py, i64>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    weights: Option<PyReadonlyArray1<'py, f32>>,
+    mean: bool,
+    features: usize,
+    rows: usize,
+    tables: Vec<Bound<'py, PyHashTable>>,
+    tickets: Vec<Bound<'py, PyTicket>>,
+    row_ranges: Vec<(usize, usize)>,
+    positions: Vec<(usize, usize)>,
+    kernels: Vec<Bound<'py, PyOptimizer>>,
+    lrs: Vec<f32>,
+    steps: Vec<u64>,
+) -> PyResult<Vec<Option<String>>> {
+    let n = tables.len();
+    for (len, what) in [
+        (tickets.len(), "tickets"),
+        (row_ranges.len(), "row_ranges"),
+        (positions.len(), "positions"),
+        (kernels.len(), "kernels"),
+        (lrs.len(), "lrs"),
+        (steps.len(), "steps"),
+    ] {
+        same_len(n, len, what)?;
+    }
+    let grad = grad.as_slice().map_err(|_| value_err("grad must be a contiguous float32 array".into()))?;
+    let bags = crate::pool::bags(&inverse, &offsets, &weights, mean, features, rows)?;
+    let ts = native_tables(&tables);
+    let tks: Vec<Arc<Ticket>> = tickets.iter().map(|t| t.get().ticket.clone()).collect();
+    let parts: Vec<PooledPart> = (0..n)
+        .map(|i| PooledPart {
+            table: &ts[i],
+            ticket: &tks[i],
+            rows: row_ranges[i].0..row_ranges[i].1,
+            positions: positions[i].0..positions[i].1,
+            opt: &kernels[i].get().opt,
+            lr: lrs[i],
+            step: steps[i],
+        })
+        .collect();
+    let done = py.detach(|| pipeline::apply_pooled(&bags, grad, &parts));
     Ok(done.into_iter().map(|r| r.err().map(|e| e.to_string())).collect())
 }

@@ -6,7 +6,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadwriteArr
 use pyo3::prelude::*;
 
 /// The bag layout of `pool_forward` / `pool_backward`, checked.
-fn bags<'a>(
+pub(crate) fn bags<'a>(
     inverse: &'a PyReadonlyArray1<'_, i64>,
     offsets: &'a PyReadonlyArray1<'_, i64>,
     weights: &'a Option<PyReadonlyArray1<'_, f32>>,
