@@ -4,6 +4,7 @@ own (``../shared/bench/peer_step.py``, imported, not copied): 8 features,
 batch 4096, Zipf(1.05) over 10M ids, dim 16.
 
     .venv/bin/python benches/peer_phases.py --optim adam       # phase table
+    .venv/bin/python benches/peer_phases.py --in-backward      # ... with the update fused into backward
     .venv/bin/python benches/peer_phases.py --mode lookup      # insert / hit / read-only
     .venv/bin/python benches/peer_phases.py --mode floor       # random-row bandwidth
 
@@ -38,12 +39,15 @@ def harness():
     return peer_step
 
 
-def engine_and_optimizer(ps, optim):
+def engine_and_optimizer(ps, optim, in_backward=False):
     from recis.nn import EmbeddingEngine, EmbeddingOption, UniformInit
     from recis.optim import SparseAdam, SparseRowWiseAdagrad
 
     engine = EmbeddingEngine({k: EmbeddingOption(dim=ps.DIM, initializer=UniformInit(-0.01, 0.01)) for k in ps.KEYS})
-    opt = SparseAdam(engine, lr=1e-3) if optim == "adam" else SparseRowWiseAdagrad(engine, lr=0.01)
+    if optim == "adam":
+        opt = SparseAdam(engine, lr=1e-3, in_backward=in_backward)
+    else:
+        opt = SparseRowWiseAdagrad(engine, lr=0.01, in_backward=in_backward)
     return engine, opt
 
 
@@ -56,7 +60,7 @@ def phases(ps, args):
     from recis.ragged import RaggedTensor
 
     batches = ps.make_batches(args.steps)
-    engine, sopt = engine_and_optimizer(ps, args.optim)
+    engine, sopt = engine_and_optimizer(ps, args.optim, args.in_backward)
     head, hopt = ps.dense_head()
     lossf = torch.nn.BCEWithLogitsLoss()
     names = ["stacked (lookup/insert + gather + pool)", "head + loss", "backward", "sparse step", "dense step"]
@@ -141,6 +145,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["phases", "lookup", "floor"], default="phases")
     ap.add_argument("--optim", choices=["adam", "rowwise"], default="adam")
+    ap.add_argument("--in-backward", action="store_true", help="the sparse update inside backward (fused)")
     ap.add_argument("--steps", type=int, default=112)
     ap.add_argument("--warmup", type=int, default=12)
     args = ap.parse_args()

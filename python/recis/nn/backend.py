@@ -159,7 +159,7 @@ class FusedUpdate:
     def apply(self, grad: torch.Tensor, inverse, offsets, weights, mean: bool, features: int) -> None:
         """One native call (``recis_core::pipeline::apply_pooled``) for every
         table's share of ``w``: each row's gradient summed from ``grad`` (the
-        pooled output's, [B, features, D]) and its update, in one pass.
+        pooled output's, [B, features, D]) in the core, and its update.
         Raises ValueError naming the first table that refused (it is
         unchanged); the others are updated."""
         for t in self.tables:
@@ -176,7 +176,6 @@ class FusedUpdate:
             [t.native for t, _ticket, _part in self.parts],
             [ticket for _t, ticket, _part in self.parts],
             [(lo, hi) for _t, _ticket, (_s, lo, hi, _pl, _ph) in self.parts],
-            [(plo, phi) for _t, _ticket, (_s, _lo, _hi, plo, phi) in self.parts],
             [k for k, _lr, _step, _done in targets],
             [lr for _k, lr, _step, _done in targets],
             [step for _k, _lr, step, _done in targets],

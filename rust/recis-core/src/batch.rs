@@ -51,16 +51,6 @@ impl BatchOut {
     }
 }
 
-/// The gradients of an update: `Rows`, one `dim` row per entry; or `Terms`,
-/// the pooling's backward left unexpanded (`crate::pool::Bags::terms`):
-/// entry `k`'s gradient is `coef[k] * pooled[src[k]]`, a row of the pooled
-/// output's gradient, so the update reads the pooled gradient directly.
-#[derive(Clone, Copy)]
-pub(crate) enum Grads<'a> {
-    Rows(&'a [f32]),
-    Terms { pooled: &'a [f32], src: &'a [u32], coef: &'a [f32] },
-}
-
 /// The rows an update names: `Distinct` rows never repeat (one lookup's,
 /// vouched for by a ticket), `Any` may.
 #[derive(Clone, Copy)]
@@ -481,42 +471,33 @@ impl HashTable {
         inner: &Inner,
         rows: GradRows<'_>,
         index: &[u32],
-        grads: Grads<'_>,
+        grads: &[f32],
         opt: &SparseOptimizer,
         lr: f32,
         step: u64,
     ) -> Result<()> {
         let d = self.cfg.dim;
         let (GradRows::Any(rs) | GradRows::Distinct(rs)) = rows;
+        if grads.len() != index.len() * d {
+            return invalid(format!(
+                "grads: expected {} values ({} gradient rows x dim {d}), got {}",
+                index.len() * d,
+                index.len(),
+                grads.len()
+            ));
+        }
         if let Some(k) = first_where(index, |&i| i as usize >= rs.len()) {
             return invalid(format!("index[{k}] = {} is out of range for {} rows", index[k], rs.len()));
         }
-        // The largest magnitude a row's summed gradient can reach, per unit
-        // of entries summed (checked against the largest group below).
-        let bound = match grads {
-            Grads::Rows(grads) => {
-                if grads.len() != index.len() * d {
-                    return invalid(format!(
-                        "grads: expected {} values ({} gradient rows x dim {d}), got {}",
-                        index.len() * d,
-                        index.len(),
-                        grads.len()
-                    ));
-                }
-                if let Some(bad) = first_where(grads, |g| !g.is_finite()) {
-                    let r = rs[index[bad / d] as usize];
-                    return invalid(format!(
-                        "grads: non-finite gradient {} for row {r} (gradient row {}, column {}); the table is \
-                         unchanged",
-                        grads[bad],
-                        bad / d,
-                        bad % d
-                    ));
-                }
-                None
-            }
-            Grads::Terms { pooled, src, coef } => Some(check_terms(pooled, src, coef, index.len(), d)?),
-        };
+        if let Some(bad) = first_where(grads, |g| !g.is_finite()) {
+            let r = rs[index[bad / d] as usize];
+            return invalid(format!(
+                "grads: non-finite gradient {} for row {r} (gradient row {}, column {}); the table is unchanged",
+                grads[bad],
+                bad / d,
+                bad % d
+            ));
+        }
         if !lr.is_finite() {
             return invalid(format!("lr must be finite, got {lr}"));
         }
@@ -545,17 +526,6 @@ impl HashTable {
             GradRows::Distinct(rs) => group_by_index(rs, index),
             GradRows::Any(rs) => group_by_row(rs, index),
         };
-        if let Some(per_entry) = bound {
-            // Finite terms can still sum past f32's range: refuse before
-            // anything changes (no real gradient comes near).
-            let longest = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-            if per_entry * longest as f64 >= f32::MAX as f64 {
-                return invalid(format!(
-                    "grad: a row's summed gradient could reach {:e}, past float32's range; the table is unchanged",
-                    per_entry * longest as f64
-                ));
-            }
-        }
         let width = inner.values.width();
         let values = &inner.values;
         let prepared = opt.prepare(lr, step);
@@ -570,39 +540,22 @@ impl HashTable {
                     if gi + AHEAD < end {
                         prefetch_row(values.row_ptr(targets[gi + AHEAD]), width);
                         for &k in &order[starts[gi + AHEAD]..starts[gi + AHEAD + 1]] {
-                            match grads {
-                                Grads::Rows(grads) => prefetch(&grads[k as usize * d]),
-                                Grads::Terms { pooled, src, .. } => prefetch(&pooled[src[k as usize] as usize * d]),
-                            }
+                            prefetch(&grads[k as usize * d]);
                         }
                     }
                     let span = &order[starts[gi]..starts[gi + 1]];
-                    let g: &[f32] = match grads {
-                        Grads::Rows(grads) if span.len() == 1 => {
-                            let k = span[0] as usize;
-                            &grads[k * d..(k + 1) * d]
-                        }
-                        Grads::Rows(grads) => {
-                            buf.fill(0.0);
-                            for &k in span {
-                                let k = k as usize;
-                                for (b, x) in buf.iter_mut().zip(&grads[k * d..(k + 1) * d]) {
-                                    *b += *x;
-                                }
+                    let g: &[f32] = if span.len() == 1 {
+                        let k = span[0] as usize;
+                        &grads[k * d..(k + 1) * d]
+                    } else {
+                        buf.fill(0.0);
+                        for &k in span {
+                            let k = k as usize;
+                            for (b, x) in buf.iter_mut().zip(&grads[k * d..(k + 1) * d]) {
+                                *b += *x;
                             }
-                            buf
                         }
-                        Grads::Terms { pooled, src, coef } => {
-                            // In position order, as `Bags::backward` sums.
-                            buf.fill(0.0);
-                            for &k in span {
-                                let (s, a) = (src[k as usize] as usize, coef[k as usize]);
-                                for (b, x) in buf.iter_mut().zip(&pooled[s * d..(s + 1) * d]) {
-                                    *b += a * *x;
-                                }
-                            }
-                            buf
-                        }
+                        buf
                     };
                     // SAFETY: the caller holds the exclusive guard, so no
                     // other call reads or writes rows; targets are distinct
@@ -617,52 +570,6 @@ impl HashTable {
         );
         Ok(())
     }
-}
-
-/// Checks an update's terms (see [`Grads::Terms`]) for `n` entries: every
-/// source row inside `pooled`, every factor and every pooled row read
-/// finite. Returns the largest magnitude one entry can add to a row.
-fn check_terms(pooled: &[f32], src: &[u32], coef: &[f32], n: usize, d: usize) -> Result<f64> {
-    if src.len() != n || coef.len() != n {
-        return invalid(format!("terms: {n} entries but {} sources and {} factors", src.len(), coef.len()));
-    }
-    if d == 0 || pooled.len() % d != 0 {
-        return invalid(format!("grad: {} values is not a whole number of rows of dim {d}", pooled.len()));
-    }
-    let outputs = pooled.len() / d;
-    if let Some(k) = first_where(src, |&s| s as usize >= outputs) {
-        return invalid(format!("terms: source {} of entry {k} is not one of the {outputs} pooled rows", src[k]));
-    }
-    if let Some(k) = first_where(coef, |c| !c.is_finite()) {
-        return invalid(format!("weights: non-finite factor {} at position {k}; the table is unchanged", coef[k]));
-    }
-    // Only the pooled rows some entry reads (a feature of the group that
-    // does not train may carry anything).
-    let mut read = vec![false; outputs];
-    for &s in src {
-        read[s as usize] = true;
-    }
-    let worst = pooled
-        .par_chunks(d)
-        .zip(read.par_iter())
-        .enumerate()
-        .filter(|(_, (_, &r))| r)
-        .map(|(o, (row, _))| match row.iter().position(|g| !g.is_finite()) {
-            Some(j) => Err((o, j, row[j])),
-            None => Ok(row.iter().fold(0.0f32, |m, g| m.max(g.abs()))),
-        })
-        .try_reduce(|| 0.0f32, |a, b| Ok(a.max(b)));
-    let max_grad = match worst {
-        Ok(m) => m as f64,
-        Err((o, j, g)) => {
-            return invalid(format!(
-                "grad: non-finite gradient {g} in row {o} of the pooled output's gradient (sample-major [batch, \
-                 features]), column {j}; the table is unchanged"
-            ))
-        }
-    };
-    let max_coef = coef.iter().fold(0.0f32, |m, c| m.max(c.abs())) as f64;
-    Ok(max_grad * max_coef)
 }
 
 impl Inner {

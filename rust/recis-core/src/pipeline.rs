@@ -40,7 +40,7 @@
 //! groups gradients by the linear counting sort and needs no check of its
 //! own. Rows that come from anywhere else are checked and grouped by row.
 
-use crate::batch::{BatchOut, GradRows, Grads, Prepared};
+use crate::batch::{BatchOut, GradRows, Prepared};
 use crate::optim::SparseOptimizer;
 use crate::pool::Bags;
 use crate::table::{HashTable, Inner, Missing, TableError, UniqueLookup};
@@ -345,7 +345,7 @@ fn check_ticket(t: &Ticket, table: &HashTable, inner: &Inner) -> Result<()> {
 }
 
 fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> Result<()> {
-    let grads = Grads::Rows(u.grads);
+    let grads = u.grads;
     match u.rows {
         Rows::Any(rows) => u.table.apply_locked(inner, GradRows::Any(rows), u.index, grads, opt, lr, u.step),
         Rows::Tickets(ts) => {
@@ -364,14 +364,12 @@ fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> R
 }
 
 /// One table's share of a pooled block, for [`apply_pooled`]: the block's
-/// rows `rows` are the ticket's rows, in order, and the lookup positions
-/// `positions` (of the bags' `inverse`) are the table's.
+/// rows `rows` are the ticket's rows, in order.
 #[derive(Clone)]
 pub struct PooledPart<'a> {
     pub table: &'a HashTable,
     pub ticket: &'a Ticket,
     pub rows: Range<usize>,
-    pub positions: Range<usize>,
     pub opt: &'a SparseOptimizer,
     pub lr: f32,
     pub step: u64,
@@ -379,16 +377,20 @@ pub struct PooledPart<'a> {
 
 /// The optimizer update fused with the pooling's backward (optimizer in
 /// backward): from `grad`, the gradient of the pooled output of `bags`
-/// (`[batch, features, dim]`), each part's rows get their summed gradient
-/// and their update in one pass, with no `[rows, dim]` gradient between
-/// (each entry reads its row of `grad` directly; see
-/// [`crate::pool::Bags::terms`]). One exclusive guard per table, in lock
-/// order; the tables in parallel, several parts of one table one after
-/// another. Returns each part's outcome; a part that fails leaves its table
-/// unchanged.
-pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
-    let checked: Vec<Result<Vec<u32>>> = parts.iter().map(|p| part_index(bags, grad, p)).collect();
-    let (src, coef) = bags.terms();
+/// (`[batch, features, dim]`), the summed gradient of every block row
+/// (`Bags::backward`, before any lock, into a scratch buffer of the call)
+/// and each part's update from it, under one exclusive guard per table in
+/// lock order; the tables in parallel, several parts of one table one after
+/// another. No gradient leaves the core. Returns each part's outcome; a
+/// part that fails (a non-finite row gradient, a stale ticket, ...) leaves
+/// its table unchanged.
+pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
+    let rows = bags.rows();
+    let mut gw = vec![0.0f32; rows * dim];
+    if let Err(e) = bags.backward(grad, dim, &mut gw) {
+        return parts.iter().map(|_| Err(TableError::InvalidArgument(e.clone()))).collect();
+    }
+    let checked: Vec<Result<()>> = parts.iter().map(|p| check_part(rows, dim, p)).collect();
     let order = lock_order(parts.iter().map(|p| p.table));
     let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
     // As in `apply_many`: the exclusive guards make the rows this call's.
@@ -405,11 +407,11 @@ pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], parts: &[PooledPart<'_>]) -> 
                 .map(|&k| {
                     let p = &parts[k];
                     let run = || -> Result<()> {
-                        let index = checked[k].as_ref().map_err(Clone::clone)?;
+                        checked[k].clone()?;
                         check_ticket(p.ticket, p.table, g)?;
-                        let at = p.positions.clone();
-                        let terms = Grads::Terms { pooled: grad, src: &src[at.clone()], coef: &coef[at] };
-                        p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), index, terms, p.opt, p.lr, p.step)
+                        let index: Vec<u32> = (0..p.rows.len() as u32).collect();
+                        let grads = &gw[p.rows.start * dim..p.rows.end * dim];
+                        p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), &index, grads, p.opt, p.lr, p.step)
                     };
                     (k, run())
                 })
@@ -425,39 +427,18 @@ pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], parts: &[PooledPart<'_>]) -> 
     out.into_iter().map(|r| r.expect("every part ran")).collect()
 }
 
-/// A part's entries as indices into its ticket's rows, checked: its ranges
-/// lie inside the block and the bags, the ticket has one row a block row,
-/// and every position reads one of the part's rows.
-fn part_index(bags: &Bags<'_>, grad: &[f32], p: &PooledPart<'_>) -> Result<Vec<u32>> {
+/// A part's rows lie inside the block, the ticket has one row a block row,
+/// and the table has the block's dim.
+fn check_part(rows: usize, dim: usize, p: &PooledPart<'_>) -> Result<()> {
     let bad = |m: String| Err(TableError::InvalidArgument(m));
-    let d = p.table.dim();
-    if grad.len() != bags.outputs() * d {
-        return bad(format!(
-            "grad: expected {} values ({} pooled rows x dim {d}), got {}",
-            bags.outputs() * d,
-            bags.outputs(),
-            grad.len()
-        ));
+    if p.table.dim() != dim {
+        return bad(format!("the table has dim {} but the block has dim {dim}", p.table.dim()));
     }
-    let inverse = bags.inverse();
-    if p.rows.start > p.rows.end || p.rows.end > bags.rows() {
-        return bad(format!("rows {:?} are not inside the block's {} rows", p.rows, bags.rows()));
-    }
-    if p.positions.start > p.positions.end || p.positions.end > inverse.len() {
-        return bad(format!("positions {:?} are not inside the {} lookup positions", p.positions, inverse.len()));
+    if p.rows.start > p.rows.end || p.rows.end > rows {
+        return bad(format!("rows {:?} are not inside the block's {rows} rows", p.rows));
     }
     if p.ticket.len() != p.rows.len() {
         return bad(format!("the ticket holds {} rows but the part names {} block rows", p.ticket.len(), p.rows.len()));
     }
-    let (lo, hi) = (p.rows.start as i64, p.rows.end as i64);
-    let at = &inverse[p.positions.clone()];
-    if let Some(k) = at.iter().position(|&r| r < lo || r >= hi) {
-        return bad(format!(
-            "position {} reads block row {}, not one of the part's rows {:?}",
-            p.positions.start + k,
-            at[k],
-            p.rows
-        ));
-    }
-    Ok(at.iter().map(|&r| (r - lo) as u32).collect())
+    Ok(())
 }

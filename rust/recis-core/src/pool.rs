@@ -176,43 +176,6 @@ impl<'a> Bags<'a> {
         Ok(())
     }
 
-    /// The backward as terms, for an update fused with it: for every
-    /// position `p`, the row of the pooled output's gradient it reads
-    /// (`b * features + f` of its bag) and its factor (the position's
-    /// weight times the bag's scale). The gradient of `w[r]` is
-    /// `Σ coef[p] · grad[src[p]]` over the positions `p` with
-    /// `inverse[p] = r`, summed in position order as [`Bags::backward`]
-    /// sums them.
-    pub fn terms(&self) -> (Vec<u32>, Vec<f32>) {
-        let n = self.inverse.len();
-        let (mut src, mut coef) = (vec![0u32; n], vec![0.0f32; n]);
-        let f_n = self.features;
-        // Bags are feature-major: feature f's positions are one range.
-        let mut src_rest = &mut src[..];
-        let mut coef_rest = &mut coef[..];
-        let mut parts = Vec::with_capacity(f_n);
-        for f in 0..f_n {
-            let len = (self.offsets[(f + 1) * self.batch] - self.offsets[f * self.batch]) as usize;
-            let (s, sr) = std::mem::take(&mut src_rest).split_at_mut(len);
-            let (c, cr) = std::mem::take(&mut coef_rest).split_at_mut(len);
-            parts.push((f, s, c));
-            src_rest = sr;
-            coef_rest = cr;
-        }
-        parts.into_par_iter().for_each(|(f, s, c)| {
-            let base = self.offsets[f * self.batch] as usize;
-            for b in 0..self.batch {
-                let (span, scale) = self.bag(f * self.batch + b);
-                let row = (b * f_n + f) as u32;
-                for p in span {
-                    s[p - base] = row;
-                    c[p - base] = self.weight(p) * scale;
-                }
-            }
-        });
-        (src, coef)
-    }
-
     /// Every position's row of the looked-up block.
     pub fn inverse(&self) -> &'a [i64] {
         self.inverse
@@ -343,14 +306,6 @@ mod tests {
             let grad: Vec<f32> = (0..out.len()).map(|i| (i as f32 * 0.91).cos()).collect();
             let mut gw = vec![f32::NAN; rows * dim];
             bags.backward(&grad, dim, &mut gw).unwrap();
-            // The terms, summed per row in position order, are the backward.
-            let (src, coef) = bags.terms();
-            let mut from_terms = vec![0.0f32; rows * dim];
-            for (p, &r) in inverse.iter().enumerate() {
-                let r = r as usize;
-                axpy(&mut from_terms[r * dim..(r + 1) * dim], &grad[src[p] as usize * dim..(src[p] as usize + 1) * dim], coef[p]);
-            }
-            prop_assert_eq!(&from_terms, &gw);
             for r in 0..rows {
                 for j in 0..dim {
                     let mut unit = vec![0.0f32; rows * dim];

@@ -58,7 +58,7 @@
 //! `read_rows` in `rows.rs`); the others are here.
 
 use crate::admission::{Admission, AdmissionPolicy};
-use crate::batch::{GradRows, Grads};
+use crate::batch::GradRows;
 use crate::hash::mix64;
 use crate::idmap::{Shard, EMPTY, LOOKUP_CHUNK};
 use crate::init::Initializer;
@@ -518,7 +518,7 @@ impl HashTable {
         step: u64,
     ) -> Result<()> {
         let inner = self.write();
-        self.apply_locked(&inner, GradRows::Any(rows), index, Grads::Rows(grads), opt, lr, step)
+        self.apply_locked(&inner, GradRows::Any(rows), index, grads, opt, lr, step)
     }
 
     /// A snapshot of every (id, row) pair. Read the rows with

@@ -141,11 +141,10 @@ pub(crate) fn apply_gradients_many<'py>(
 /// optimizer in backward). `grad` is the pooled output's gradient
 /// ([batch, features, dim]); the bags are those of `pool_forward` over a
 /// block of `rows` rows. Part `i`: table `tables[i]`'s ticket `tickets[i]`
-/// holds block rows `row_ranges[i]`, read by positions `positions[i]`,
-/// updated by `kernels[i]` at `lrs[i]`, step `steps[i]`. Returns one entry
+/// holds block rows `row_ranges[i]`, updated by `kernels[i]` at `lrs[i]`, step `steps[i]`. Returns one entry
 /// per part: None, or the error that left its table unchanged.
 #[pyfunction]
-#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, rows, tables, tickets, row_ranges, positions, kernels, lrs, steps))]
+#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, rows, tables, tickets, row_ranges, kernels, lrs, steps))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_pooled<'py>(
     py: Python<'py>,
@@ -159,7 +158,6 @@ pub(crate) fn apply_pooled<'py>(
     tables: Vec<Bound<'py, PyHashTable>>,
     tickets: Vec<Bound<'py, PyTicket>>,
     row_ranges: Vec<(usize, usize)>,
-    positions: Vec<(usize, usize)>,
     kernels: Vec<Bound<'py, PyOptimizer>>,
     lrs: Vec<f32>,
     steps: Vec<u64>,
@@ -168,13 +166,13 @@ pub(crate) fn apply_pooled<'py>(
     for (len, what) in [
         (tickets.len(), "tickets"),
         (row_ranges.len(), "row_ranges"),
-        (positions.len(), "positions"),
         (kernels.len(), "kernels"),
         (lrs.len(), "lrs"),
         (steps.len(), "steps"),
     ] {
         same_len(n, len, what)?;
     }
+    let dim = grad.as_array().dim().2;
     let grad = grad.as_slice().map_err(|_| value_err("grad must be a contiguous float32 array".into()))?;
     let bags = crate::pool::bags(&inverse, &offsets, &weights, mean, features, rows)?;
     let ts = native_tables(&tables);
@@ -184,12 +182,11 @@ pub(crate) fn apply_pooled<'py>(
             table: &ts[i],
             ticket: &tks[i],
             rows: row_ranges[i].0..row_ranges[i].1,
-            positions: positions[i].0..positions[i].1,
             opt: &kernels[i].get().opt,
             lr: lrs[i],
             step: steps[i],
         })
         .collect();
-    let done = py.detach(|| pipeline::apply_pooled(&bags, grad, &parts));
+    let done = py.detach(|| pipeline::apply_pooled(&bags, grad, dim, &parts));
     Ok(done.into_iter().map(|r| r.err().map(|e| e.to_string())).collect())
 }
