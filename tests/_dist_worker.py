@@ -129,6 +129,8 @@ def engine_only(out: str) -> None:
             feats = batch_rows(feats, rank * 4, rank * 4 + 4)
             targets = batch_rows(targets, rank * 4, rank * 4 + 4)
         (te.loss_of(engine(feats), targets) / len(targets["a"])).backward()
+        if in_backward:
+            assert not any(t.pending_leaves() for t in engine.tables()), "the owners updated in backward"
         opt.step()
         opt.zero_grad()
     dump(

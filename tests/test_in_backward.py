@@ -207,6 +207,7 @@ def test_lr_scheduler_drives_the_update_in_backward():
     for b in batches:
         engine_loss(engine, b).backward()
         refs_loss(refs, b).backward()
+        assert not engine.tables()[0].pending_leaves(), "updated in backward"
         for o, s in ((opt, sched), (ref_opt, ref_sched)):
             o.step()
             o.zero_grad()
@@ -232,6 +233,7 @@ def test_a_table_read_by_two_blocks_gets_one_update_as_torch():
         x = RaggedTensor.from_lengths(raw[idx], lengths)
         out = engine({"s": x, "m": x})
         ((out["s"] - target) ** 2).sum().add(((out["m"] - target) ** 2).sum()).backward()
+        assert not engine.tables()[0].pending_leaves(), "updated in backward"
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
         rs = torch.nn.functional.embedding_bag(idx, ref, offsets, mode="sum", sparse=True)
         rm = torch.nn.functional.embedding_bag(idx, ref, offsets, mode="mean", sparse=True)
@@ -241,3 +243,66 @@ def test_a_table_read_by_two_blocks_gets_one_update_as_torch():
             o.zero_grad()
     seen = torch.unique(torch.cat([b[1] for b in batches]))
     torch.testing.assert_close(engine.table("s").embeddings(raw[seen]), ref.detach()[seen], rtol=1e-5, atol=1e-5)
+
+
+def test_two_updates_without_a_step_between_are_refused():
+    """Accumulating two backwards, or backward twice through one forward,
+    cannot be an update in backward: refused, not silently wrong."""
+    x = RaggedTensor.from_lengths(torch.tensor([1, 2, 3]), torch.tensor([2, 1]))
+    # combiner "sum": the fused path; "tuple": the path through w's gradient.
+    for combiner in ("sum", "tuple"):
+        engine = EmbeddingEngine({"a": EmbeddingOption(dim=4, combiner=combiner)})
+        opt = SparseAdam(engine, in_backward=True)
+        engine({"a": x})["a"].sum().backward()
+        with pytest.raises(RuntimeError, match="already updated in backward"):
+            engine({"a": x})["a"].sum().backward()
+        opt.step()
+        opt.zero_grad()
+        out = engine({"a": x})["a"].sum()
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="already ran in backward"):
+            out.backward()
+        opt.step()
+        assert opt.state[opt.param_groups[0]["params"][0]]["step"] == 2
+
+
+def test_a_feature_left_out_of_the_loss_defers_its_table_to_step():
+    """A table whose lookups do not all get a gradient in backward waits:
+    its update runs at step, from the gradients that did arrive."""
+    engine = EmbeddingEngine({"a": EmbeddingOption(dim=4), "s": EmbeddingOption(dim=4, combiner="tuple")})
+    assert len(engine.tables()) == 1
+    opt = SparseSGD(engine, lr=0.1, in_backward=True)
+    ids = torch.tensor([1, 2, 3])
+    x = RaggedTensor.from_lengths(ids, torch.tensor([2, 1]))
+    before = engine.table("a").initial_values(ids)
+    engine({"a": x, "s": x})["a"].sum().backward()
+    torch.testing.assert_close(engine.table("a").embeddings(ids), before)  # not yet
+    opt.step()
+    torch.testing.assert_close(engine.table("a").embeddings(ids), before - 0.1)
+
+
+def test_param_groups_update_in_backward_and_a_refusal_leaves_the_other_group_updated():
+    engine = EmbeddingEngine(
+        {"a": EmbeddingOption(dim=4, combiner="tuple"), "b": EmbeddingOption(dim=4, combiner="tuple")},
+        coalesce=False,
+    )
+    ta, tb = (engine.table(f).table for f in ("a", "b"))
+    opt = SparseSGD([{"params": [ta], "lr": 0.1}, {"params": [tb], "lr": 1.0}], in_backward=True)
+    ids = torch.tensor([4, 5])
+    x = RaggedTensor.from_lengths(ids, torch.tensor([1, 1]))
+    before_a, before_b = ta.initial_values(ids), tb.initial_values(ids)
+    out = engine({"a": x, "b": x})
+    (out["a"].sum() + out["b"].sum()).backward()
+    assert not ta.pending_leaves() and not tb.pending_leaves()
+    torch.testing.assert_close(ta.embeddings(ids), before_a - 0.1)
+    torch.testing.assert_close(tb.embeddings(ids), before_b - 1.0)
+    opt.step()
+    assert [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]] == [1, 1]
+    # A NaN reaching only b's rows: b is refused and unchanged, a is updated.
+    out = engine({"a": x, "b": x})
+    with pytest.raises(ValueError, match="table 'b'"):
+        (out["a"].sum() + out["b"].sum() * float("nan")).backward()
+    torch.testing.assert_close(ta.embeddings(ids), before_a - 0.2)
+    torch.testing.assert_close(tb.embeddings(ids), before_b - 1.0)
+    opt.step()
+    assert [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]] == [2, 1]

@@ -253,3 +253,34 @@ def test_warm_start_loads_the_chosen_parts_and_starts_at_step_0(tmp_path, capsys
     args = TrainingArguments(str(tmp_path / "d"), warm_start=str(tmp_path / "nowhere"), **quiet)
     with pytest.raises(ValueError, match="nowhere: no such checkpoint"):
         Trainer(m3, args, [], dense_optimizer=de3, sparse_optimizer=sp3).train()
+
+
+def test_sparse_update_is_in_backward_only_where_nothing_needs_the_gradient(tmp_path):
+    data = [{"ids": torch.tensor([[1, 2]]), "label": torch.tensor([1.0])}]
+
+    def chosen(sparse_update="auto", opt=None, **kw):
+        m = Small()
+        sp = opt if opt is not None else SparseAdam(m, lr=0.05)
+        args = TrainingArguments(str(tmp_path / "x"), sparse_update=sparse_update, **kw)
+        Trainer(m if opt is None else opt_model[0], args, data, sparse_optimizer=sp)
+        return sp.in_backward
+
+    opt_model = [None]
+    assert chosen() is True
+    assert chosen(gradient_accumulation_steps=2) is False
+    assert chosen(mixed_precision="fp16") is False
+    assert chosen("deferred") is False
+    with pytest.raises(ValueError, match="gradient_accumulation_steps = 2"):
+        chosen("in_backward", gradient_accumulation_steps=2)
+    # The optimizer's own choice holds under "auto"; a Trainer's choice does
+    # not stick to an optimizer reused by another Trainer.
+    m = Small()
+    opt_model[0] = m
+    assert chosen(opt=SparseAdam(m, in_backward=False)) is False
+    with pytest.raises(ValueError, match="fp16 loss scaling"):
+        chosen(opt=SparseAdam(m, in_backward=True), mixed_precision="fp16")
+    reused = SparseAdam(m)
+    assert chosen(opt=reused) is True
+    assert chosen(opt=reused, gradient_accumulation_steps=2) is False
+    with pytest.raises(ValueError, match="sparse_update"):
+        TrainingArguments(str(tmp_path), sparse_update="later")

@@ -68,7 +68,8 @@ class TrainingArguments:
         end (None: if ``matplotlib`` is installed).
     progress: a progress line per log step on stdout.
     sparse_update: when the sparse optimizer updates the tables: "auto"
-        (inside backward when nothing needs the sparse gradient in between:
+        (the optimizer's own ``in_backward`` if it was given one; else
+        inside backward when nothing needs the sparse gradient in between:
         no gradient accumulation and no fp16 loss scaling; else at the
         optimizer step), "in_backward" or "deferred" (``SparseOptimizer.in_backward``).
     """
@@ -232,14 +233,15 @@ class Trainer:
         if self.scaler is not None:
             needs.append("fp16 loss scaling")
         mode = a.sparse_update
-        if mode == "auto" and needs and opt.in_backward:
-            mode = "in_backward"  # the optimizer asked for it: say why it cannot
+        asked = getattr(opt, "in_backward_requested", None)
+        if mode == "auto" and asked is not None:
+            mode = "in_backward" if asked else "deferred"  # the optimizer's own choice
         if mode == "in_backward" and needs:
             raise ValueError(
                 f"Trainer: the sparse update cannot run in backward with {' and '.join(needs)}: they need the "
                 "sparse gradient at the optimizer step (sparse_update = 'deferred', or in_backward=False)"
             )
-        opt.in_backward = mode == "in_backward" or (mode == "auto" and not needs)
+        opt._set_in_backward(mode == "in_backward" or (mode == "auto" and not needs))
 
     def _optimizer_step(self) -> None:
         distributed.average_dense_gradients(self.model.parameters())

@@ -129,16 +129,30 @@ def apply_arrived(leaf: torch.Tensor, tables: list) -> None:
     update of each of ``tables`` whose optimizer updates in backward and
     whose pending lookups all have their gradient (a table read by several
     blocks of one step waits for the last, so that each row gets one
-    update, as torch's would). When no table waits for ``leaf`` any more,
-    its gradient is dropped."""
+    update, as torch's would). The gradients it consumed are dropped (a
+    leaf keeps its gradient while a table still waits for it). A gradient
+    that arrives when no table waits for it (a second backward through
+    lookups already applied) is an error: it would be lost."""
+    if leaf.grad is None:
+        return  # nothing arrived (the fused update took the pooled gradient)
+    if not any(t.waits_for(leaf) for t in tables):
+        raise RuntimeError(
+            "in_backward: a gradient arrived for lookups whose update already ran in backward (a second backward "
+            "through the same forward); it cannot be applied: use in_backward=False to accumulate gradients"
+        )
     by_opt: dict[int, tuple] = {}
     for t in tables:
         if t.in_backward is not None and t.all_arrived():
             by_opt.setdefault(id(t.in_backward), (t.in_backward, []))[1].append(t)
-    for opt, ts in by_opt.values():
-        opt.apply_in_backward(ts)
-    if not any(t.waits_for(leaf) for t in tables):
-        leaf.grad = None
+    taken = [leaf]
+    try:
+        for opt, ts in by_opt.values():
+            taken.extend(opt.apply_in_backward(ts))
+    finally:
+        waiting = [w for t in tables for _r, w, _p in t._pending]
+        for w in taken:
+            if all(w is not x for x in waiting):
+                w.grad = None
 
 
 class FusedUpdate:
@@ -162,9 +176,9 @@ class FusedUpdate:
         pooled output's, [B, features, D]) in the core, and its update.
         Raises ValueError naming the first table that refused (it is
         unchanged); the others are updated."""
+        targets = [t.in_backward.fused_target(t) for t, _ticket, _part in self.parts]
         for t in self.tables:
             t.take_pending()
-        targets = [t.in_backward.fused_target(t) for t, _ticket, _part in self.parts]
         errors = _native.apply_pooled(
             grad.numpy(),
             inverse.numpy(),
@@ -175,7 +189,6 @@ class FusedUpdate:
             self.w.shape[0],
             [t.native for t, _ticket, _part in self.parts],
             [ticket for _t, ticket, _part in self.parts],
-            [(lo, hi) for _t, _ticket, (_s, lo, hi, _pl, _ph) in self.parts],
             [k for k, _lr, _step, _done in targets],
             [lr for _k, lr, _step, _done in targets],
             [step for _k, _lr, step, _done in targets],

@@ -55,8 +55,8 @@ class DynamicEmbedding(nn.Module):
         backend: SparseBackend | None = None,
     ):
         """``backend``: where lookups go (``recis.nn.backend``); by default
-        chosen at the first lookup: sharded over the ranks under
-        ``torchrun``, else local."""
+        this process's table (under ``torchrun``, where tables are sharded,
+        use ``EmbeddingEngine``)."""
         super().__init__()
         self.backend = backend
         if option.combiner == "tuple":
@@ -80,7 +80,13 @@ class DynamicEmbedding(nn.Module):
         train = self.training and self.option.trainable and torch.is_grad_enabled()
         missing_initial = train or self.option.eval_missing == "initial"
         if self.backend is None:
-            self.backend = default_backend()
+            backend = default_backend()
+            if backend.name != "local":
+                raise RuntimeError(
+                    f"{self.name}: DynamicEmbedding keeps its whole table in this process; under torchrun use "
+                    "EmbeddingEngine, whose tables are sharded over the ranks"
+                )
+            self.backend = backend
         block = self.backend.lookup([TableView(self.table, 0)], [ids_np], [train], [missing_initial])
         return block.w, block.inverse
 

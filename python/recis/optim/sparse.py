@@ -51,7 +51,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     kind = ""
 
-    def __init__(self, tables, defaults: dict, in_backward: bool = False):
+    def __init__(self, tables, defaults: dict, in_backward: bool | None = None):
         # Torch-style param groups: a list of dicts whose "params" are
         # tables or modules holding them; other keys override the defaults.
         specs = list(tables) if isinstance(tables, (list, tuple)) else None
@@ -92,7 +92,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                 self.tables[id(p)].attach_optimizer(kernel, self.kind)
         # Placeholders whose table was updated in backward since the last step.
         self._updated: set[int] = set()
-        self.in_backward = in_backward
+        if in_backward is not None and not isinstance(in_backward, bool):
+            raise TypeError(f"{type(self).__name__}: in_backward must be True, False or None, got {in_backward!r}")
+        # What the user asked for (None: not said; the Trainer then chooses).
+        self.in_backward_requested = in_backward
+        self._set_in_backward(bool(in_backward))
 
     @property
     def in_backward(self) -> bool:
@@ -103,14 +107,20 @@ class SparseOptimizer(torch.optim.Optimizer):
         then only advances the step counts. Use it when nothing needs the
         sparse gradient between ``backward`` and ``step``: no gradient
         accumulation (each ``backward`` is an update), no loss scaling, no
-        clipping. False (the default): gradients wait for ``step``. Applies
-        to lookups made after it is set."""
+        clipping. Two updates of a table in backward with no ``step``
+        between are refused (RuntimeError). False (the default, or None:
+        not said, which lets the ``Trainer`` choose): gradients wait for
+        ``step``. Applies to lookups made after it is set."""
         return self._in_backward
 
     @in_backward.setter
     def in_backward(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"{type(self).__name__}: in_backward must be True or False, got {on!r}")
+        self.in_backward_requested = on
+        self._set_in_backward(on)
+
+    def _set_in_backward(self, on: bool) -> None:
         self._in_backward = on
         for t in self.tables.values():
             if on:
@@ -205,25 +215,49 @@ class SparseOptimizer(torch.optim.Optimizer):
             if advance:
                 table.step += 1
 
+    def _check_once(self, p, table: HashTable) -> None:
+        if id(p) in self._updated:
+            raise RuntimeError(
+                f"{type(self).__name__}: table {table.name!r} was already updated in backward since the last step(); "
+                "with in_backward=True each backward is an update, so step() must come between two (accumulating "
+                "gradients, or a second backward through the same lookups, needs in_backward=False)"
+            )
+
     @torch.no_grad()
-    def apply_in_backward(self, tables: list[HashTable]) -> None:
+    def apply_in_backward(self, tables: list[HashTable]) -> list[torch.Tensor]:
         """Optimizer in backward: applies now the gradients that every
         pending lookup of ``tables`` has received (one native call a param
-        group). Called from ``backward`` (``recis.nn.backend``)."""
+        group). Called from ``backward`` (``recis.nn.backend``). Returns the
+        leaves of the lookups it took. Every group is tried; the first
+        refusal is raised after (a refusing table is unchanged)."""
         by_group: dict[int, tuple] = {}
         for t in tables:
-            pending = t.pending_gradients(t.take_pending())
-            if pending is None:
-                continue
             p, group = self._placement(t)
-            by_group.setdefault(id(group), (group, []))[1].append((p, t, pending))
-        for group, work in by_group.values():
-            self._apply(group, work)
+            by_group.setdefault(id(group), (group, []))[1].append((p, t))
+        leaves, failed = [], None
+        for group, members in by_group.values():
+            work = []
+            for p, t in members:
+                self._check_once(p, t)
+            for p, t in members:
+                entries = t.take_pending()
+                leaves.extend(w for _r, w, _part in entries)
+                pending = t.pending_gradients(entries)
+                if pending is not None:
+                    work.append((p, t, pending))
+            try:
+                self._apply(group, work)
+            except ValueError as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+        return leaves
 
     def fused_target(self, table: HashTable):
         """(kernel, lr, step, done) of ``table``'s next update in backward;
         ``done()`` records that it ran (``recis.nn.backend.FusedUpdate``)."""
         p, group = self._placement(table)
+        self._check_once(p, table)
         step = int(self.state[p].get("step", 0)) + 1
         return self._kernel(group), float(group["lr"]), step, lambda: self._updated.add(id(p))
 
@@ -310,7 +344,7 @@ class SparseSGD(SparseOptimizer):
 
     kind = "sgd"
 
-    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0, in_backward: bool = False):
+    def __init__(self, tables, lr: float = 0.01, weight_decay: float = 0.0, in_backward: bool | None = None):
         _check_lr(lr)
         super().__init__(tables, dict(lr=lr, weight_decay=weight_decay), in_backward)
 
@@ -332,7 +366,7 @@ class SparseAdagrad(SparseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
-        in_backward: bool = False,
+        in_backward: bool | None = None,
     ):
         _check_lr(lr)
         super().__init__(
@@ -364,7 +398,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
-        in_backward: bool = False,
+        in_backward: bool | None = None,
     ):
         _check_lr(lr)
         super().__init__(
@@ -390,7 +424,7 @@ class SparseAdam(SparseOptimizer):
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        in_backward: bool = False,
+        in_backward: bool | None = None,
     ):
         _check_lr(lr)
         super().__init__(tables, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), in_backward)
@@ -413,6 +447,6 @@ class SparseAdamW(SparseAdam):
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
-        in_backward: bool = False,
+        in_backward: bool | None = None,
     ):
         super().__init__(tables, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, in_backward=in_backward)

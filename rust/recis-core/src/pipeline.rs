@@ -46,6 +46,7 @@ use crate::pool::Bags;
 use crate::table::{HashTable, Inner, Missing, TableError, UniqueLookup};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLockReadGuard, RwLockWriteGuard};
 
 type Result<T> = std::result::Result<T, TableError>;
@@ -87,9 +88,21 @@ pub struct Ticket {
     table: u64,
     epoch: u64,
     rows: Vec<u32>,
+    /// The `lookup_gather` call (block) it came from, and its rows there.
+    block: u64,
+    at: Range<usize>,
 }
 
+/// Identity of a `lookup_gather` call's block, unique in the process.
+static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
+
 impl Ticket {
+    /// The rows of its block that are this ticket's (`rows()[k]` is block
+    /// row `block_rows().start + k`).
+    pub fn block_rows(&self) -> Range<usize> {
+        self.at.clone()
+    }
+
     pub fn rows(&self) -> &[u32] {
         &self.rows
     }
@@ -256,6 +269,15 @@ pub fn lookup_gather(reqs: &[Request<'_>]) -> Result<Block> {
             r.table.gather_live(inner[k], r.namespace, &u.ids, &u.rows, r.missing, v);
         });
         let mut runs = Vec::new();
+        let block = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
+        let starts: Vec<usize> = found
+            .iter()
+            .scan(0usize, |at, u| {
+                let lo = *at;
+                *at += u.rows.len();
+                Some(lo)
+            })
+            .collect();
         let mut k = 0;
         while k < reqs.len() {
             if reqs[k].insert.is_none() {
@@ -273,7 +295,8 @@ pub fn lookup_gather(reqs: &[Request<'_>]) -> Result<Block> {
                 end += 1;
             }
             let rows: Vec<u32> = found[k..end].iter().flat_map(|u| u.rows.iter().copied()).collect();
-            runs.push((k, end, Ticket { table: reqs[k].table.uid(), epoch: inner[k].epoch(), rows }));
+            let at = starts[k]..starts[k] + rows.len();
+            runs.push((k, end, Ticket { table: reqs[k].table.uid(), epoch: inner[k].epoch(), rows, block, at }));
             k = end;
         }
         Ok(Block { values, inverse, found, runs })
@@ -363,13 +386,12 @@ fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> R
     }
 }
 
-/// One table's share of a pooled block, for [`apply_pooled`]: the block's
-/// rows `rows` are the ticket's rows, in order.
+/// One table's share of a pooled block, for [`apply_pooled`]: a ticket of
+/// the block's `lookup_gather` (it knows its rows of the block).
 #[derive(Clone)]
 pub struct PooledPart<'a> {
     pub table: &'a HashTable,
     pub ticket: &'a Ticket,
-    pub rows: Range<usize>,
     pub opt: &'a SparseOptimizer,
     pub lr: f32,
     pub step: u64,
@@ -377,18 +399,29 @@ pub struct PooledPart<'a> {
 
 /// The optimizer update fused with the pooling's backward (optimizer in
 /// backward): from `grad`, the gradient of the pooled output of `bags`
-/// (`[batch, features, dim]`), the summed gradient of every block row
-/// (`Bags::backward`, before any lock, into a scratch buffer of the call)
-/// and each part's update from it, under one exclusive guard per table in
-/// lock order; the tables in parallel, several parts of one table one after
-/// another. No gradient leaves the core. Returns each part's outcome; a
-/// part that fails (a non-finite row gradient, a stale ticket, ...) leaves
-/// its table unchanged.
+/// (`[batch, features, dim]`) over the block of one `lookup_gather` call,
+/// the summed gradient of every block row (`Bags::backward`, before any
+/// lock, into a scratch buffer of the call) and each table's update from
+/// it, under one exclusive guard per table in lock order, the tables in
+/// parallel. A table's parts are one update (their gradients summed per
+/// row, as `apply_many` sums several tickets), so a table is updated whole
+/// or not at all. Every ticket must come from the block the bags pool.
+/// Returns each part's outcome (a table's parts share theirs); a table
+/// that fails (a non-finite row gradient, a stale ticket, ...) is
+/// unchanged. No gradient leaves the core.
 pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
     let rows = bags.rows();
+    let fail_all = |e: TableError| parts.iter().map(|_| Err(e.clone())).collect();
+    if let Some(first) = parts.first() {
+        if let Some(k) = parts.iter().position(|p| p.ticket.block != first.ticket.block) {
+            return fail_all(TableError::InvalidArgument(format!(
+                "part {k}'s ticket comes from another lookup than part 0's; a fused update takes one block's tickets"
+            )));
+        }
+    }
     let mut gw = vec![0.0f32; rows * dim];
     if let Err(e) = bags.backward(grad, dim, &mut gw) {
-        return parts.iter().map(|_| Err(TableError::InvalidArgument(e.clone()))).collect();
+        return fail_all(TableError::InvalidArgument(e));
     }
     let checked: Vec<Result<()>> = parts.iter().map(|p| check_part(rows, dim, p)).collect();
     let order = lock_order(parts.iter().map(|p| p.table));
@@ -399,46 +432,64 @@ pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPa
     for (k, p) in parts.iter().enumerate() {
         by_table[position(&order, p.table)].push(k);
     }
-    let done: Vec<Vec<(usize, Result<()>)>> = inner
+    let done: Vec<(Vec<usize>, Result<()>)> = inner
         .par_iter()
         .zip(&by_table)
+        .filter(|(_, ks)| !ks.is_empty())
         .map(|(g, ks)| {
-            ks.iter()
-                .map(|&k| {
-                    let p = &parts[k];
-                    let run = || -> Result<()> {
-                        checked[k].clone()?;
-                        check_ticket(p.ticket, p.table, g)?;
-                        let index: Vec<u32> = (0..p.rows.len() as u32).collect();
-                        let grads = &gw[p.rows.start * dim..p.rows.end * dim];
-                        p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), &index, grads, p.opt, p.lr, p.step)
-                    };
-                    (k, run())
-                })
-                .collect()
+            let run = || -> Result<()> {
+                for &k in ks {
+                    checked[k].clone()?;
+                    check_ticket(parts[k].ticket, parts[k].table, g)?;
+                }
+                let p = &parts[ks[0]];
+                if ks.iter().any(|&k| parts[k].opt != p.opt || parts[k].lr != p.lr || parts[k].step != p.step) {
+                    return Err(TableError::InvalidArgument(
+                        "the parts of one table must share its optimizer, lr and step".into(),
+                    ));
+                }
+                if let [k] = ks[..] {
+                    let at = parts[k].ticket.block_rows();
+                    let index: Vec<u32> = (0..at.len() as u32).collect();
+                    let grads = &gw[at.start * dim..at.end * dim];
+                    p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), &index, grads, p.opt, p.lr, p.step)
+                } else {
+                    // Several tickets of one table: rows may repeat; summed.
+                    let mut rs = Vec::new();
+                    let mut grads = Vec::new();
+                    for &k in ks {
+                        let at = parts[k].ticket.block_rows();
+                        rs.extend_from_slice(&parts[k].ticket.rows);
+                        grads.extend_from_slice(&gw[at.start * dim..at.end * dim]);
+                    }
+                    let index: Vec<u32> = (0..rs.len() as u32).collect();
+                    p.table.apply_locked(g, GradRows::Any(&rs), &index, &grads, p.opt, p.lr, p.step)
+                }
+            };
+            (ks.clone(), run())
         })
         .collect();
     drop(inner);
     drop(guards);
     let mut out: Vec<Option<Result<()>>> = (0..parts.len()).map(|_| None).collect();
-    for (k, r) in done.into_iter().flatten() {
-        out[k] = Some(r);
+    for (ks, r) in done {
+        for k in ks {
+            out[k] = Some(r.clone());
+        }
     }
     out.into_iter().map(|r| r.expect("every part ran")).collect()
 }
 
-/// A part's rows lie inside the block, the ticket has one row a block row,
-/// and the table has the block's dim.
+/// A part's ticket's rows lie inside the block and the table has the
+/// block's dim.
 fn check_part(rows: usize, dim: usize, p: &PooledPart<'_>) -> Result<()> {
     let bad = |m: String| Err(TableError::InvalidArgument(m));
     if p.table.dim() != dim {
         return bad(format!("the table has dim {} but the block has dim {dim}", p.table.dim()));
     }
-    if p.rows.start > p.rows.end || p.rows.end > rows {
-        return bad(format!("rows {:?} are not inside the block's {rows} rows", p.rows));
-    }
-    if p.ticket.len() != p.rows.len() {
-        return bad(format!("the ticket holds {} rows but the part names {} block rows", p.ticket.len(), p.rows.len()));
+    let at = p.ticket.block_rows();
+    if at.end > rows {
+        return bad(format!("the ticket's rows {at:?} are not inside the block's {rows} rows"));
     }
     Ok(())
 }

@@ -297,32 +297,50 @@ proptest! {
             }
             let mut got = Vec::new();
             for (k, t) in tables.iter().enumerate() {
-                let reqs = [Request::new(t, 0, &ids[..split]).insert(1), Request::new(t, 1, &ids[split..]).insert(1)];
+                // Namespace 0's ids as one request, or two (a namespace
+                // that repeats starts a second ticket of the table).
+                let half = split / 2;
+                let reqs: Vec<Request> = if split % 2 == 1 {
+                    vec![
+                        Request::new(t, 0, &ids[..half]).insert(1),
+                        Request::new(t, 0, &ids[half..split]).insert(1),
+                        Request::new(t, 1, &ids[split..]).insert(1),
+                    ]
+                } else {
+                    vec![Request::new(t, 0, &ids[..split]).insert(1), Request::new(t, 1, &ids[split..]).insert(1)]
+                };
                 let block = lookup_gather(&reqs).unwrap();
+                let tickets: Vec<&recis_core::pipeline::Ticket> = block.runs.iter().map(|r| &r.2).collect();
                 let rows = block.values.len() / dim;
                 let bags = Bags::new(&block.inverse, &offsets, weights, mean, features, rows).unwrap();
                 let grad: Vec<f32> = (0..bags.outputs() * dim).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
-                let (_, _, ticket) = &block.runs[0];
                 if k == 0 {
                     let mut gw = vec![0.0f32; rows * dim];
                     bags.backward(&grad, dim, &mut gw).unwrap();
                     let index: Vec<u32> = (0..rows as u32).collect();
-                    let tickets = [ticket];
                     let u = Update { table: t, rows: Rows::Tickets(&tickets), index: &index, grads: &gw, step: 3 };
                     for r in apply_many(&[u], opt, 0.05) {
                         r.unwrap();
                     }
                 } else {
-                    let part = PooledPart {
-                        table: t, ticket, rows: 0..rows, opt, lr: 0.05, step: 3,
-                    };
-                    for r in apply_pooled(&bags, &grad, dim, &[part]) {
+                    let parts: Vec<PooledPart> =
+                        tickets.iter().map(|ticket| PooledPart { table: t, ticket, opt, lr: 0.05, step: 3 }).collect();
+                    for r in apply_pooled(&bags, &grad, dim, &parts) {
                         r.unwrap();
                     }
                 }
-                let (keys, _rows, _ns) = t.export_entries();
-                let mut all = vec![0.0f32; keys.len() * dim];
-                t.gather(&keys, &t.lookup(&keys).unwrap(), Missing::Zeros, &mut all).unwrap();
+                // Every row of both namespaces, by (namespace, id).
+                let (keys, _rows, nss) = t.export_entries();
+                let mut all: Vec<(u32, u64, Vec<f32>)> = Vec::new();
+                for (&id, &ns) in keys.iter().zip(&nss) {
+                    let mut v = vec![0.0f32; dim];
+                    let r = t.lookup_in(ns as usize, &[id]).unwrap();
+                    t.gather_in(ns as usize, &[id], &r, Missing::Zeros, &mut v).unwrap();
+                    all.push((ns, id, v));
+                }
+                all.sort_by_key(|a| (a.0, a.1));
+                let distinct = |xs: &[u64]| xs.iter().collect::<std::collections::HashSet<_>>().len();
+                prop_assert_eq!(all.len(), distinct(&ids[..split]) + distinct(&ids[split..]));
                 got.push(all);
             }
             prop_assert_eq!(&got[0], &got[1], "{}", opt.name());
@@ -348,18 +366,25 @@ fn fused_update_refuses_bad_parts_and_non_finite_gradients_and_changes_nothing()
         t.gather(&[5, 6], &t.lookup(&[5, 6]).unwrap(), Missing::Zeros, &mut v).unwrap();
         v
     };
-    let part = |rows: std::ops::Range<usize>| PooledPart { table: &t, ticket, rows, opt: &sgd, lr: 0.1, step: 1 };
+    let part = || PooledPart { table: &t, ticket, opt: &sgd, lr: 0.1, step: 1 };
     // A finite pooled gradient whose row sums overflow is refused too.
-    let cases: [(Vec<f32>, PooledPart, &str); 5] = [
-        (vec![1.0, f32::NAN, 0.0, 0.0], part(0..2), "non-finite gradient NaN"),
-        (vec![f32::MAX; 4], part(0..2), "non-finite gradient inf"),
-        (vec![1.0; 3], part(0..2), "grad: expected 4 values"),
-        (vec![1.0; 4], part(0..1), "the ticket holds 2 rows"),
-        (vec![1.0; 4], part(1..3), "rows 1..3 are not inside"),
+    let cases: [(Vec<f32>, PooledPart, &str); 3] = [
+        (vec![1.0, f32::NAN, 0.0, 0.0], part(), "non-finite gradient NaN"),
+        (vec![f32::MAX; 4], part(), "non-finite gradient inf"),
+        (vec![1.0; 3], part(), "grad: expected 4 values"),
     ];
     for (grad, p, want) in cases {
         let e = apply_pooled(&bags, &grad, 2, &[p]).remove(0).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
         assert_eq!(read(&t), before);
     }
+    // A ticket of another lookup, or rows outside the block the bags pool.
+    let other = lookup_gather(&[Request::new(&t, 0, &[7, 8]).insert(1)]).unwrap();
+    let stranger = PooledPart { ticket: &other.runs[0].2, ..part() };
+    let e = apply_pooled(&bags, &[1.0; 4], 2, &[part(), stranger]).remove(0).unwrap_err().to_string();
+    assert!(e.contains("another lookup"), "{e}");
+    let narrow = Bags::new(&[0, 0, 0], &offsets, None, false, 1, 1).unwrap();
+    let e = apply_pooled(&narrow, &[1.0; 4], 2, &[part()]).remove(0).unwrap_err().to_string();
+    assert!(e.contains("not inside the block's 1 rows"), "{e}");
+    assert_eq!(read(&t), before);
 }

@@ -141,10 +141,10 @@ pub(crate) fn apply_gradients_many<'py>(
 /// optimizer in backward). `grad` is the pooled output's gradient
 /// ([batch, features, dim]); the bags are those of `pool_forward` over a
 /// block of `rows` rows. Part `i`: table `tables[i]`'s ticket `tickets[i]`
-/// holds block rows `row_ranges[i]`, updated by `kernels[i]` at `lrs[i]`, step `steps[i]`. Returns one entry
+/// (of that block), updated by `kernels[i]` at `lrs[i]`, step `steps[i]`. Returns one entry
 /// per part: None, or the error that left its table unchanged.
 #[pyfunction]
-#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, rows, tables, tickets, row_ranges, kernels, lrs, steps))]
+#[pyo3(signature = (grad, inverse, offsets, weights, mean, features, rows, tables, tickets, kernels, lrs, steps))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_pooled<'py>(
     py: Python<'py>,
@@ -157,19 +157,14 @@ pub(crate) fn apply_pooled<'py>(
     rows: usize,
     tables: Vec<Bound<'py, PyHashTable>>,
     tickets: Vec<Bound<'py, PyTicket>>,
-    row_ranges: Vec<(usize, usize)>,
     kernels: Vec<Bound<'py, PyOptimizer>>,
     lrs: Vec<f32>,
     steps: Vec<u64>,
 ) -> PyResult<Vec<Option<String>>> {
     let n = tables.len();
-    for (len, what) in [
-        (tickets.len(), "tickets"),
-        (row_ranges.len(), "row_ranges"),
-        (kernels.len(), "kernels"),
-        (lrs.len(), "lrs"),
-        (steps.len(), "steps"),
-    ] {
+    for (len, what) in
+        [(tickets.len(), "tickets"), (kernels.len(), "kernels"), (lrs.len(), "lrs"), (steps.len(), "steps")]
+    {
         same_len(n, len, what)?;
     }
     let dim = grad.as_array().dim().2;
@@ -178,14 +173,7 @@ pub(crate) fn apply_pooled<'py>(
     let ts = native_tables(&tables);
     let tks: Vec<Arc<Ticket>> = tickets.iter().map(|t| t.get().ticket.clone()).collect();
     let parts: Vec<PooledPart> = (0..n)
-        .map(|i| PooledPart {
-            table: &ts[i],
-            ticket: &tks[i],
-            rows: row_ranges[i].0..row_ranges[i].1,
-            opt: &kernels[i].get().opt,
-            lr: lrs[i],
-            step: steps[i],
-        })
+        .map(|i| PooledPart { table: &ts[i], ticket: &tks[i], opt: &kernels[i].get().opt, lr: lrs[i], step: steps[i] })
         .collect();
     let done = py.detach(|| pipeline::apply_pooled(&bags, grad, dim, &parts));
     Ok(done.into_iter().map(|r| r.err().map(|e| e.to_string())).collect())
