@@ -32,7 +32,12 @@ pooled gradient and the update runs from there in one native call
 ``w``. Where pooling cannot fuse (sequences, torch's ``embedding_bag``
 fallback, a block shared with deferred tables, the sharded backend), the
 update runs when ``w``'s gradient has accumulated
-(``apply_arrived``), still inside ``backward``.
+(``apply_arrived``), still inside ``backward``. A table waits for every one
+of its pending lookups: one whose output never reaches the loss defers the
+table's update to ``step``. Under ``torchrun`` an update refused inside
+backward (a non-finite gradient) raises on the owner in the middle of the
+backward's all-to-alls; torchrun then stops the other ranks (with the
+deferred update it raises after them, at ``step``).
 """
 
 from __future__ import annotations
