@@ -6,6 +6,7 @@ batch 4096, Zipf(1.05) over 10M ids, dim 16.
     .venv/bin/python benches/peer_phases.py --optim adam       # phase table
     .venv/bin/python benches/peer_phases.py --in-backward      # ... with the update fused into backward
     .venv/bin/python benches/peer_phases.py --mode lookup      # insert / hit / read-only
+    .venv/bin/python benches/peer_phases.py --mode update      # backward + update, against fused
     .venv/bin/python benches/peer_phases.py --mode floor       # random-row bandwidth
 
 ``phases`` times the harness's RecIS loop (``stacked``; loss; backward;
@@ -119,6 +120,43 @@ def lookup(ps, args):
     print(f"  {sum(sizes):,} distinct ids in the last step; {len(engine.tables()[0]):,} rows")
 
 
+def update(ps, args):
+    """The sparse update of the harness's blocks two ways, alternating step
+    by step on one table: the pooling's backward into a [rows, dim] gradient
+    then the deferred update (two native calls), against the update fused
+    into backward (one native call, ``apply_pooled``)."""
+    from recis import _native
+    from recis.nn.hash_table import lookup_gather
+
+    batches = ps.make_batches(args.steps)
+    engine, opt = engine_and_optimizer(ps, args.optim)
+    table, views = engine.tables()[0], [engine.table(k) for k in ps.KEYS]
+    kernel, n = opt._kernel(opt.param_groups[0]), len(views)
+    rng = np.random.default_rng(0)
+    spent = {"backward, then update": [], "fused update": []}
+    for i, b in enumerate(batches):
+        lens, vals = per_table(ps, b)
+        block, inverse, _sizes, runs = lookup_gather(views, [v.numpy() for v in vals], [True] * n, [True] * n)
+        offsets = np.concatenate([[0], np.cumsum(lens.reshape(-1).numpy())]).astype(np.int64)
+        grad = rng.random((ps.B, ps.NT, ps.DIM), dtype=np.float32)
+        ticket, rows = runs[0][2], block.shape[0]
+        t0 = time.perf_counter()
+        if i % 2 == 0:
+            gw = np.empty((rows, ps.DIM), np.float32)
+            _native.pool_backward(grad, inverse, offsets, None, False, ps.NT, gw)
+            _native.apply_gradients_many([table.native], [[ticket]], [np.arange(rows)], [gw], kernel, 0.01, [1])
+            key = "backward, then update"
+        else:
+            one = ([table.native], [ticket], [kernel], [0.01], [1])
+            _native.apply_pooled(grad, inverse, offsets, None, False, ps.NT, rows, *one)
+            key = "fused update"
+        if i >= args.warmup:
+            spent[key].append(time.perf_counter() - t0)
+        table.step += 1
+    for k, v in spent.items():
+        print(f"  {k:24s} {statistics.median(v) * 1e3:7.2f} ms")
+
+
 def floor(ps, args):
     rng = np.random.default_rng(0)
     rows, distinct = 2_000_000, 35_610
@@ -143,7 +181,7 @@ def floor(ps, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["phases", "lookup", "floor"], default="phases")
+    ap.add_argument("--mode", choices=["phases", "lookup", "update", "floor"], default="phases")
     ap.add_argument("--optim", choices=["adam", "rowwise"], default="adam")
     ap.add_argument("--in-backward", action="store_true", help="the sparse update inside backward (fused)")
     ap.add_argument("--steps", type=int, default=112)
@@ -155,7 +193,7 @@ def main():
         f"{args.mode} ({args.optim}), torch threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
-    {"phases": phases, "lookup": lookup, "floor": floor}[args.mode](ps, args)
+    {"phases": phases, "lookup": lookup, "update": update, "floor": floor}[args.mode](ps, args)
 
 
 if __name__ == "__main__":

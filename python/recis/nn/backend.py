@@ -154,7 +154,7 @@ def apply_arrived(leaf: torch.Tensor, tables: list) -> None:
         for opt, ts in by_opt.values():
             taken.extend(opt.apply_in_backward(ts))
     finally:
-        waiting = [w for t in tables for _r, w, _p in t._pending]
+        waiting = [w for t in tables for w in t.pending_leaves()]
         for w in taken:
             if all(w is not x for x in waiting):
                 w.grad = None

@@ -327,11 +327,19 @@ pub struct Update<'a> {
 /// table one after another. Returns each update's outcome; an update that
 /// fails leaves its table unchanged.
 pub fn apply_many(updates: &[Update<'_>], opt: &SparseOptimizer, lr: f32) -> Vec<Result<()>> {
+    apply_each(updates, |_| (opt, lr))
+}
+
+/// [`apply_many`] with each update's own optimizer and lr (`opt_of(k)`).
+fn apply_each<'o>(
+    updates: &[Update<'_>],
+    opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync,
+) -> Vec<Result<()>> {
     let order = lock_order(updates.iter().map(|u| u.table));
     let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
     // Shared references to the exclusively locked state: the tasks below
     // write rows through the table's row store, which the exclusive guard
-    // makes theirs alone.
+    // makes theirs alone. They take no lock (rule 1).
     let inner: Vec<&Inner> = guards.iter().map(|g| &**g).collect();
     let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
     for (k, u) in updates.iter().enumerate() {
@@ -340,7 +348,14 @@ pub fn apply_many(updates: &[Update<'_>], opt: &SparseOptimizer, lr: f32) -> Vec
     let done: Vec<Vec<(usize, Result<()>)>> = inner
         .par_iter()
         .zip(&by_table)
-        .map(|(g, ks)| ks.iter().map(|&k| (k, apply_one(g, &updates[k], opt, lr))).collect())
+        .map(|(g, ks)| {
+            ks.iter()
+                .map(|&k| {
+                    let (opt, lr) = opt_of(k);
+                    (k, apply_one(g, &updates[k], opt, lr))
+                })
+                .collect()
+        })
         .collect();
     drop(inner);
     drop(guards);
@@ -423,61 +438,79 @@ pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPa
     if let Err(e) = bags.backward(grad, dim, &mut gw) {
         return fail_all(TableError::InvalidArgument(e));
     }
-    let checked: Vec<Result<()>> = parts.iter().map(|p| check_part(rows, dim, p)).collect();
-    let order = lock_order(parts.iter().map(|p| p.table));
-    let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
-    // As in `apply_many`: the exclusive guards make the rows this call's.
-    let inner: Vec<&Inner> = guards.iter().map(|g| &**g).collect();
-    let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
+    // One update per table, as `apply_many` takes it: the table's tickets
+    // in order, and their rows of `gw` (a slice for one ticket, gathered
+    // for several).
+    let mut tables: Vec<&HashTable> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
     for (k, p) in parts.iter().enumerate() {
-        by_table[position(&order, p.table)].push(k);
+        match tables.iter().position(|t| std::ptr::eq(*t, p.table)) {
+            Some(i) => members[i].push(k),
+            None => {
+                tables.push(p.table);
+                members.push(vec![k]);
+            }
+        }
     }
-    let done: Vec<(Vec<usize>, Result<()>)> = inner
-        .par_iter()
-        .zip(&by_table)
-        .filter(|(_, ks)| !ks.is_empty())
-        .map(|(g, ks)| {
-            let run = || -> Result<()> {
-                for &k in ks {
-                    checked[k].clone()?;
-                    check_ticket(parts[k].ticket, parts[k].table, g)?;
-                }
-                let p = &parts[ks[0]];
-                if ks.iter().any(|&k| parts[k].opt != p.opt || parts[k].lr != p.lr || parts[k].step != p.step) {
+    let prepared: Vec<Result<Share>> = members
+        .iter()
+        .map(|ks| {
+            let p = &parts[ks[0]];
+            for &k in ks {
+                check_part(rows, dim, &parts[k])?;
+                let q = &parts[k];
+                if q.opt != p.opt || q.lr != p.lr || q.step != p.step {
                     return Err(TableError::InvalidArgument(
                         "the parts of one table must share its optimizer, lr and step".into(),
                     ));
                 }
-                if let [k] = ks[..] {
-                    let at = parts[k].ticket.block_rows();
-                    let index: Vec<u32> = (0..at.len() as u32).collect();
-                    let grads = &gw[at.start * dim..at.end * dim];
-                    p.table.apply_locked(g, GradRows::Distinct(&p.ticket.rows), &index, grads, p.opt, p.lr, p.step)
-                } else {
-                    // Several tickets of one table: rows may repeat; summed.
-                    let mut rs = Vec::new();
-                    let mut grads = Vec::new();
-                    for &k in ks {
-                        let at = parts[k].ticket.block_rows();
-                        rs.extend_from_slice(&parts[k].ticket.rows);
-                        grads.extend_from_slice(&gw[at.start * dim..at.end * dim]);
-                    }
-                    let index: Vec<u32> = (0..rs.len() as u32).collect();
-                    p.table.apply_locked(g, GradRows::Any(&rs), &index, &grads, p.opt, p.lr, p.step)
-                }
+            }
+            let tickets: Vec<&Ticket> = ks.iter().map(|&k| parts[k].ticket).collect();
+            let grads: Vec<f32> = if tickets.len() == 1 {
+                Vec::new() // `gw`'s slice, below
+            } else {
+                tickets.iter().flat_map(|t| gw[t.at.start * dim..t.at.end * dim].iter().copied()).collect()
             };
-            (ks.clone(), run())
+            let n = tickets.iter().map(|t| t.len()).sum::<usize>() as u32;
+            Ok(Share { tickets, index: (0..n).collect(), gathered: grads })
         })
         .collect();
-    drop(inner);
-    drop(guards);
+    let ready: Vec<usize> = (0..tables.len()).filter(|&i| prepared[i].is_ok()).collect();
+    let updates: Vec<Update> = ready
+        .iter()
+        .map(|&i| {
+            let Share { tickets, index, gathered } = prepared[i].as_ref().expect("ready");
+            let grads = match tickets[..] {
+                [t] => &gw[t.at.start * dim..t.at.end * dim],
+                _ => &gathered[..],
+            };
+            let p = &parts[members[i][0]];
+            Update { table: tables[i], rows: Rows::Tickets(tickets), index, grads, step: p.step }
+        })
+        .collect();
+    let done = apply_each(&updates, |u| {
+        let p = &parts[members[ready[u]][0]];
+        (p.opt, p.lr)
+    });
+    let mut outcome: Vec<Result<()>> = prepared.into_iter().map(|r| r.map(|_| ())).collect();
+    for (u, r) in done.into_iter().enumerate() {
+        outcome[ready[u]] = r;
+    }
     let mut out: Vec<Option<Result<()>>> = (0..parts.len()).map(|_| None).collect();
-    for (ks, r) in done {
-        for k in ks {
-            out[k] = Some(r.clone());
+    for (i, ks) in members.iter().enumerate() {
+        for &k in ks {
+            out[k] = Some(outcome[i].clone());
         }
     }
-    out.into_iter().map(|r| r.expect("every part ran")).collect()
+    out.into_iter().map(|r| r.expect("every part has a table")).collect()
+}
+
+/// One table's update in [`apply_pooled`]: its tickets, an identity index
+/// and, for several tickets, their rows of the block's gradient gathered.
+struct Share<'a> {
+    tickets: Vec<&'a Ticket>,
+    index: Vec<u32>,
+    gathered: Vec<f32>,
 }
 
 /// A part's ticket's rows lie inside the block and the table has the

@@ -176,11 +176,6 @@ impl<'a> Bags<'a> {
         Ok(())
     }
 
-    /// Every position's row of the looked-up block.
-    pub fn inverse(&self) -> &'a [i64] {
-        self.inverse
-    }
-
     /// The number of rows of the looked-up block.
     pub fn rows(&self) -> usize {
         self.rows
