@@ -15,7 +15,7 @@
 
 use crate::idmap::{wait_published, Partition, Probe, Shard, ABSENT, EMPTY, PENDING};
 use crate::optim::SparseOptimizer;
-use crate::rows::{prefetch, prefetch_row, prefetch_row_for_write};
+use crate::rows::{prefetch, prefetch_row_for_write};
 use crate::table::{first_where, invalid, HashTable, Inner, Result, TableError, UniqueLookup, NO_ROW};
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
@@ -468,7 +468,7 @@ impl HashTable {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn apply_locked(
         &self,
-        inner: &Inner,
+        inner: &mut Inner,
         rows: GradRows<'_>,
         index: &[u32],
         grads: &[f32],
@@ -526,49 +526,35 @@ impl HashTable {
             GradRows::Distinct(rs) => group_by_index(rs, index),
             GradRows::Any(rs) => group_by_row(rs, index),
         };
-        let width = inner.values.width();
-        let values = &inner.values;
         let prepared = opt.prepare(lr, step);
-        const CHUNK: usize = 256;
-        const AHEAD: usize = 12;
-        let groups = targets.len();
-        (0..groups.div_ceil(CHUNK)).into_par_iter().for_each_init(
+        let ahead = |gi: usize| {
+            for &k in &order[starts[gi]..starts[gi + 1]] {
+                prefetch(&grads[k as usize * d]);
+            }
+        };
+        inner.update_rows(
+            &targets,
             || vec![0.0f32; d],
-            |buf, c| {
-                let end = ((c + 1) * CHUNK).min(groups);
-                for gi in c * CHUNK..end {
-                    if gi + AHEAD < end {
-                        prefetch_row(values.row_ptr(targets[gi + AHEAD]), width);
-                        for &k in &order[starts[gi + AHEAD]..starts[gi + AHEAD + 1]] {
-                            prefetch(&grads[k as usize * d]);
+            ahead,
+            |buf, gi, row| {
+                let span = &order[starts[gi]..starts[gi + 1]];
+                let g: &[f32] = if span.len() == 1 {
+                    let k = span[0] as usize;
+                    &grads[k * d..(k + 1) * d]
+                } else {
+                    buf.fill(0.0);
+                    for &k in span {
+                        let k = k as usize;
+                        for (b, x) in buf.iter_mut().zip(&grads[k * d..(k + 1) * d]) {
+                            *b += *x;
                         }
                     }
-                    let span = &order[starts[gi]..starts[gi + 1]];
-                    let g: &[f32] = if span.len() == 1 {
-                        let k = span[0] as usize;
-                        &grads[k * d..(k + 1) * d]
-                    } else {
-                        buf.fill(0.0);
-                        for &k in span {
-                            let k = k as usize;
-                            for (b, x) in buf.iter_mut().zip(&grads[k * d..(k + 1) * d]) {
-                                *b += *x;
-                            }
-                        }
-                        buf
-                    };
-                    // SAFETY: the caller holds the exclusive guard, so no
-                    // other call reads or writes rows; targets are distinct
-                    // (see the grouping above), so no two tasks of this call
-                    // reach one row; the row's segment exists (checked
-                    // above: below the counter, under the exclusive lock).
-                    let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(targets[gi]), width) };
-                    let (w, slots) = row.split_at_mut(d);
-                    prepared.update(w, slots, g);
-                }
+                    buf
+                };
+                let (w, slots) = row.split_at_mut(d);
+                prepared.update(w, slots, g);
             },
-        );
-        Ok(())
+        )
     }
 }
 

@@ -336,17 +336,17 @@ fn apply_each<'o>(
     opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync,
 ) -> Vec<Result<()>> {
     let order = lock_order(updates.iter().map(|u| u.table));
-    let guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
-    // Shared references to the exclusively locked state: the tasks below
-    // write rows through the table's row store, which the exclusive guard
-    // makes theirs alone. They take no lock (rule 1).
-    let inner: Vec<&Inner> = guards.iter().map(|g| &**g).collect();
+    let mut guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
+    // The exclusively locked state of each table: the tasks below write its
+    // rows through the row store (`Inner::update_rows`), one task a table.
+    // They take no lock (rule 1).
+    let mut inner: Vec<&mut Inner> = guards.iter_mut().map(|g| &mut **g).collect();
     let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); order.len()];
     for (k, u) in updates.iter().enumerate() {
         by_table[position(&order, u.table)].push(k);
     }
     let done: Vec<Vec<(usize, Result<()>)>> = inner
-        .par_iter()
+        .par_iter_mut()
         .zip(&by_table)
         .map(|(g, ks)| {
             ks.iter()
@@ -382,7 +382,7 @@ fn check_ticket(t: &Ticket, table: &HashTable, inner: &Inner) -> Result<()> {
     Ok(())
 }
 
-fn apply_one(inner: &Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> Result<()> {
+fn apply_one(inner: &mut Inner, u: &Update<'_>, opt: &SparseOptimizer, lr: f32) -> Result<()> {
     let grads = u.grads;
     match u.rows {
         Rows::Any(rows) => u.table.apply_locked(inner, GradRows::Any(rows), u.index, grads, opt, lr, u.step),

@@ -10,7 +10,7 @@
 
 use crate::idmap::{NsEntry, EMPTY};
 use crate::rows::STATE;
-use crate::table::{HashTable, Inner, Result, TableError, NO_ROW};
+use crate::table::{HashTable, Result, TableError, NO_ROW};
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 
@@ -52,13 +52,10 @@ impl HashTable {
         inner.reclaim_spare();
         let d = self.cfg.dim;
         let step32 = step.min(u32::MAX as u64) as u32;
-        let meta_of = |inner: &Inner, r: u32| -> (u32, u32) {
-            let m = inner.meta.row_ptr(r);
-            // SAFETY: live row, exclusive lock held.
-            unsafe { ((*m).load(Ordering::Relaxed), (*m.add(1)).load(Ordering::Relaxed)) }
-        };
-        let doomed = |inner: &Inner, r: u32| -> bool {
-            let (freq, last) = meta_of(inner, r);
+        let mut all = inner.entries();
+        let rows = inner.exclusive();
+        let doomed = |r: u32| -> bool {
+            let (freq, last) = rows.frequency_and_last(r);
             if let Some(ttl) = policy.ttl_steps {
                 if (step32.saturating_sub(last)) as u64 > ttl {
                     return true;
@@ -70,24 +67,20 @@ impl HashTable {
                 }
             }
             if let Some(t) = policy.min_l2_norm {
-                // SAFETY: live row, exclusive lock held.
-                let w = unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), d) };
-                let n2: f32 = w.iter().map(|x| x * x).sum();
+                let n2: f32 = rows.values(r, d).iter().map(|x| x * x).sum();
                 if n2.sqrt() < t {
                     return true;
                 }
             }
             false
         };
-        let mut all = inner.entries();
-        let (mut evicted, mut kept): (Vec<NsEntry>, Vec<NsEntry>) =
-            all.drain(..).partition(|&(_, _, r)| doomed(&inner, r));
+        let (mut evicted, mut kept): (Vec<NsEntry>, Vec<NsEntry>) = all.drain(..).partition(|&(_, _, r)| doomed(r));
         if let Some(max) = policy.max_rows {
             if kept.len() > max {
                 let excess = kept.len() - max;
                 // Lower key = evicted first.
                 let key = |r: u32| -> (u64, u64) {
-                    let (freq, last) = meta_of(&inner, r);
+                    let (freq, last) = rows.frequency_and_last(r);
                     match policy.score {
                         EvictionScore::Lru => (last as u64, freq as u64),
                         EvictionScore::Lfu => (freq as u64, last as u64),
@@ -114,9 +107,7 @@ impl HashTable {
             }
         });
         for &(_, _, r) in &evicted {
-            // SAFETY: `r` was a live row; exclusive lock held; STATE is
-            // within the row's META_WIDTH words.
-            unsafe { (*inner.meta.row_ptr(r).add(STATE)).store(0, Ordering::Release) };
+            inner.meta_words(r)[STATE].store(0, Ordering::Release);
         }
         inner.epoch += 1;
         let top = *inner.free_top.get_mut();

@@ -12,14 +12,18 @@
 //! exclusive lock (its metadata words are atomics, which `touch` updates
 //! under the shared one); rows that callers name are read only once
 //! `check_live` accepts them. Each `unsafe` block says which of these it
-//! relies on. Beyond this file, row memory is reached under the exclusive
-//! lock by the optimizer update (`batch.rs`), eviction (`policy.rs`) and
-//! import (`table.rs`). The locks: `pipeline.rs`, "Lock discipline".
+//! relies on. Every read and write of row memory is here: the rest of the
+//! crate goes through safe methods. Under the exclusive guard they take
+//! `&mut Inner` as the proof that no other call reaches rows:
+//! `update_rows` (the optimizer update, which also checks that its targets
+//! are distinct), `values_mut` (import) and the read-only `Exclusive` view
+//! (eviction). Metadata words are atomics (`meta_words`). The locks:
+//! `pipeline.rs`, "Lock discipline".
 
 use crate::store::Segmented;
 use crate::table::{first_where, invalid, HashTable, Inner, Missing, Result, MAX_ROWS, NO_ROW};
 use rayon::prelude::*;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Metadata words per row: frequency, last step seen (low 32 bits), state.
 pub(crate) const META_WIDTH: usize = 3;
@@ -38,14 +42,114 @@ impl Inner {
     /// instruction per id would serialise the memory accesses of the batch.
     /// Concurrent calls touching the same id may lose one of their counts.
     pub(crate) fn touch(&self, row: u32, count: u32, step32: u32) {
-        let m = self.meta.row_ptr(row);
-        // SAFETY: published rows have their meta segment; words are atomics.
-        unsafe {
-            let f = (*m).load(Ordering::Relaxed);
-            (*m).store(f.saturating_add(count), Ordering::Relaxed);
-            if (*m.add(1)).load(Ordering::Relaxed) < step32 {
-                (*m.add(1)).store(step32, Ordering::Relaxed);
+        let m = self.meta_words(row);
+        let f = m[0].load(Ordering::Relaxed);
+        m[0].store(f.saturating_add(count), Ordering::Relaxed);
+        if m[1].load(Ordering::Relaxed) < step32 {
+            m[1].store(step32, Ordering::Relaxed);
+        }
+    }
+
+    /// A row's metadata words (frequency, last step, state). They are
+    /// atomics, readable and writable under either guard. Panics if the
+    /// row's segment does not exist (a row never handed out).
+    #[inline(always)]
+    pub(crate) fn meta_words(&self, row: u32) -> &[AtomicU32] {
+        self.meta.atomic_row(row)
+    }
+
+    /// (frequency, last step seen) of a row.
+    #[inline]
+    pub(crate) fn frequency_and_last(&self, row: u32) -> (u32, u32) {
+        let m = self.meta_words(row);
+        (m[0].load(Ordering::Relaxed), m[1].load(Ordering::Relaxed))
+    }
+
+    /// The values (embedding, then slots) of one row, to write. Exclusive:
+    /// `&mut self` is the exclusive guard's, so no other call reads or
+    /// writes rows. Panics if the row's segment does not exist.
+    pub(crate) fn values_mut(&mut self, row: u32) -> &mut [f32] {
+        let width = self.values.width();
+        let p = self.values.row_ptr(row);
+        // SAFETY: `row_ptr` points at `width` floats inside a live segment
+        // (it panics otherwise); `&mut self` excludes every other access to
+        // the store for the borrow's life (rows are reached only through
+        // `Inner`, and other threads only under a guard, which the
+        // exclusive one that gave `&mut self` excludes).
+        unsafe { std::slice::from_raw_parts_mut(p, width) }
+    }
+
+    /// A read-only view of the rows under the exclusive guard.
+    pub(crate) fn exclusive(&mut self) -> Exclusive<'_> {
+        Exclusive { inner: self }
+    }
+
+    /// Runs `f(state, k, row)` for every `targets[k]`, `row` being that
+    /// table row's values (embedding, then slots), writable; in parallel
+    /// chunks, the rows a few places ahead prefetched for writing and
+    /// `ahead(k)` called for the caller's own prefetching. Exclusive.
+    /// Refuses targets that repeat or are not rows of the table, before
+    /// anything is written.
+    pub(crate) fn update_rows<S>(
+        &mut self,
+        targets: &[u32],
+        init: impl Fn() -> S + Sync + Send,
+        ahead: impl Fn(usize) + Sync + Send,
+        f: impl Fn(&mut S, usize, &mut [f32]) + Sync + Send,
+    ) -> Result<()> {
+        self.check_rows(targets, "rows", false)?;
+        self.check_distinct(targets)?;
+        const CHUNK: usize = 256;
+        const AHEAD: usize = 12;
+        let width = self.values.width();
+        let values = &self.values;
+        let n = targets.len();
+        (0..n.div_ceil(CHUNK)).into_par_iter().for_each_init(init, |state, c| {
+            let end = ((c + 1) * CHUNK).min(n);
+            for k in c * CHUNK..end {
+                if k + AHEAD < end {
+                    prefetch_row_for_write(values.row_ptr(targets[k + AHEAD]), width);
+                    ahead(k + AHEAD);
+                }
+                // SAFETY: `&mut self` is the exclusive guard's, so no other
+                // call reads or writes rows; targets are distinct (checked
+                // above), so no two tasks of this call reach one row; each
+                // is below the counter, and under the exclusive lock no
+                // insert is in flight, so its segment exists (and
+                // `row_ptr` panics, rather than pointing at nothing, if
+                // that were ever wrong).
+                let row = unsafe { std::slice::from_raw_parts_mut(values.row_ptr(targets[k]), width) };
+                f(state, k, row);
             }
+        });
+        Ok(())
+    }
+
+    /// Errs if a row occurs twice in `rows` (all below the counter). One
+    /// bit a row in `seen`, set then cleared again.
+    fn check_distinct(&mut self, rows: &[u32]) -> Result<()> {
+        let limit = self.next_row.load(Ordering::Acquire).min(MAX_ROWS) as usize;
+        let words = limit.div_ceil(64);
+        if self.seen.len() < words {
+            self.seen.resize(words, 0);
+        }
+        let seen = &mut self.seen;
+        let mut dup = None;
+        for (k, &r) in rows.iter().enumerate() {
+            let (w, b) = (r as usize >> 6, 1u64 << (r & 63));
+            if seen[w] & b != 0 {
+                dup = Some(k);
+                break;
+            }
+            seen[w] |= b;
+        }
+        let set = dup.unwrap_or(rows.len());
+        for &r in &rows[..set] {
+            seen[r as usize >> 6] = 0;
+        }
+        match dup {
+            Some(k) => invalid(format!("rows[{k}] = {} occurs twice in one update", rows[k])),
+            None => Ok(()),
         }
     }
 
@@ -116,10 +220,8 @@ impl Inner {
     /// neither is read.
     pub(crate) fn check_live(&self, rows: &[u32], name: &str, allow_missing: bool) -> Result<()> {
         let live = |r: u32| -> bool {
-            match self.meta.try_row_ptr(r) {
-                // SAFETY: the segment exists, so the row's META_WIDTH words
-                // are allocated; they are atomics.
-                Some(m) => unsafe { (*m.add(STATE)).load(Ordering::Acquire) & LIVE != 0 },
+            match self.meta.try_atomic_row(r) {
+                Some(m) => m[STATE].load(Ordering::Acquire) & LIVE != 0,
                 None => false,
             }
         };
@@ -143,6 +245,33 @@ impl Inner {
     }
 }
 
+/// Reads of row values under the exclusive guard: made from `&mut Inner`,
+/// which it borrows for its life, so no write to any row can happen while
+/// it exists. Offers reads only.
+#[derive(Clone, Copy)]
+pub(crate) struct Exclusive<'a> {
+    inner: &'a Inner,
+}
+
+impl<'a> Exclusive<'a> {
+    /// The first `len` values of a row (`len` at most the row's width).
+    /// Panics if the row's segment does not exist.
+    pub(crate) fn values(self, row: u32, len: usize) -> &'a [f32] {
+        let width = self.inner.values.width();
+        assert!(len <= width, "{len} values asked of a row of {width}");
+        let p = self.inner.values.row_ptr(row);
+        // SAFETY: `row_ptr` points at `width >= len` floats inside a live
+        // segment (it panics otherwise); the `&mut Inner` this view borrows
+        // excludes every write to rows while the slice lives.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+
+    /// (frequency, last step seen) of a row.
+    pub(crate) fn frequency_and_last(self, row: u32) -> (u32, u32) {
+        self.inner.frequency_and_last(row)
+    }
+}
+
 impl HashTable {
     pub(crate) fn init_row(&self, inner: &Inner, row: u32, seed: u64, id: u64, count: u32, step32: u32) {
         let width = inner.values.width();
@@ -152,15 +281,12 @@ impl HashTable {
         let r = unsafe { std::slice::from_raw_parts_mut(inner.values.row_ptr(row), width) };
         self.cfg.initializer.fill(seed, id, &mut r[..self.cfg.dim]);
         r[self.cfg.dim..].fill(inner.slot_init);
-        let m = inner.meta.row_ptr(row);
-        // SAFETY: the meta segment was ensured with the row; META_WIDTH
-        // words a row. The release store of LIVE publishes the row's values
-        // to readers that check the state with an acquire load.
-        unsafe {
-            (*m).store(count, Ordering::Relaxed);
-            (*m.add(1)).store(step32, Ordering::Relaxed);
-            (*m.add(STATE)).store(LIVE, Ordering::Release);
-        }
+        let m = inner.meta_words(row);
+        m[0].store(count, Ordering::Relaxed);
+        m[1].store(step32, Ordering::Relaxed);
+        // Publishes the row's values to readers that check the state with
+        // an acquire load.
+        m[STATE].store(LIVE, Ordering::Release);
     }
 
     /// The gather of rows known to be live under the guard `inner` held
@@ -266,12 +392,7 @@ impl HashTable {
             o.copy_from_slice(unsafe { std::slice::from_raw_parts(inner.values.row_ptr(r), w) });
         });
         for (k, &r) in rows.iter().enumerate() {
-            let m = inner.meta.row_ptr(r);
-            // SAFETY: as above; meta words are atomics.
-            unsafe {
-                frequency[k] = (*m).load(Ordering::Relaxed);
-                last_step[k] = (*m.add(1)).load(Ordering::Relaxed);
-            }
+            (frequency[k], last_step[k]) = inner.frequency_and_last(r);
         }
         Ok(())
     }
@@ -313,5 +434,35 @@ pub(crate) fn prefetch_row(p: *mut f32, width: usize) {
     while off < width {
         prefetch(p.wrapping_add(off));
         off += 16;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::table::{HashTable, TableConfig};
+
+    /// The exclusive update refuses targets that repeat or are not rows,
+    /// before writing anything, and leaves its bitmap clear for the next.
+    #[test]
+    fn update_rows_refuses_repeated_and_foreign_targets() {
+        let t = HashTable::new(TableConfig::new(4)).unwrap();
+        let rows = t.lookup_or_insert(&[10, 20, 30], 0).unwrap();
+        let before: Vec<f32> = {
+            let mut inner = t.write();
+            let view = inner.exclusive();
+            rows.iter().flat_map(|&r| view.values(r, 4).to_vec()).collect()
+        };
+        let mut inner = t.write();
+        let err = inner.update_rows(&[rows[0], rows[1], rows[0]], || (), |_| {}, |_, _, r| r.fill(9.0));
+        assert!(err.unwrap_err().to_string().contains("occurs twice"));
+        let err = inner.update_rows(&[rows[2], 1000], || (), |_| {}, |_, _, r| r.fill(9.0));
+        assert!(err.unwrap_err().to_string().contains("is not a row"));
+        let view = inner.exclusive();
+        let after: Vec<f32> = rows.iter().flat_map(|&r| view.values(r, 4).to_vec()).collect();
+        assert_eq!(before, after, "a refused update wrote rows");
+        // The bitmap was cleared: the same rows, distinct, are accepted.
+        inner.update_rows(&rows, || (), |_| {}, |_, k, r| r[0] = k as f32).unwrap();
+        let view = inner.exclusive();
+        assert_eq!(rows.iter().map(|&r| view.values(r, 1)[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 2.0]);
     }
 }

@@ -146,6 +146,28 @@ impl<T: Zeroable> Segmented<T> {
     }
 }
 
+impl Segmented<std::sync::atomic::AtomicU32> {
+    /// The words of `row`, shared: they are atomics, so any thread may read
+    /// and write them through this slice. Panics, as `row_ptr` does, if the
+    /// row's segment does not exist.
+    #[inline(always)]
+    pub fn atomic_row(&self, row: u32) -> &[std::sync::atomic::AtomicU32] {
+        self.try_atomic_row(row).unwrap_or_else(|| panic!("row {row} used before its segment was allocated"))
+    }
+
+    /// [`atomic_row`](Self::atomic_row), or None if the row's segment does
+    /// not exist yet.
+    #[inline(always)]
+    pub fn try_atomic_row(&self, row: u32) -> Option<&[std::sync::atomic::AtomicU32]> {
+        let p = self.try_row_ptr(row)?;
+        // SAFETY: `try_row_ptr` points at `width` initialised (zeroed, then
+        // only atomically written) words inside a segment that lives until
+        // the store is dropped, which the borrow of `self` outlives; atomics
+        // may be shared between threads.
+        Some(unsafe { std::slice::from_raw_parts(p, self.width) })
+    }
+}
+
 impl<T: Zeroable> Drop for Segmented<T> {
     fn drop(&mut self) {
         for seg in 0..MAX_SEGMENTS {

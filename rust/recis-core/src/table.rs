@@ -229,6 +229,9 @@ pub(crate) struct Inner {
     /// Bumped by every exclusive operation that frees or replaces rows
     /// (eviction, clear): a ticket's rows are live while it matches.
     pub(crate) epoch: u64,
+    /// One bit a row, all clear between calls: the exclusive update's check
+    /// that its target rows are distinct (`rows.rs`, `update_rows`).
+    pub(crate) seen: Vec<u64>,
 }
 
 /// See the module docs. Its methods lock the table at their top: call them
@@ -294,6 +297,7 @@ impl HashTable {
             free_top: AtomicUsize::new(0),
             spare: Mutex::new(Vec::new()),
             epoch: 0,
+            seen: Vec::new(),
         };
         let uid = NEXT_TABLE_UID.fetch_add(1, Ordering::Relaxed);
         Ok(HashTable { cfg, seeds, salts, admission, uid, ns_shards: per_ns, shard_shift, inner: RwLock::new(inner) })
@@ -517,8 +521,8 @@ impl HashTable {
         lr: f32,
         step: u64,
     ) -> Result<()> {
-        let inner = self.write();
-        self.apply_locked(&inner, GradRows::Any(rows), index, grads, opt, lr, step)
+        let mut inner = self.write();
+        self.apply_locked(&mut inner, GradRows::Any(rows), index, grads, opt, lr, step)
     }
 
     /// A snapshot of every (id, row) pair. Read the rows with
@@ -604,15 +608,11 @@ impl HashTable {
                     row
                 }
             };
-            // SAFETY: exclusive lock held; row exists (found or allocated).
-            unsafe {
-                std::slice::from_raw_parts_mut(inner.values.row_ptr(row), w)
-                    .copy_from_slice(&values[k * w..(k + 1) * w]);
-                let m = inner.meta.row_ptr(row);
-                (*m).store(frequency[k], Ordering::Relaxed);
-                (*m.add(1)).store(last_step[k], Ordering::Relaxed);
-                (*m.add(STATE)).store(LIVE, Ordering::Release);
-            }
+            inner.values_mut(row).copy_from_slice(&values[k * w..(k + 1) * w]);
+            let m = inner.meta_words(row);
+            m[0].store(frequency[k], Ordering::Relaxed);
+            m[1].store(last_step[k], Ordering::Relaxed);
+            m[STATE].store(LIVE, Ordering::Release);
         }
         Ok(())
     }
