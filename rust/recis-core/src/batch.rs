@@ -520,8 +520,8 @@ impl HashTable {
         // Groups of gradient rows with one target row each: `order` lists
         // gradient rows group by group, `targets[g]` is group g's table row
         // and `starts[g]..starts[g + 1]` its span in `order`. Targets are
-        // distinct either way: `Distinct` rows come from one lookup (a
-        // ticket the caller verified), others are grouped by row.
+        // distinct either way (`Distinct` rows come from one lookup, others
+        // are grouped by row); `update_rows` checks it before writing.
         let (order, starts, targets) = match rows {
             GradRows::Distinct(rs) => group_by_index(rs, index),
             GradRows::Any(rs) => group_by_row(rs, index),

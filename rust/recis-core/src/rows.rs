@@ -86,7 +86,7 @@ impl Inner {
 
     /// Runs `f(state, k, row)` for every `targets[k]`, `row` being that
     /// table row's values (embedding, then slots), writable; in parallel
-    /// chunks, the rows a few places ahead prefetched for writing and
+    /// chunks, the rows a few places ahead prefetched and
     /// `ahead(k)` called for the caller's own prefetching. Exclusive.
     /// Refuses targets that repeat or are not rows of the table, before
     /// anything is written.
@@ -108,7 +108,7 @@ impl Inner {
             let end = ((c + 1) * CHUNK).min(n);
             for k in c * CHUNK..end {
                 if k + AHEAD < end {
-                    prefetch_row_for_write(values.row_ptr(targets[k + AHEAD]), width);
+                    prefetch_row(values.row_ptr(targets[k + AHEAD]), width);
                     ahead(k + AHEAD);
                 }
                 // SAFETY: `&mut self` is the exclusive guard's, so no other
