@@ -17,8 +17,9 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from recis import _native  # noqa: E402
+from recis._native import DataError  # noqa: E402
 from recis.ragged import RaggedTensor, from_keyed_jagged, to_keyed_jagged  # noqa: E402
 
 __version__ = _native.__version__
 
-__all__ = ["RaggedTensor", "__version__", "from_keyed_jagged", "to_keyed_jagged"]
+__all__ = ["DataError", "RaggedTensor", "__version__", "from_keyed_jagged", "to_keyed_jagged"]

@@ -17,6 +17,14 @@ reads them, and do not truncate or rewrite a file a reader has open (as
 with any memory-mapped reader, a file that shrinks under the map ends the
 process with SIGBUS).
 
+A malformed file (corrupt, truncated, hostile: sizes it declares that do
+not fit the file, a decompression bomb, a schema that loops) raises
+``recis.DataError`` (a ``ValueError``) naming the file, and the stripe and
+column where known. What a file may make a read allocate is bounded:
+``max_stripe_rows`` rows a stripe may declare (default 2**27),
+``max_stripe_bytes`` bytes its streams may inflate to (2**31), and
+``max_list_elements`` elements of one list column in one batch (2**27).
+
 ``state_dict()`` is the position after the last batch handed out — epoch,
 unit and row — as plain JSON-able values; a dataset that loads it resumes at
 the next unread sample.
@@ -78,6 +86,9 @@ class OrcDataset(IterableDataset):
         worker_num: int | None = None,
         pin_memory: bool = False,
         device=None,
+        max_stripe_rows: int = 1 << 27,
+        max_stripe_bytes: int = 1 << 31,
+        max_list_elements: int = 1 << 27,
     ):
         super().__init__()
         if isinstance(paths, (str, os.PathLike)):
@@ -92,7 +103,12 @@ class OrcDataset(IterableDataset):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"OrcDataset: columns requested twice: {dup}")
-        self.source = _native.OrcSource(paths, [(c.name, c.hash, c.bucket) for c in self.columns])
+        limits = (max_stripe_rows, max_stripe_bytes, max_list_elements)
+        if not all(isinstance(x, int) and x >= 1 for x in limits):
+            raise ValueError(
+                f"OrcDataset: max_stripe_rows, max_stripe_bytes, max_list_elements must be ints >= 1: {limits}"
+            )
+        self.source = _native.OrcSource(paths, [(c.name, c.hash, c.bucket) for c in self.columns], limits)
         rank, world = _default_worker()
         self.worker_idx = rank if worker_idx is None else worker_idx
         self.worker_num = world if worker_num is None else worker_num

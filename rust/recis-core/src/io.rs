@@ -18,6 +18,8 @@
 pub use crate::column::{Column, Values};
 use crate::features::fingerprint64;
 use crate::orc_decode;
+use crate::orc_guard;
+pub use crate::orc_guard::Limits;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type};
 use bytes::Buf;
@@ -33,12 +35,26 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+/// What went wrong in a read: the data (a file that cannot be opened, is
+/// malformed, lacks a column or holds another type: the message names the
+/// file, and the stripe and column where known), or the caller's arguments.
 #[derive(Debug, Clone, PartialEq)]
-pub struct IoError(pub String);
+pub enum IoError {
+    Data(String),
+    Usage(String),
+}
+
+impl IoError {
+    pub fn message(&self) -> &str {
+        match self {
+            IoError::Data(m) | IoError::Usage(m) => m,
+        }
+    }
+}
 
 impl fmt::Display for IoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.message())
     }
 }
 
@@ -50,8 +66,24 @@ type Result<T> = std::result::Result<T, IoError>;
 type Decoded = Result<VecDeque<Chunk>>;
 
 fn err<T>(msg: impl Into<String>) -> Result<T> {
-    Err(IoError(msg.into()))
+    Err(IoError::Data(msg.into()))
 }
+
+fn usage<T>(msg: impl Into<String>) -> Result<T> {
+    Err(IoError::Usage(msg.into()))
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown failure")
+}
+
+/// Decoding threads a reader may start.
+pub const MAX_THREADS: usize = 256;
 
 /// The element type of a column, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,22 +174,34 @@ pub struct Source {
     pub types: Vec<ColumnType>,
     /// Every stripe of every file, in file order (zero-row files have none).
     pub units: Vec<Unit>,
+    /// What a file may make a read allocate.
+    pub limits: Limits,
 }
 
 impl Source {
     pub fn open(files: &[PathBuf], columns: &[ColumnRequest]) -> Result<Source> {
+        Source::open_with_limits(files, columns, Limits::default())
+    }
+
+    /// Opens the files, checking each one's tail (`orc_guard::read_tail`)
+    /// before orc-rust reads its schema.
+    pub fn open_with_limits(files: &[PathBuf], columns: &[ColumnRequest], limits: Limits) -> Result<Source> {
         if files.is_empty() {
-            return err("no ORC files to read");
+            return usage("no ORC files to read");
         }
         if columns.is_empty() {
-            return err("no columns requested");
+            return usage("no columns requested");
         }
         let mut types: Vec<Option<(ColumnType, usize)>> = vec![None; columns.len()];
         let mut units = Vec::new();
         for (fi, path) in files.iter().enumerate() {
-            let file = File::open(path).map_err(|e| IoError(format!("{}: cannot open: {e}", path.display())))?;
-            let builder = ArrowReaderBuilder::try_new(file)
-                .map_err(|e| IoError(format!("{}: not a readable ORC file: {e}", path.display())))?;
+            let file =
+                MappedFile::open(path).map_err(|e| IoError::Data(format!("{}: cannot open: {e}", path.display())))?;
+            let bad = |e: &dyn fmt::Display| IoError::Data(format!("{}: not a readable ORC file: {e}", path.display()));
+            orc_guard::read_tail(&file.0, &limits).map_err(|e| bad(&e))?;
+            let builder = std::panic::catch_unwind(|| ArrowReaderBuilder::try_new(file))
+                .map_err(|p| bad(&format!("the ORC reader failed ({})", panic_message(&*p))))?
+                .map_err(|e| bad(&e))?;
             let meta = builder.file_metadata();
             if meta.number_of_rows() == 0 {
                 continue;
@@ -166,10 +210,10 @@ impl Source {
             for (ci, c) in columns.iter().enumerate() {
                 let field = schema.field_with_name(&c.name).map_err(|_| {
                     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                    IoError(format!("{}: column {:?} not found (columns: {names:?})", path.display(), c.name))
+                    IoError::Data(format!("{}: column {:?} not found (columns: {names:?})", path.display(), c.name))
                 })?;
                 let ty = column_type_of(field.data_type()).ok_or_else(|| {
-                    IoError(format!(
+                    IoError::Data(format!(
                         "{}: column {:?} has type {} which RecIS cannot read (ints, floats, booleans, strings and lists of them)",
                         path.display(),
                         c.name,
@@ -206,7 +250,7 @@ impl Source {
             Some(t) => t.into_iter().map(|(t, _)| t).collect(),
             None => return err("every ORC file is empty: there are no rows to read"),
         };
-        Ok(Source { files: files.to_vec(), columns: columns.to_vec(), types, units })
+        Ok(Source { files: files.to_vec(), columns: columns.to_vec(), types, units, limits })
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -224,11 +268,7 @@ impl Source {
         {
             Ok(r) => r,
             Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown failure");
+                let msg = panic_message(&*panic);
                 err(format!(
                     "{} (stripe {}): the ORC decoder failed ({msg}); the file is corrupt",
                     self.files[unit.file].display(),
@@ -240,16 +280,17 @@ impl Source {
 
     fn decode_unguarded(&self, unit: &Unit, skip: u64, first: usize, chunk: usize) -> Result<Vec<Chunk>> {
         let path = &self.files[unit.file];
-        let ctx = |e: &dyn fmt::Display| IoError(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
+        let ctx = |e: &dyn fmt::Display| IoError::Data(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
         let mut file = MappedFile::open(path).map_err(|e| ctx(&e))?;
+        let tail = orc_guard::read_tail(&file.0, &self.limits).map_err(|e| ctx(&e))?;
         let meta = orc_rust::reader::metadata::read_metadata(&mut file).map_err(|e| ctx(&e))?;
         let stripe = meta
             .stripe_metadatas()
-            .iter()
-            .find(|s| s.offset() == unit.offset)
+            .get(unit.stripe)
+            .filter(|s| s.offset() == unit.offset && s.number_of_rows() == unit.rows)
             .ok_or_else(|| ctx(&"no stripe starts where the plan says; the file changed since it was opened"))?;
-        let footer_bytes = file.get_bytes(stripe.footer_offset(), stripe.footer_length()).map_err(|e| ctx(&e))?;
-        let footer = orc_decode::read_footer(footer_bytes, meta.compression()).map_err(|e| ctx(&e))?;
+        let footer = orc_guard::check_stripe(&file.0, &tail, unit.stripe, &self.limits).map_err(|e| ctx(&e))?;
+        let mut budget = self.limits.max_stripe_bytes;
         // Columns our decoder takes in this stripe, and the rest.
         let mut fast = Vec::new();
         let mut slow = Vec::new();
@@ -269,19 +310,30 @@ impl Source {
                 _ => slow.push(i),
             }
         }
-        let mut sizes = Vec::new();
+        // The chunks' sizes: `first` rows, then `chunk` each.
         let mut left = unit.rows.saturating_sub(skip) as usize;
         let mut want = first.max(1);
-        while left > 0 {
+        let sizes = std::iter::from_fn(|| {
             let n = want.min(left);
-            sizes.push(n);
             left -= n;
             want = chunk.max(1);
-        }
+            (n > 0).then_some(n)
+        });
         let mem = file.0.clone();
+        let ids_of = |dt: &orc_rust::schema::DataType| dt.all_indices();
         let mut slow_chunks = if slow.is_empty() {
             None
         } else {
+            let ids: Vec<usize> = slow
+                .iter()
+                .filter_map(|&i| {
+                    let name = &self.columns[i].name;
+                    meta.root_data_type().children().iter().find(|c| c.name() == name)
+                })
+                .flat_map(|c| ids_of(c.data_type()))
+                .collect();
+            orc_guard::check_inflated(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget)
+                .map_err(|e| ctx(&e))?;
             Some(self.decode_orc_rust(file, &slow, unit, skip, first, chunk).map_err(|e| ctx(&e))?.into_iter())
         };
         let mut decoders = Vec::new();
@@ -290,11 +342,11 @@ impl Source {
                 .iter()
                 .flat_map(|(_, dt, _)| std::iter::once(dt.column_index()).chain(dt.children_indices()))
                 .collect();
-            let streams = orc_decode::Streams::new(&mem, stripe.offset(), &footer, &ids, meta.compression())
+            let streams = orc_decode::Streams::new(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget)
                 .map_err(|e| ctx(&e))?;
             for (i, dt, leaf) in &fast {
                 let name = &self.columns[*i].name;
-                let d = orc_decode::ColumnDecoder::new(dt, *leaf, &streams)
+                let d = orc_decode::ColumnDecoder::new(dt, *leaf, &streams, self.limits.max_list_elements)
                     .map_err(|e| ctx(&format!("column {name:?}: {e}")))?;
                 decoders.push((*i, d));
             }
@@ -307,8 +359,8 @@ impl Source {
                 left -= n;
             }
         }
-        let mut chunks = Vec::with_capacity(sizes.len());
-        for &rows in &sizes {
+        let mut chunks = Vec::new();
+        for rows in sizes {
             let mut columns: Vec<Option<Column>> = vec![None; self.columns.len()];
             if let Some(it) = &mut slow_chunks {
                 let c = it
@@ -651,10 +703,10 @@ impl Reader {
         prefetch: usize,
     ) -> Result<Reader> {
         if batch_size == 0 {
-            return err("batch_size must be >= 1");
+            return usage("batch_size must be >= 1");
         }
         if start.unit > plan.len() || (start.unit < plan.len() && start.row > plan[start.unit].rows) {
-            return err(format!(
+            return usage(format!(
                 "cursor (unit {}, row {}) is outside this worker's plan of {} units",
                 start.unit,
                 start.row,
@@ -678,9 +730,13 @@ impl Reader {
         });
         let next = Arc::new(AtomicUsize::new(start.unit));
         let (tx, rx) = mpsc::channel();
-        let window = prefetch.max(1);
-        let threads = (0..num_threads.max(1))
-            .map(|_| {
+        if !(1..=MAX_THREADS).contains(&num_threads) {
+            return usage(format!("num_threads must be in 1..={MAX_THREADS}, got {num_threads}"));
+        }
+        let window = prefetch.clamp(1, 1 << 16);
+        let mut threads = Vec::with_capacity(num_threads);
+        for k in 0..num_threads {
+            let spawned = {
                 let (source, plan, shared, next, tx, before) = (
                     Arc::clone(&source),
                     Arc::clone(&plan),
@@ -689,7 +745,7 @@ impl Reader {
                     tx.clone(),
                     Arc::clone(&before),
                 );
-                std::thread::spawn(move || loop {
+                std::thread::Builder::new().name(format!("recis-orc-{k}")).spawn(move || loop {
                     let i = next.fetch_add(1, Ordering::AcqRel);
                     if i >= plan.len() {
                         return;
@@ -712,8 +768,20 @@ impl Reader {
                         return;
                     }
                 })
-            })
-            .collect();
+            };
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Stop (and join, in Drop) the threads already started.
+                    shared.stop.store(true, Ordering::Release);
+                    shared.progress.notify_all();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return usage(format!("cannot start ORC decoding thread {k} of {num_threads}: {e}"));
+                }
+            }
+        }
         Ok(Reader {
             plan,
             batch_size,
@@ -854,10 +922,10 @@ impl Drop for Reader {
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
-        let meta = std::fs::metadata(p).map_err(|e| IoError(format!("{}: cannot read: {e}", p.display())))?;
+        let meta = std::fs::metadata(p).map_err(|e| IoError::Data(format!("{}: cannot read: {e}", p.display())))?;
         if meta.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|e| IoError(format!("{}: cannot list: {e}", p.display())))?
+                .map_err(|e| IoError::Data(format!("{}: cannot list: {e}", p.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|x| x == "orc") && f.is_file())
                 .collect();

@@ -14,6 +14,7 @@ pub mod init;
 pub mod io;
 pub mod optim;
 mod orc_decode;
+pub mod orc_guard;
 pub mod pipeline;
 mod policy;
 pub mod pool;

@@ -8,7 +8,7 @@
 //! most of the decoding time (`benches/orc_reader.py`, BENCHMARKS.md). Here
 //! the streams of an uncompressed file are slices of the memory-mapped file
 //! and the decoders work on byte slices. Compressed streams are inflated
-//! once with `orc-rust`'s decompressor.
+//! once, within bounds, by `orc_guard::inflate`.
 //!
 //! Everything else (strings, booleans, tinyints, RLE v1 and dictionary
 //! encodings) stays with `orc-rust`: [`Source::decode`](crate::io::Source)
@@ -20,14 +20,13 @@
 //! out-of-bounds read.
 
 use crate::column::{Column, Values};
+use crate::orc_guard::{inflate, Compression};
 use bytes::Bytes;
-use orc_rust::compression::{Compression, Decompressor};
 use orc_rust::proto::column_encoding::Kind as EncodingKind;
 use orc_rust::proto::stream::Kind as StreamKind;
 use orc_rust::proto::StripeFooter;
 use orc_rust::schema::DataType;
 use std::collections::HashMap;
-use std::io::Read;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -63,38 +62,23 @@ pub(crate) fn fast_kind(dt: &DataType, footer: &StripeFooter) -> Option<(Leaf, b
     }
 }
 
-/// The stripe footer, read from `bytes` (compressed like the streams).
-pub(crate) fn read_footer(bytes: Bytes, compression: Option<Compression>) -> Result<StripeFooter> {
-    use prost::Message;
-    let raw = inflate(bytes, compression)?;
-    StripeFooter::decode(raw).map_err(|e| format!("stripe footer: {e}"))
-}
-
-fn inflate(bytes: Bytes, compression: Option<Compression>) -> Result<Bytes> {
-    if compression.is_none() {
-        return Ok(bytes);
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3);
-    Decompressor::new(bytes, compression, Vec::new()).read_to_end(&mut out).map_err(|e| e.to_string())?;
-    Ok(out.into())
-}
-
-/// The streams of one stripe, by (column, kind): slices of `file` (inflated
-/// when the file is compressed).
+/// The streams of one stripe, by (column, kind): slices of `file`, or
+/// inflated within the stripe's budget when the file is compressed.
 pub(crate) struct Streams {
     map: HashMap<(u32, i32), Bytes>,
-    compression: Option<Compression>,
 }
 
 impl Streams {
-    /// `file` holds the whole file; `offset` is the stripe's; only the
-    /// streams of `columns` are kept.
+    /// `file` holds the whole file; `offset` is the stripe's, whose footer
+    /// `orc_guard::check_stripe` has checked; only the streams of `columns`
+    /// are kept.
     pub(crate) fn new(
         file: &Bytes,
         offset: u64,
         footer: &StripeFooter,
         columns: &[usize],
         compression: Option<Compression>,
+        budget: &mut u64,
     ) -> Result<Streams> {
         let mut map = HashMap::new();
         let mut at = offset;
@@ -104,22 +88,21 @@ impl Streams {
                 format!("a stream of column {} runs past the end of the file ({at}+{len} bytes)", s.column())
             })?;
             if columns.contains(&(s.column() as usize)) {
-                map.insert((s.column(), s.kind.unwrap_or(-1)), file.slice(at as usize..end as usize));
+                let raw = file.slice(at as usize..end as usize);
+                let data = inflate(&raw, compression, budget).map_err(|e| format!("column {}: {e}", s.column()))?;
+                map.insert((s.column(), s.kind.unwrap_or(-1)), data);
             }
             at = end;
         }
-        Ok(Streams { map, compression })
+        Ok(Streams { map })
     }
 
-    fn get(&self, column: usize, kind: StreamKind) -> Result<Option<Bytes>> {
-        match self.map.get(&(column as u32, kind as i32)) {
-            Some(b) => inflate(b.clone(), self.compression).map(Some),
-            None => Ok(None),
-        }
+    fn get(&self, column: usize, kind: StreamKind) -> Option<Bytes> {
+        self.map.get(&(column as u32, kind as i32)).cloned()
     }
 
     fn need(&self, column: usize, kind: StreamKind) -> Result<Bytes> {
-        self.get(column, kind)?.ok_or_else(|| format!("column {column} has no {} stream", kind.as_str_name()))
+        self.get(column, kind).ok_or_else(|| format!("column {column} has no {} stream", kind.as_str_name()))
     }
 }
 
@@ -129,16 +112,18 @@ pub(crate) struct ColumnDecoder {
     /// List columns: the lengths and the element's own present stream.
     lengths: Option<(RleV2, Option<BoolRle>)>,
     leaf: LeafDecoder,
+    /// List elements one read may return.
+    max_elements: u64,
 }
 
 impl ColumnDecoder {
-    pub(crate) fn new(dt: &DataType, leaf: Leaf, streams: &Streams) -> Result<ColumnDecoder> {
+    pub(crate) fn new(dt: &DataType, leaf: Leaf, streams: &Streams, max_elements: u64) -> Result<ColumnDecoder> {
         let id = dt.column_index();
-        let present = streams.get(id, StreamKind::Present)?.map(BoolRle::new);
+        let present = streams.get(id, StreamKind::Present).map(BoolRle::new);
         let (lengths, leaf_id) = match dt {
             DataType::List { child, .. } => {
                 let lengths = RleV2::new(streams.need(id, StreamKind::Length)?, false);
-                let child_present = streams.get(child.column_index(), StreamKind::Present)?.map(BoolRle::new);
+                let child_present = streams.get(child.column_index(), StreamKind::Present).map(BoolRle::new);
                 (Some((lengths, child_present)), child.column_index())
             }
             _ => (None, id),
@@ -149,7 +134,7 @@ impl ColumnDecoder {
             Leaf::Float32 => LeafDecoder::Float32(Raw::new(data)),
             Leaf::Float64 => LeafDecoder::Float64(Raw::new(data)),
         };
-        Ok(ColumnDecoder { present, lengths, leaf })
+        Ok(ColumnDecoder { present, lengths, leaf, max_elements })
     }
 
     /// The next `rows` rows. Nulls read as 0 (ints), NaN (floats) and []
@@ -176,6 +161,12 @@ impl ColumnDecoder {
                             return Err(format!("negative list length {n}"));
                         }
                         total = total.checked_add(n).ok_or("list lengths overflow")?;
+                        if total as u64 > self.max_elements {
+                            return Err(format!(
+                                "{rows} rows of a list column hold more than {} elements (the max_list_elements limit)",
+                                self.max_elements
+                            ));
+                        }
                     }
                     offsets.push(total);
                 }
@@ -473,7 +464,7 @@ impl RleV2 {
         values.clear();
         self.src.unpack(len, width, &mut values)?;
         let entry_width = closest_fixed_bits(patch_width + gap_width);
-        if entry_width > 64 || patch_width >= 64 {
+        if patch_width + gap_width > 64 || patch_width + width > 64 {
             return Err(format!("a patched-base run has patch width {patch_width} and gap width {gap_width}"));
         }
         let mut list = Vec::with_capacity(patches);

@@ -1,17 +1,34 @@
 //! ORC reading: a dataset's files (`OrcSource`) and its readers
 //! (`OrcReader`), `recis_core::io`.
 
-use crate::value_err;
+use crate::{value_err, DataError};
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::sync::Arc;
 
-use recis_core::io::{self as rio, ColumnRequest, Cursor, Element, Values};
+use recis_core::io::{self as rio, ColumnRequest, Cursor, Element, Limits, Values};
 use std::path::PathBuf;
 
 fn io_err(e: rio::IoError) -> PyErr {
-    PyValueError::new_err(e.0)
+    match e {
+        rio::IoError::Data(m) => DataError::new_err(m),
+        rio::IoError::Usage(m) => PyValueError::new_err(m),
+    }
+}
+
+/// Runs `f`, turning a panic (a bug: the core returns errors for bad data)
+/// into a `DataError` naming what was being read, rather than a
+/// `PanicException` that `except Exception` does not catch.
+fn guarded<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T, rio::IoError>) -> Result<T, rio::IoError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(rio::IoError::Data(format!("{}: internal error in the ORC reader ({msg}); please report it", what())))
+    })
 }
 
 /// The ORC files of a dataset, their stripes and the requested columns.
@@ -22,13 +39,29 @@ pub(crate) struct PyOrcSource {
 
 #[pymethods]
 impl PyOrcSource {
-    /// `columns`: (name, hash, bucket) per requested column.
+    /// `columns`: (name, hash, bucket) per requested column; `limits`:
+    /// (max_stripe_rows, max_stripe_bytes, max_list_elements), None for the
+    /// defaults.
     #[new]
-    fn new(py: Python<'_>, paths: Vec<PathBuf>, columns: Vec<(String, bool, u64)>) -> PyResult<Self> {
+    #[pyo3(signature = (paths, columns, limits=None))]
+    fn new(
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        columns: Vec<(String, bool, u64)>,
+        limits: Option<(u64, u64, u64)>,
+    ) -> PyResult<Self> {
         let columns: Vec<ColumnRequest> =
             columns.into_iter().map(|(name, hash, bucket)| ColumnRequest { name, hash, bucket }).collect();
+        let limits = limits.map_or_else(Limits::default, |(max_stripe_rows, max_stripe_bytes, max_list_elements)| {
+            Limits { max_stripe_rows, max_stripe_bytes, max_list_elements }
+        });
+        let what = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         let source = py
-            .detach(|| rio::expand_paths(&paths).and_then(|files| rio::Source::open(&files, &columns)))
+            .detach(|| {
+                guarded(what, || {
+                    rio::expand_paths(&paths).and_then(|files| rio::Source::open_with_limits(&files, &columns, limits))
+                })
+            })
             .map_err(io_err)?;
         Ok(PyOrcSource { source: Arc::new(source) })
     }
@@ -120,7 +153,7 @@ impl PyOrcReader {
             .detach(|| {
                 let mut guard = self.reader.lock().unwrap_or_else(|e| e.into_inner());
                 match guard.as_mut() {
-                    Some(r) => r.next_batch(),
+                    Some(r) => guarded(|| "reading a batch".into(), || r.next_batch()),
                     None => Ok(None),
                 }
             })

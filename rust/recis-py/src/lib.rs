@@ -19,6 +19,14 @@ mod optim;
 mod pool;
 mod table;
 
+pyo3::create_exception!(
+    recis,
+    DataError,
+    PyValueError,
+    "Malformed input data: a file that cannot be read, is corrupt, or lacks a column. The message names the file, \
+     and the stripe and column where known."
+);
+
 pub(crate) fn to_py(e: TableError) -> PyErr {
     match e {
         TableError::InvalidArgument(m) => PyValueError::new_err(m),
@@ -94,6 +102,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<io::PyOrcSource>()?;
     m.add_class::<io::PyOrcReader>()?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add("DataError", m.py().get_type::<DataError>())?;
     m.add("NO_ROW", NO_ROW)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
