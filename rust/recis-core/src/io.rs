@@ -291,6 +291,12 @@ impl Source {
             .ok_or_else(|| ctx(&"no stripe starts where the plan says; the file changed since it was opened"))?;
         let footer = orc_guard::check_stripe(&file.0, &tail, unit.stripe, &self.limits).map_err(|e| ctx(&e))?;
         let mut budget = self.limits.max_stripe_bytes;
+        // Names a column index (a requested column or a part of one) in errors.
+        let roots = meta.root_data_type().children();
+        let label = |id: u32| match roots.iter().find(|c| c.data_type().all_indices().contains(&(id as usize))) {
+            Some(c) => format!("column {:?}", c.name()),
+            None => format!("column {id}"),
+        };
         // Columns our decoder takes in this stripe, and the rest.
         let mut fast = Vec::new();
         let mut slow = Vec::new();
@@ -332,8 +338,38 @@ impl Source {
                 })
                 .flat_map(|c| ids_of(c.data_type()))
                 .collect();
-            orc_guard::check_inflated(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget)
+            orc_guard::check_inflated(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget, &label)
                 .map_err(|e| ctx(&e))?;
+            // orc-rust sizes a list's buffers by its lengths: check them.
+            for &i in &slow {
+                let dt = meta.root_data_type().children().iter().find(|c| c.name() == self.columns[i].name);
+                if let Some(id) = dt
+                    .map(|c| c.data_type())
+                    .filter(|d| matches!(d, orc_rust::schema::DataType::List { .. }))
+                    .map(|d| d.column_index())
+                {
+                    let mut b = self.limits.max_stripe_bytes;
+                    let streams = orc_decode::Streams::new(
+                        &mem,
+                        stripe.offset(),
+                        &footer,
+                        &[id],
+                        tail.compression,
+                        &mut b,
+                        &label,
+                    )
+                    .map_err(|e| ctx(&e))?;
+                    orc_decode::check_list_batches(
+                        id,
+                        &footer,
+                        &streams,
+                        unit.rows,
+                        chunk.max(1),
+                        self.limits.max_list_elements,
+                    )
+                    .map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[i].name)))?;
+                }
+            }
             Some(self.decode_orc_rust(file, &slow, unit, skip, first, chunk).map_err(|e| ctx(&e))?.into_iter())
         };
         let mut decoders = Vec::new();
@@ -342,8 +378,9 @@ impl Source {
                 .iter()
                 .flat_map(|(_, dt, _)| std::iter::once(dt.column_index()).chain(dt.children_indices()))
                 .collect();
-            let streams = orc_decode::Streams::new(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget)
-                .map_err(|e| ctx(&e))?;
+            let streams =
+                orc_decode::Streams::new(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget, &label)
+                    .map_err(|e| ctx(&e))?;
             for (i, dt, leaf) in &fast {
                 let name = &self.columns[*i].name;
                 let d = orc_decode::ColumnDecoder::new(dt, *leaf, &streams, self.limits.max_list_elements)
@@ -406,7 +443,7 @@ impl Source {
         let mut open = false;
         let mut seen = 0u64;
         for batch in reader {
-            let batch = batch.map_err(|e| e.to_string())?;
+            let batch = batch.map_err(|e| format!("column(s) {names:?}: {e}"))?;
             let n = batch.num_rows();
             let mut at = skip.saturating_sub(seen).min(n as u64) as usize;
             seen += n as u64;

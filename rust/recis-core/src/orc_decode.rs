@@ -79,6 +79,7 @@ impl Streams {
         columns: &[usize],
         compression: Option<Compression>,
         budget: &mut u64,
+        label: &dyn Fn(u32) -> String,
     ) -> Result<Streams> {
         let mut map = HashMap::new();
         let mut at = offset;
@@ -89,7 +90,7 @@ impl Streams {
             })?;
             if columns.contains(&(s.column() as usize)) {
                 let raw = file.slice(at as usize..end as usize);
-                let data = inflate(&raw, compression, budget).map_err(|e| format!("column {}: {e}", s.column()))?;
+                let data = inflate(&raw, compression, budget).map_err(|e| format!("{}: {e}", label(s.column())))?;
                 map.insert((s.column(), s.kind.unwrap_or(-1)), data);
             }
             at = end;
@@ -179,6 +180,94 @@ impl ColumnDecoder {
                 Ok(Column { values: self.leaf.read(non_null, elem_valid.as_deref())?, offsets: Some(offsets) })
             }
         }
+    }
+}
+
+/// Checks, before orc-rust decodes a list column, that none of its batches
+/// (`batch` rows each from the stripe's first row, as orc-rust reads them)
+/// holds more than `max` elements: orc-rust sizes its buffers by the sum of
+/// a batch's lengths. `column` is the list column's index.
+pub(crate) fn check_list_batches(
+    column: usize,
+    footer: &StripeFooter,
+    streams: &Streams,
+    rows: u64,
+    batch: usize,
+    max: u64,
+) -> Result<()> {
+    let v2 = match footer.columns.get(column).map(|c| c.kind()) {
+        Some(EncodingKind::DirectV2) => true,
+        Some(EncodingKind::Direct) => false,
+        other => return Err(format!("list column {column} has encoding {other:?}")),
+    };
+    let mut present = streams.get(column, StreamKind::Present).map(BoolRle::new);
+    let data = streams.need(column, StreamKind::Length)?;
+    let mut v2_lengths = v2.then(|| RleV2::new(data.clone(), false));
+    let mut v1_lengths = (!v2).then(|| RleV1::new(data));
+    let mut left = rows;
+    let mut lens = Vec::new();
+    while left > 0 {
+        let n = (batch as u64).min(left) as usize;
+        left -= n as u64;
+        let non_null = match &mut present {
+            Some(p) => p.read(n)?.iter().filter(|&&b| b).count(),
+            None => n,
+        };
+        lens.clear();
+        match (&mut v2_lengths, &mut v1_lengths) {
+            (Some(d), _) => d.read(non_null, &mut lens)?,
+            (_, Some(d)) => d.read(non_null, &mut lens)?,
+            _ => unreachable!("one of the two decoders"),
+        }
+        let mut total = 0u64;
+        for &l in &lens {
+            total =
+                u64::try_from(l).ok().and_then(|l| total.checked_add(l)).filter(|&t| t <= max).ok_or_else(|| {
+                    format!(
+                        "{n} rows of list column {column} hold more than {max} elements (the max_list_elements limit)"
+                    )
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// Integer run-length encoding, version 1 (unsigned): runs of 3..=130
+/// values with a fixed delta, or literal lists of 1..=128 varints.
+struct RleV1 {
+    src: Cursor,
+    run: Vec<i64>,
+    at: usize,
+}
+
+impl RleV1 {
+    fn new(data: Bytes) -> RleV1 {
+        RleV1 { src: Cursor { data, pos: 0 }, run: Vec::with_capacity(130), at: 0 }
+    }
+
+    fn read(&mut self, mut n: usize, out: &mut Vec<i64>) -> Result<()> {
+        while n > 0 {
+            if self.at == self.run.len() {
+                self.run.clear();
+                self.at = 0;
+                let h = self.src.byte()? as i8;
+                if h >= 0 {
+                    let delta = self.src.byte()? as i8 as i64;
+                    let base = self.src.varint()? as i64;
+                    self.run.extend((0..h as i64 + 3).map(|i| base.wrapping_add(delta.wrapping_mul(i))));
+                } else {
+                    for _ in 0..-(h as i32) {
+                        let v = self.src.varint()? as i64;
+                        self.run.push(v);
+                    }
+                }
+            }
+            let take = n.min(self.run.len() - self.at);
+            out.extend_from_slice(&self.run[self.at..self.at + take]);
+            self.at += take;
+            n -= take;
+        }
+        Ok(())
     }
 }
 
@@ -576,6 +665,20 @@ mod tests {
             ints(&[0xc6, 0x09, 0x02, 0x02, 0x22, 0x42, 0x42, 0x46], false, 10),
             vec![2, 3, 5, 7, 11, 13, 17, 19, 23, 29]
         );
+    }
+
+    #[test]
+    fn rle_v1_runs_and_literals() {
+        // The specification's examples: a run of 100 sevens, then the
+        // literal list [2, 3, 4, 7, 11] after a run of 1..=5 (delta 1),
+        // read across calls.
+        let mut d = RleV1::new(Bytes::copy_from_slice(&[0x61, 0x00, 0x07, 0x02, 0x01, 0x01, 0xfb, 2, 3, 4, 7, 11]));
+        let mut out = Vec::new();
+        d.read(60, &mut out).unwrap();
+        d.read(50, &mut out).unwrap();
+        assert_eq!(&out[..100], &[7; 100][..]);
+        assert_eq!(&out[100..], &[1, 2, 3, 4, 5, 2, 3, 4, 7, 11][..]);
+        assert!(d.read(1, &mut out).is_err());
     }
 
     #[test]

@@ -283,6 +283,7 @@ pub(crate) fn check_inflated(
     columns: &[usize],
     compression: Option<Compression>,
     budget: &mut u64,
+    label: &dyn Fn(u32) -> String,
 ) -> Result<()> {
     if compression.is_none() {
         return Ok(());
@@ -292,7 +293,7 @@ pub(crate) fn check_inflated(
         let end = at + st.length();
         if columns.contains(&(st.column() as usize)) {
             let range = at as usize..end as usize;
-            inflate(&file.slice(range), compression, budget).map_err(|e| format!("column {}: {e}", st.column()))?;
+            inflate(&file.slice(range), compression, budget).map_err(|e| format!("{}: {e}", label(st.column())))?;
         }
         at = end;
     }
