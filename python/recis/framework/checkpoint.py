@@ -428,9 +428,10 @@ class CheckpointManager:
     def last_good_note(self) -> str:
         """ "the last good checkpoint is ...", and which newer ones are
         suspect, for the message of a run that stops on a non-finite value."""
-        good = self.last_good()
-        note = f"the last good checkpoint is {good or 'none (none was saved clean)'}"
-        newer = [p for p in self.checkpoints() if good is None or _step(p) > _step(good)]
+        good, saved = self.last_good(), self.checkpoints()
+        none = "none (every checkpoint holds non-finite values)" if saved else "none (none was saved)"
+        note = f"the last good checkpoint is {good or none}"
+        newer = [p for p in saved if good is None or _step(p) > _step(good)]
         if newer:
             names = ", ".join(os.path.basename(p) for p in newer)
             why = suspect(newer[0])

@@ -196,15 +196,23 @@ class Trainer:
         (locks a rank apart would let two runs of other world sizes share a
         directory), and rank 0 writes the checkpoints' renames and prunes."""
         if self._lock_depth == 0:
-            held = True
+            failed = None
             if self.rank == 0:
                 try:
                     self._lock.acquire()
                 except OutputDirLocked:
-                    held = False
-            if not distributed.all_true(held):
-                self._lock.release()
+                    failed = "locked"
+                except OSError as e:  # e.g. a read-only output_dir: every rank must hear of it
+                    failed = f"{self._lock.path}: cannot be locked ({e.strerror or e})"
+            if not distributed.all_true(failed is None):
                 pid = holder(self._lock.path)
+                if failed not in (None, "locked"):
+                    raise TrainingError(failed)
+                if self.rank != 0:
+                    raise TrainingError(
+                        f"{self.args.output_dir}: rank 0 could not take its lock {self._lock.path} (pid {pid} is "
+                        "written there); rank 0's message says why"
+                    )
                 raise TrainingError(
                     f"{self.args.output_dir} is in use by another run (pid {pid if pid is not None else 'unknown'} "
                     f"holds {self._lock.path}): one run at a time trains in an output_dir; wait for it to end, or "
