@@ -195,6 +195,9 @@ def test_checkpoints_of_one_file_a_table_still_load(tmp_path):
     path = CheckpointManager(str(tmp_path)).save(2, **parts(*a))
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
+    for key in ("checksums", "meta_checksum", "suspect"):  # the earlier layout had none
+        meta.pop(key)
+    meta["dense_optimizer"].pop("class")
     for name, t in meta["tables"].items():  # rewrite as the earlier layout
         for chunk in t.pop("files"):
             os.remove(os.path.join(path, chunk))

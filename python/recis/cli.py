@@ -137,6 +137,7 @@ def train_cmd(args) -> int:
 def eval_cmd(args) -> int:
     from recis.config import ConfigError, Job, load_config
     from recis.framework import CheckpointError
+    from recis.framework.checkpoint import resolve_checkpoint
 
     set_threads(args.threads)
     distributed.init_from_env()
@@ -144,10 +145,13 @@ def eval_cmd(args) -> int:
         job = Job(load_config(args.config), for_training=False)
         if job.eval_dataset is None:
             raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
-        path = args.checkpoint or job.trainer.checkpoints.latest()
-        if path is None:
-            raise CheckpointError(f"{job.trainer.checkpoints.directory}: no checkpoint to evaluate")
-        step = job.trainer.checkpoints.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
+        ckpt = job.trainer.checkpoints
+        if args.checkpoint is None and not ckpt.checkpoints(complete=False):
+            raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
+        # None: the job's newest checkpoint that verifies.
+        path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+        step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
+        path = ckpt.loaded
         job.trainer.global_step = step
         if distributed.rank() == 0:
             print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
@@ -167,6 +171,9 @@ def inspect_cmd(args) -> int:
         print(f"recis inspect: {e}", file=sys.stderr)
         return 2
     print(f"{info['path']}: step {info['step']}")
+    print("verified: checksums match" if info["verified"] else "unverified: written without checksums")
+    for why in info["suspect"]:
+        print(f"suspect: {why}")
     print("sparse tables:")
     for name, t in info["tables"].items():
         print(

@@ -21,6 +21,19 @@ the dense state is written once. Such a checkpoint resumes exactly in the
 same world size; its tables (and dense state and optimizers) load into any
 world size, each rank keeping the ids it owns there.
 
+Every file is checksummed (``meta.json``'s ``checksums``: the algorithm,
+and each file's size and digest, per-rank files included; ``meta.json``
+ends with the digest of the bytes before it), and a checkpoint is verified
+before anything of it is loaded: its file names are plain names inside it,
+every file it lists is present, of its size and digest, and a valid
+safetensors file (``recis_core::ckpt``). A damaged checkpoint is skipped for
+the newest verified one when resuming from a directory (with a warning that
+names it and why), and refused when named. One written without checksums
+loads with a warning that it is unverified. A checkpoint holding a NaN or
+an infinity (a table row, the dense state) is marked ``suspect``; the last
+good checkpoint is the newest one that is not, and pruning keeps it while
+newer ones are suspect.
+
 It is written under a temporary name, its files flushed to disk, then renamed
 to ``ckpt-<step>``; the ``latest`` pointer is replaced (also by rename) only
 after that, and older checkpoints beyond ``keep_last`` are removed last. A
@@ -34,6 +47,7 @@ Loading an untrusted checkpoint cannot run code: nothing is unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -42,10 +56,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recis import distributed
+from recis import _native, distributed
 
 FORMAT = 1
 LATEST = "latest"
+META = "meta.json"
+# meta.json's last field: the digest of the bytes before it.
+_META_SUM = b', "meta_checksum": "'
+# meta.json is small (configs, cursors, RNG states): a larger one is damage.
+_META_MAX_BYTES = 256 << 20
+
+log = logging.getLogger("recis.checkpoint")
+_warned_unverified: set[str] = set()
 
 
 class CheckpointError(ValueError):
@@ -71,6 +93,86 @@ def _write_json(obj, path: str) -> None:
         json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_meta(meta: dict, path: str) -> None:
+    """``meta`` as JSON whose last field is the digest of the bytes before it."""
+    head = json.dumps(meta)[:-1].encode()
+    digest = _native.checksum_bytes(head)
+    with open(path, "wb") as f:
+        f.write(head + _META_SUM + digest.encode() + b'"}')
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_meta(path: str) -> dict:
+    """A checkpoint's meta.json, its own digest checked where it has one."""
+    try:
+        size = os.path.getsize(path)
+        if size > _META_MAX_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes, more than a meta.json can be ({_META_MAX_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
+    try:
+        meta = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (byte {e.start}: not UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: holds JSON {type(meta).__name__}, not an object of checkpoint fields")
+    if "meta_checksum" in meta:
+        at = raw.rfind(_META_SUM)
+        if at < 0 or _native.checksum_bytes(raw[:at]) != meta["meta_checksum"]:
+            raise CheckpointError(f"{path}: checksum mismatch (the file changed after it was written)")
+        del meta["meta_checksum"]
+    elif "checksums" in meta:
+        raise CheckpointError(f"{path}: records its files' checksums but has none of its own (damaged)")
+    return meta
+
+
+def _plain_name(name, path: str, what: str) -> str:
+    """``name`` if it is a plain file name inside the checkpoint ``path``."""
+    why = None
+    if not isinstance(name, str) or not name:
+        why = "not a file name"
+    elif "\0" in name:
+        why = "contains NUL"
+    elif os.path.isabs(name):
+        why = "is an absolute path"
+    elif "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
+        why = "contains '/'"
+    elif ".." in name or name == ".":
+        why = "contains '..'"
+    if why is not None:
+        raise CheckpointError(
+            f"{os.path.join(path, META)}: {what} names file {name!r}, which {why}: a checkpoint's files must be "
+            f"plain names inside {path}"
+        )
+    return name
+
+
+def _checksums(directory: str, names) -> dict:
+    """{name: {bytes, digest}} of files in ``directory``."""
+    out = {}
+    for name in names:
+        file = os.path.join(directory, name)
+        out[name] = {"bytes": os.path.getsize(file), "digest": _native.checksum_file(file)}
+    return out
+
+
+def _load_tensors(file: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+
+
+def _nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _split_optimizer_state(sd: dict) -> tuple[dict, dict]:
@@ -111,6 +213,9 @@ class CheckpointManager:
         self.directory = directory
         self.keep_last = keep_last
         self.table_chunk_rows = 1 << 20
+        self.loaded: str | None = None  # by load: the path loaded, its meta,
+        self.loaded_meta: dict | None = None
+        self.skipped: list[tuple[str, str]] = []  # and the damaged ones skipped
         os.makedirs(directory, exist_ok=True)
 
     # -- saving ---------------------------------------------------------------
@@ -148,7 +253,16 @@ class CheckpointManager:
         distributed.barrier()
         if rank == 0:
             ranks = [mine] + [self._read_json(os.path.join(tmp, f"rank-{r}.json")) for r in range(1, n)]
-            self._save_dense(tmp, step, tables, ranks, model, dense_optimizer, sparse_optimizer, lr_scheduler, extra)
+            meta = self._save_dense(
+                tmp, step, tables, ranks, model, dense_optimizer, sparse_optimizer, lr_scheduler, extra
+            )
+            if meta["suspect"]:
+                log.warning(
+                    "%s holds non-finite values, marked suspect (the last good checkpoint is %s): %s",
+                    final,
+                    self.last_good() or "none",
+                    "; ".join(meta["suspect"]),
+                )
             _fsync_dir(tmp)
             os.rename(tmp, final)
             _fsync_dir(self.directory)
@@ -173,11 +287,16 @@ class CheckpointManager:
     def _save_rank(self, tmp: str, tables: dict, dataset, rank: int, n: int) -> dict:
         """This rank's part: its table shards, reader cursor and RNG states."""
         tag = f".r{rank}" if n > 1 else ""
-        info: dict = {"tables": {}}
+        info: dict = {"tables": {}, "suspect": []}
         for name, table in tables.items():
             # In chunks of rows: a huge table is never held twice in memory.
-            files = table.save(tmp, f"table-{name}{tag}", chunk_rows=self.table_chunk_rows)
-            info["tables"][name] = {"rows": len(table), "files": files}
+            saved = table.save(tmp, f"table-{name}{tag}", chunk_rows=self.table_chunk_rows)
+            info["tables"][name] = {"rows": len(table), "files": saved.files}
+            if saved.nonfinite_rows:
+                info["suspect"].append(
+                    f"table {name!r}: {saved.nonfinite_rows} row(s) with a NaN or an infinity (e.g. id "
+                    f"{saved.nonfinite_id}{f', rank {rank}' if n > 1 else ''})"
+                )
             if len(table.namespaces) > 1:
                 info["tables"][name]["namespace_rows"] = [table.native.len_in(k) for k in range(len(table.namespaces))]
         if dataset is not None:
@@ -189,12 +308,18 @@ class CheckpointManager:
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         }
+        written = [f for t in info["tables"].values() for f in t["files"]] + [info["rng_file"]]
+        info["checksums"] = _checksums(tmp, written)
         if n > 1:
             _write_json(info, os.path.join(tmp, f"rank-{rank}.json"))
         return info
 
     def _save_dense(self, tmp, step, tables, ranks, model, dense_optimizer, sparse_optimizer, lr_scheduler, extra):
         meta: dict = {"format": FORMAT, "step": step, "world_size": len(ranks), "tables": {}, "extra": extra or {}}
+        suspect = [why for r in ranks for why in r["suspect"]]
+        sums = {name: entry for r in ranks for name, entry in r["checksums"].items()}
+        if len(ranks) > 1:
+            sums.update(_checksums(tmp, [f"rank-{r}.json" for r in range(len(ranks))]))
         for name, table in tables.items():
             shards = [r["tables"][name]["files"] for r in ranks]
             meta["tables"][name] = {
@@ -211,12 +336,18 @@ class CheckpointManager:
             if len(ranks) > 1:
                 meta["tables"][name]["shards"] = shards
         if model is not None:
-            _save_tensors(model.state_dict(), os.path.join(tmp, "dense.safetensors"))
-            meta["dense_keys"] = sorted(model.state_dict())
+            state = model.state_dict()
+            _save_tensors(state, os.path.join(tmp, "dense.safetensors"))
+            meta["dense_keys"] = sorted(state)
+            sums.update(_checksums(tmp, ["dense.safetensors"]))
+            suspect += [f"dense.safetensors: {k} holds a NaN or an infinity" for k in _nonfinite(state)]
         if dense_optimizer is not None:
             tensors, plain = _split_optimizer_state(dense_optimizer.state_dict())
             _save_tensors(tensors, os.path.join(tmp, "dense_optimizer.safetensors"))
+            plain["class"] = type(dense_optimizer).__name__
             meta["dense_optimizer"] = plain
+            sums.update(_checksums(tmp, ["dense_optimizer.safetensors"]))
+            suspect += [f"dense_optimizer.safetensors: {k} holds a NaN or an infinity" for k in _nonfinite(tensors)]
         if sparse_optimizer is not None:
             meta["sparse_optimizer"] = sparse_optimizer.state_dict()
         if lr_scheduler is not None:
@@ -229,7 +360,10 @@ class CheckpointManager:
             if "dataset" in ranks[0]:
                 meta["datasets"] = [r["dataset"] for r in ranks]
             meta["rng_ranks"] = [{"file": r["rng_file"], **r["rng"]} for r in ranks]
-        _write_json(meta, os.path.join(tmp, "meta.json"))
+        meta["suspect"] = suspect
+        meta["checksums"] = {"algorithm": _native.checksum_algorithm(), "files": sums}
+        _write_meta(meta, os.path.join(tmp, META))
+        return meta
 
     def _point_latest(self, name: str) -> None:
         tmp = os.path.join(self.directory, f".{LATEST}.tmp")
@@ -245,24 +379,36 @@ class CheckpointManager:
             if entry.startswith(".tmp-ckpt-"):
                 shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
 
-    def checkpoints(self) -> list[str]:
-        """Complete checkpoints, oldest first."""
+    def checkpoints(self, complete: bool = True) -> list[str]:
+        """``ckpt-<step>`` directories, oldest first: with ``complete``, only
+        those with a meta.json (the others are damaged: the crash protocol
+        never leaves one)."""
         found = []
         for entry in os.listdir(self.directory):
-            if entry.startswith("ckpt-") and os.path.isfile(os.path.join(self.directory, entry, "meta.json")):
-                try:
-                    found.append((int(entry[5:]), entry))
-                except ValueError:
-                    continue
+            if not entry.startswith("ckpt-"):
+                continue
+            if complete and not os.path.isfile(os.path.join(self.directory, entry, META)):
+                continue
+            if not os.path.isdir(os.path.join(self.directory, entry)):
+                continue
+            try:
+                found.append((int(entry[5:]), entry))
+            except ValueError:
+                continue
         return [os.path.join(self.directory, e) for _, e in sorted(found)]
 
     def _prune(self) -> None:
         # Renamed away first: a crash mid-delete leaves a temporary, never a
         # checkpoint with some of its files gone.
-        for path in self.checkpoints()[: -self.keep_last]:
-            doomed = os.path.join(self.directory, f".tmp-ckpt-pruned-{os.path.basename(path)}")
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        found = self.checkpoints()
+        doomed = found[: -self.keep_last]
+        if doomed and any(suspect(p) for p in found[-self.keep_last :]):
+            good = self.last_good()  # kept while newer ones are suspect
+            doomed = [p for p in doomed if p != good]
+        for path in doomed:
+            gone = os.path.join(self.directory, f".tmp-ckpt-pruned-{os.path.basename(path)}")
+            os.rename(path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def latest(self) -> str | None:
         """The newest complete checkpoint. The ``latest`` pointer names it
@@ -270,6 +416,64 @@ class CheckpointManager:
         pointer's update; the complete directory is the truth then."""
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def last_good(self) -> str | None:
+        """The newest complete checkpoint not marked suspect (one holding a
+        NaN or an infinity)."""
+        for path in reversed(self.checkpoints()):
+            if not suspect(path):
+                return path
+        return None
+
+    def last_good_note(self) -> str:
+        """ "the last good checkpoint is ...", and which newer ones are
+        suspect, for the message of a run that stops on a non-finite value."""
+        good, saved = self.last_good(), self.checkpoints()
+        none = "none (every checkpoint holds non-finite values)" if saved else "none (none was saved)"
+        note = f"the last good checkpoint is {good or none}"
+        newer = [p for p in saved if good is None or _step(p) > _step(good)]
+        if newer:
+            names = ", ".join(os.path.basename(p) for p in newer)
+            why = suspect(newer[0])
+            note += (
+                f"; the newer {names} hold non-finite values ({why[0] if why else 'unreadable'}): set them aside to "
+                "resume from it"
+            )
+        return note
+
+    def set_aside(self, paths: list[str]) -> list[str]:
+        """Renames damaged checkpoints to ``ckpt-<step>.damaged`` (kept for a
+        look, never listed, loaded nor pruned), so that a run resumed from an
+        older one can save those steps again. Returns the new names."""
+        moved = []
+        for path in paths:
+            target, k = f"{path}.damaged", 1
+            while os.path.exists(target):
+                k += 1
+                target = f"{path}.damaged-{k}"
+            os.rename(path, target)
+            moved.append(target)
+        if moved:
+            _fsync_dir(self.directory)
+        return moved
+
+    def newest_verified(self) -> tuple[str | None, dict | None, list[tuple[str, str]]]:
+        """The newest checkpoint that verifies (``verify_checkpoint``), its
+        meta, and the newer ones skipped as damaged, each with the reason (a
+        warning names each). Under torchrun every rank verifies and they
+        agree: one damaged on any rank is skipped on all."""
+        skipped = []
+        for path in reversed(self.checkpoints(complete=False)):
+            try:
+                meta, why = verify_checkpoint(path), None
+            except CheckpointError as e:
+                meta, why = None, str(e)
+            if distributed.all_true(why is None):
+                return path, meta, skipped
+            why = why or "damaged as another rank reads it"
+            log.warning("skipping the damaged checkpoint %s: %s", path, why)
+            skipped.append((path, why))
+        return None, None, skipped
 
     def mend_pointer(self) -> None:
         """Points ``latest`` at the newest complete checkpoint if a crash
@@ -292,6 +496,7 @@ class CheckpointManager:
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         m = cls.__new__(cls)
         m.directory, m.keep_last, m.table_chunk_rows = directory, 1, 1 << 20
+        m.loaded, m.loaded_meta, m.skipped = None, None, []
         return m
 
     # -- loading --------------------------------------------------------------
@@ -308,21 +513,37 @@ class CheckpointManager:
         dataset=None,
         parts: tuple[str, ...] = ("sparse", "dense", "optimizer", "data", "rng"),
     ) -> int:
-        """Restores what is given from ``path`` (default: latest) and returns
-        its step. ``parts`` selects what to restore (warm start: e.g.
-        ``("sparse", "dense")``; without "optimizer", tables keep the saved
-        embeddings and start their optimizer slots afresh). Everything is checked before anything is
-        changed: a checkpoint of another model or table set is refused."""
-        path = path or self.latest()
+        """Restores what is given from ``path`` and returns its step.
+        ``path`` None: the newest checkpoint that verifies, the newer
+        damaged ones skipped with a warning (``newest_verified``; they are in
+        ``self.skipped`` after, the path loaded and its meta in
+        ``self.loaded`` and ``self.loaded_meta``); a
+        ``path`` given that does not verify is refused. ``parts`` selects
+        what to restore (warm start: e.g. ``("sparse", "dense")``; without
+        "optimizer", tables keep the saved embeddings and start their
+        optimizer slots afresh). Everything is checked before anything is
+        changed: the checkpoint's files (``verify_checkpoint``), and that it
+        is of this model, table set and optimizers."""
         if path is None:
-            raise CheckpointError(f"{self.directory}: no checkpoint")
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path}: format {meta.get('format')} is not {FORMAT}")
+            path, meta, self.skipped = self.newest_verified()
+            if path is None:
+                if self.skipped:
+                    raise CheckpointError(
+                        f"{self.directory}: no checkpoint verifies ("
+                        + "; ".join(why for _, why in self.skipped)
+                        + "): set the damaged ones aside, or train afresh in another output_dir"
+                    )
+                raise CheckpointError(f"{self.directory}: no checkpoint")
+        else:
+            self.skipped = []
+            try:
+                meta, why = verify_checkpoint(path), None
+            except CheckpointError as e:
+                meta, why = None, e
+            if not distributed.all_true(why is None):
+                raise why or CheckpointError(f"{path}: damaged as another rank reads it")
+        self.loaded, self.loaded_meta = path, meta
+        meta_path = os.path.join(path, META)
         tables = dict(tables or {})
         rank, n = distributed.rank(), distributed.world()
         saved_world = int(meta.get("world_size", 1))
@@ -354,12 +575,14 @@ class CheckpointManager:
                         f"{path}: table {name!r} was saved with {width} optimizer slot values a row, this table has "
                         f"{table.native.slot_width} (another sparse optimizer?)"
                     )
+        if "optimizer" in parts and dense_optimizer is not None and "dense_optimizer" in meta:
+            _check_dense_optimizer(meta_path, meta["dense_optimizer"], dense_optimizer)
         dense_state = None
         if "dense" in parts and model is not None:
             dense_file = os.path.join(path, "dense.safetensors")
             if not os.path.isfile(dense_file):
                 raise CheckpointError(f"{path}: has no dense model")
-            dense_state = load_file(dense_file)
+            dense_state = _load_tensors(dense_file)
             mine = set(model.state_dict())
             if set(dense_state) != mine:
                 missing, unexpected = sorted(mine - set(dense_state)), sorted(set(dense_state) - mine)
@@ -377,26 +600,34 @@ class CheckpointManager:
                 saved_table = meta["tables"][name]
                 files = saved_table.get("files")
                 if files is None:  # a checkpoint of one file a table
-                    state = load_file(os.path.join(path, f"table-{name}.safetensors"))
+                    state = _load_tensors(os.path.join(path, f"table-{name}.safetensors"))
                     table.load_state_dict(state, embeddings_only="optimizer" not in parts)
                     continue
                 shards = saved_table.get("shards", [files])
-                if len(shards) == n:  # the same sharding: this rank's files
-                    table.load(path, shards[rank], embeddings_only="optimizer" not in parts)
-                else:  # re-sharded: the ids this rank owns, from every file
-                    table.load(
-                        path,
-                        [f for fs in shards for f in fs],
-                        embeddings_only="optimizer" not in parts,
-                        keep=(lambda ids: distributed.owner_of(ids, n) == rank) if n > 1 else None,
-                        merged=len(shards),
-                    )
+                try:
+                    if len(shards) == n:  # the same sharding: this rank's files
+                        table.load(path, shards[rank], embeddings_only="optimizer" not in parts)
+                    else:  # re-sharded: the ids this rank owns, from every file
+                        table.load(
+                            path,
+                            [f for fs in shards for f in fs],
+                            embeddings_only="optimizer" not in parts,
+                            keep=(lambda ids: distributed.owner_of(ids, n) == rank) if n > 1 else None,
+                            merged=len(shards),
+                        )
+                except ValueError as e:  # the message names the table and the file
+                    raise CheckpointError(str(e)) from None
         if dense_state is not None:
             model.load_state_dict(dense_state)
         if "optimizer" in parts:
             if dense_optimizer is not None and "dense_optimizer" in meta:
-                tensors = load_file(os.path.join(path, "dense_optimizer.safetensors"))
-                dense_optimizer.load_state_dict(_join_optimizer_state(tensors, meta["dense_optimizer"]))
+                opt_file = os.path.join(path, "dense_optimizer.safetensors")
+                tensors = _load_tensors(opt_file)
+                plain = {k: v for k, v in meta["dense_optimizer"].items() if k != "class"}
+                try:
+                    dense_optimizer.load_state_dict(_join_optimizer_state(tensors, plain))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{opt_file}: does not fit this dense optimizer ({e!r})") from None
             if sparse_optimizer is not None and "sparse_optimizer" in meta:
                 sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
             if lr_scheduler is not None and "lr_scheduler" in meta:
@@ -408,7 +639,7 @@ class CheckpointManager:
                 dataset.load_state_dict(meta["dataset"])
         if "rng" in parts:
             rng = meta["rng_ranks"][rank] if "rng_ranks" in meta else {"file": "rng.safetensors", **meta["rng"]}
-            torch.set_rng_state(load_file(os.path.join(path, rng["file"]))["torch_cpu"])
+            torch.set_rng_state(_load_tensors(os.path.join(path, rng["file"]))["torch_cpu"])
             s = rng["numpy"]
             np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
             p = rng["python"]
@@ -416,37 +647,210 @@ class CheckpointManager:
         return int(meta["step"])
 
 
+def _step(path: str) -> int:
+    return int(os.path.basename(path)[5:])
+
+
+def suspect(path: str) -> list[str]:
+    """Why the checkpoint ``path`` is suspect (the non-finite values it
+    holds, or that its meta.json is unreadable); empty if it is not."""
+    try:
+        return list(_read_meta(os.path.join(path, META)).get("suspect") or [])
+    except CheckpointError as e:
+        return [str(e)]
+
+
+_TABLE_TENSORS = ("ids", "values", "frequency", "last_step")
+
+
+def _listed_files(path: str, meta: dict) -> dict[str, tuple[str, tuple[str, ...] | None, bool]]:
+    """The safetensors files ``meta`` lists, each a plain name inside
+    ``path``: {name: (what holds it, the tensors it must have, whether only
+    those)}."""
+    meta_path = os.path.join(path, META)
+
+    def malformed(field: str, want: str):
+        return CheckpointError(f"{meta_path}: field {field} is not {want} (not a checkpoint of this format?)")
+
+    if not isinstance(meta.get("step"), int):
+        raise malformed("step", "an integer")
+    tables = meta.get("tables")
+    if not isinstance(tables, dict):
+        raise malformed("tables", "an object of tables")
+    files: dict = {}
+    for name, t in tables.items():
+        what = f"table {name!r}"
+        if not isinstance(t, dict) or not isinstance(t.get("config"), dict) or not isinstance(t.get("slot_width"), int):
+            raise malformed(f"tables.{name}", "an object with config and slot_width")
+        names = t.get("files", [f"table-{name}.safetensors"])
+        shards = t.get("shards", [])
+        if not isinstance(names, list) or not isinstance(shards, list) or not all(isinstance(x, list) for x in shards):
+            raise malformed(f"tables.{name}.files", "a list of file names")
+        for f in [*names, *(f for fs in shards for f in fs)]:
+            files[_plain_name(f, path, what)] = (what, _TABLE_TENSORS, False)
+    if "dense_keys" in meta:
+        keys = meta["dense_keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise malformed("dense_keys", "a list of names")
+        files["dense.safetensors"] = ("the dense model", tuple(keys), True)
+    if "dense_optimizer" in meta:
+        if not isinstance(meta["dense_optimizer"], dict):
+            raise malformed("dense_optimizer", "an object")
+        files["dense_optimizer.safetensors"] = ("the dense optimizer", None, False)
+    if "rng_ranks" in meta:
+        if not isinstance(meta["rng_ranks"], list) or not all(isinstance(r, dict) for r in meta["rng_ranks"]):
+            raise malformed("rng_ranks", "a list of objects")
+        for r in meta["rng_ranks"]:
+            files[_plain_name(r.get("file"), path, "rng_ranks")] = ("the RNG state", ("torch_cpu",), False)
+    elif "rng" in meta:
+        files["rng.safetensors"] = ("the RNG state", ("torch_cpu",), False)
+    return files
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Checks the checkpoint ``path`` and returns its meta; a
+    ``CheckpointError`` names the file and what is wrong. Checked: meta.json
+    (valid JSON, its own digest, its fields); every file it lists is a plain
+    name inside ``path``, present, of the size and digest recorded, and a
+    valid safetensors file holding the tensors its part needs. A checkpoint
+    written without checksums is checked but for sizes and digests, with a
+    warning (once) that it is unverified. Reads every file once; loads
+    nothing."""
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+    meta = _read_meta(meta_path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT}")
+    files = _listed_files(path, meta)
+    sums = meta.get("checksums")
+    if sums is None:
+        if path not in _warned_unverified:
+            _warned_unverified.add(path)
+            log.warning("%s was written without checksums: its files are checked but unverified", path)
+    else:
+        _check_sums(path, sums, files)
+    for name, (what, need, only) in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (meta.json lists it for {what})")
+        try:
+            tensors, _ = _native.check_safetensors_file(file)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a valid safetensors file: {e}") from None
+        have = {t[0] for t in tensors}
+        if need is not None:
+            lacking = sorted(set(need) - have)
+            extra = sorted(have - set(need)) if only else []
+            if lacking or extra:
+                odd = ", ".join(
+                    x for x in (f"lacks {lacking[:5]}" * bool(lacking), f"has {extra[:5]}" * bool(extra)) if x
+                )
+                raise CheckpointError(
+                    f"{file}: does not hold {what} of this checkpoint ({odd}): a file from elsewhere?"
+                )
+    return meta
+
+
+def _check_sums(path: str, sums, files: dict) -> None:
+    meta_path = os.path.join(path, META)
+    algorithm = _native.checksum_algorithm()
+    if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: field checksums is not {{algorithm, files}}")
+    if sums.get("algorithm") != algorithm:
+        raise CheckpointError(
+            f"{meta_path}: checksums by {sums.get('algorithm')!r}; this version of recis verifies {algorithm!r}"
+        )
+    listed = sums["files"]
+    for name in files:
+        if name not in listed:
+            raise CheckpointError(f"{os.path.join(path, name)}: meta.json lists it but records no checksum of it")
+    for name, entry in listed.items():
+        file = os.path.join(path, _plain_name(name, path, "checksums"))
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
+            raise CheckpointError(f"{meta_path}: field checksums.files.{name} is not {{bytes, digest}}")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (meta.json records its checksum)")
+        size = os.path.getsize(file)
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{file}: {size} bytes where meta.json recorded {entry['bytes']} (truncated or overwritten)"
+            )
+        try:
+            digest = _native.checksum_file(file)
+        except OSError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        if digest != entry.get("digest"):
+            raise CheckpointError(
+                f"{file}: checksum mismatch ({algorithm} {digest}, meta.json recorded {entry.get('digest')}): "
+                "the file changed after it was written"
+            )
+
+
+def _check_dense_optimizer(meta_path: str, saved: dict, optimizer) -> None:
+    """The saved dense optimizer state fits ``optimizer``: the same class
+    (recorded since checksums were) and parameter groups."""
+    mine = type(optimizer).__name__
+    if saved.get("class") not in (None, mine):
+        raise CheckpointError(
+            f"{meta_path}: dense_optimizer was saved by {saved['class']}, this run's is {mine}: its state cannot "
+            "carry over (the same optimizer, or a warm start without 'optimizer')"
+        )
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{meta_path}: field dense_optimizer.param_groups is not a list of groups")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{meta_path}: dense_optimizer has {len(groups)} parameter group(s), this run's {mine} has "
+            f"{len(optimizer.param_groups)}"
+        )
+    for k, (theirs, ours) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        # One-sided differences are torch versions adding options; both
+        # sides is another optimizer (of a checkpoint that has no class).
+        only_saved, only_mine = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        if only_saved and only_mine:
+            raise CheckpointError(
+                f"{meta_path}: dense_optimizer group {k} has options {only_saved} and lacks {only_mine} of this "
+                f"run's {mine}: saved by another optimizer"
+            )
+        if len(theirs.get("params", [])) != len(ours["params"]):
+            raise CheckpointError(
+                f"{meta_path}: dense_optimizer group {k} has {len(theirs.get('params', []))} parameters, this run's "
+                f"{mine} has {len(ours['params'])}"
+            )
+
+
 def resolve_checkpoint(path: str) -> str:
     """``path`` if it is a checkpoint (a ``ckpt-N`` directory), else the
-    latest complete checkpoint in the checkpoints directory ``path``."""
-    if os.path.isfile(os.path.join(path, "meta.json")):
+    newest checkpoint that verifies in the checkpoints directory ``path``
+    (damaged newer ones skipped with a warning)."""
+    if os.path.isfile(os.path.join(path, META)):
         return path
-    found = CheckpointManager.reading(path).latest()
+    found, _, skipped = CheckpointManager.reading(path).newest_verified()
     if found is None:
+        if skipped:
+            raise CheckpointError(f"{path}: no checkpoint verifies (" + "; ".join(why for _, why in skipped) + ")")
         raise CheckpointError(f"{path}: not a checkpoint (no meta.json) nor a directory of checkpoints")
     return found
 
 
 def inspect_checkpoint(path: str) -> dict:
-    """What a checkpoint holds, read from its headers (no tensor is loaded):
-    {path, step, tables: {name: rows, dim, slot_width, bytes[, namespaces:
-    {name: rows}]}, dense: {name:
-    (shape, values)}, parts: JSON parts (optimizers, scheduler, dataset)}.
-    ``path``: a ``ckpt-N`` directory, or a checkpoints directory (its latest)."""
-    from safetensors import safe_open
-
+    """What a checkpoint holds, read from its headers (no tensor is loaded),
+    once it verifies (``verify_checkpoint``): {path, step, verified
+    (checksums recorded and matched), suspect (why, or empty), tables:
+    {name: rows, dim, slot_width, bytes[, namespaces: {name: rows}]}, dense:
+    {name: (shape, values)}, parts: JSON parts (optimizers, scheduler,
+    dataset)}. ``path``: a ``ckpt-N`` directory, or a checkpoints directory
+    (its newest verified)."""
     path = resolve_checkpoint(path)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
+    meta = verify_checkpoint(path)
 
     def shapes(file):
         out = {}
         if os.path.isfile(file):
-            with safe_open(file, "pt") as st:
-                for k in st.keys():
-                    shape = st.get_slice(k).get_shape()
-                    out[k] = (tuple(shape), int(np.prod(shape)) if shape else 1)
-        return out
+            for k, _, shape in _native.check_safetensors_file(file)[0]:
+                out[k] = (tuple(shape), int(np.prod(shape)) if shape else 1)
+        return dict(sorted(out.items()))
 
     tables = {}
     for name, t in meta.get("tables", {}).items():
@@ -477,6 +881,8 @@ def inspect_checkpoint(path: str) -> dict:
     return {
         "path": path,
         "step": meta["step"],
+        "verified": "checksums" in meta,
+        "suspect": list(meta.get("suspect") or []),
         "tables": tables,
         "dense": shapes(os.path.join(path, "dense.safetensors")),
         "parts": parts,

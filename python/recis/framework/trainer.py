@@ -10,6 +10,7 @@ unless ``loss_fn`` says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from recis import distributed
-from recis.framework.checkpoint import CheckpointManager
+from recis.framework.checkpoint import CheckpointManager, suspect
 from recis.framework.curves import TensorBoardLog, plot_curves, wanted
+from recis.framework.lock import OutputDirLock, OutputDirLocked, holder
 from recis.framework.scaler import DynamicLossScaler
 from recis.metrics import AUROC, GAUC, Calibration, LogLoss
 from recis.optim.sparse import collect_tables
@@ -39,6 +41,9 @@ class TrainingArguments:
     """How to train. Fields:
 
     output_dir: logs (``log.jsonl``) and checkpoints (``checkpoints/``) go here.
+        A run holds its lock (``output_dir/.lock``, ``recis.framework.lock``)
+        while it trains or saves: a second run there is refused, naming the
+        holder's pid.
     epochs: passes over the training data (ignored when ``max_steps`` is set).
     max_steps: stop after this many optimizer steps.
     gradient_accumulation_steps: micro-batches summed into one optimizer step
@@ -152,6 +157,7 @@ class Trainer:
             self._choose_sparse_update(sparse_optimizer)
         os.makedirs(args.output_dir, exist_ok=True)
         self.checkpoints = CheckpointManager(os.path.join(args.output_dir, "checkpoints"), args.keep_checkpoints)
+        self._lock, self._lock_depth = OutputDirLock(args.output_dir), 0
         self._log_path = os.path.join(args.output_dir, "log.jsonl")
         self._tb = None
         self._last_eval: dict | None = None
@@ -179,7 +185,46 @@ class Trainer:
         extra = {"args": asdict(self.args)}
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
-        return self.checkpoints.save(self.global_step, **self._state(), extra=extra)
+        with self._holding_lock():
+            return self.checkpoints.save(self.global_step, **self._state(), extra=extra)
+
+    @contextlib.contextmanager
+    def _holding_lock(self):
+        """The output_dir's lock for what runs inside (re-entrant). Under
+        torchrun rank 0 alone takes it, and every rank stops if it cannot:
+        the ranks of a run share output_dir, so one lock stands for the run
+        (locks a rank apart would let two runs of other world sizes share a
+        directory), and rank 0 writes the checkpoints' renames and prunes."""
+        if self._lock_depth == 0:
+            failed = None
+            if self.rank == 0:
+                try:
+                    self._lock.acquire()
+                except OutputDirLocked:
+                    failed = "locked"
+                except OSError as e:  # e.g. a read-only output_dir: every rank must hear of it
+                    failed = f"{self._lock.path}: cannot be locked ({e.strerror or e})"
+            if not distributed.all_true(failed is None):
+                pid = holder(self._lock.path)
+                if failed not in (None, "locked"):
+                    raise TrainingError(failed)
+                if self.rank != 0:
+                    raise TrainingError(
+                        f"{self.args.output_dir}: rank 0 could not take its lock {self._lock.path} (pid {pid} is "
+                        "written there); rank 0's message says why"
+                    )
+                raise TrainingError(
+                    f"{self.args.output_dir} is in use by another run (pid {pid if pid is not None else 'unknown'} "
+                    f"holds {self._lock.path}): one run at a time trains in an output_dir; wait for it to end, or "
+                    "give another output_dir (nothing was changed)"
+                )
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                self._lock.release()
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
@@ -216,8 +261,7 @@ class Trainer:
         if bool(bad.any()):
             raise TrainingError(
                 f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
-                "(binary cross-entropy needs clicks as 0/1); nothing was updated; the last good checkpoint is "
-                f"{self.checkpoints.latest() or 'none (none was saved)'}"
+                f"(binary cross-entropy needs clicks as 0/1); nothing was updated; {self.checkpoints.last_good_note()}"
             )
         return y.float()
 
@@ -268,19 +312,35 @@ class Trainer:
             self.lr_scheduler.step()
 
     def train(self) -> dict:
-        """Trains to the end (epochs or max_steps); returns the last logs."""
+        """Trains to the end (epochs or max_steps); returns the last logs.
+        Holds the output_dir's lock throughout."""
+        with self._holding_lock():
+            return self._train()
+
+    def _resume(self) -> None:
+        """From the newest checkpoint that verifies; the newer damaged ones
+        are set aside (renamed ``ckpt-<step>.damaged``) so that this run can
+        save those steps again."""
+        ckpt = self.checkpoints
+        self.global_step = ckpt.load(**self._state())
+        if self.rank == 0:
+            for (path, why), moved in zip(ckpt.skipped, ckpt.set_aside([p for p, _ in ckpt.skipped]), strict=True):
+                print(f"skipped the damaged checkpoint {path} ({why}); set aside as {moved}")
+            ckpt.mend_pointer()
+        if self.scaler is not None:
+            saved = ckpt.loaded_meta.get("extra", {}).get("loss_scaler")
+            if saved is not None:
+                self.scaler.load_state_dict(saved)
+        if self.rank == 0:
+            print(f"resumed from {ckpt.loaded} at step {self.global_step}")
+            why = suspect(ckpt.loaded)
+            if why:
+                print(f"warning: {ckpt.loaded} is suspect ({'; '.join(why)}); {ckpt.last_good_note()}")
+
+    def _train(self) -> dict:
         a = self.args
-        if a.resume and self.checkpoints.latest() is not None:
-            self.global_step = self.checkpoints.load(**self._state())
-            if self.rank == 0:
-                self.checkpoints.mend_pointer()
-            if self.scaler is not None:
-                with open(os.path.join(self.checkpoints.latest(), "meta.json")) as f:
-                    saved = json.load(f).get("extra", {}).get("loss_scaler")
-                if saved is not None:
-                    self.scaler.load_state_dict(saved)
-            if self.rank == 0:
-                print(f"resumed from {self.checkpoints.latest()} at step {self.global_step}")
+        if a.resume and self.checkpoints.checkpoints(complete=False):
+            self._resume()
         elif not a.resume and self.checkpoints.checkpoints():
             raise TrainingError(
                 f"{self.checkpoints.directory} holds checkpoints but resume=False: resume=True continues from them, "
@@ -301,14 +361,13 @@ class Trainer:
                 loss = self._loss(batch)
                 finite = math.isfinite(float(loss.detach()))
                 if not distributed.all_true(finite):
-                    last = self.checkpoints.latest()
                     what = f"({float(loss.detach())})"
                     if distributed.active():
                         flags = distributed.gather_arrays([np.array([finite])])[0]
                         what = f"on rank(s) {[r for r, ok in enumerate(flags) if not ok]}"
                     raise TrainingError(
-                        f"non-finite loss {what} at step {self.global_step + 1}; stopped without updating; the "
-                        f"last good checkpoint is {last or 'none (none was saved)'}"
+                        f"non-finite loss {what} at step {self.global_step + 1}; stopped without updating; "
+                        f"{self.checkpoints.last_good_note()}"
                     )
                 (loss / k if self.scaler is None else self.scaler.scale_loss(loss) / k).backward()
                 micro += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +38,16 @@ def ids_to_numpy(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
 
 
 _SHARED: weakref.WeakValueDictionary[str, HashTable] = weakref.WeakValueDictionary()
+
+
+@dataclass
+class SavedTable:
+    """What ``HashTable.save`` wrote: its files' names, and how many rows hold
+    a non-finite value (with one of their ids), for the checkpoint to mark."""
+
+    files: list[str]
+    nonfinite_rows: int
+    nonfinite_id: int | None
 
 
 def table_for(option: EmbeddingOption, name: str) -> HashTable:
@@ -353,21 +364,27 @@ class HashTable:
                 out[key] = torch.cat([p[key] for p in parts])
         return out
 
-    def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> list[str]:
+    def save(self, directory: str, prefix: str, chunk_rows: int = 1 << 20) -> SavedTable:
         """Writes ``chunks`` as safetensors files ``{prefix}.{k:05d}.safetensors``
-        and returns their names: a table is never held twice while it is
-        saved."""
+        and returns their names, with the rows found holding a NaN or an
+        infinity (embedding or optimizer slot) on the way: a table is never
+        held twice while it is saved, nor read twice."""
         from safetensors.torch import save_file
 
-        names = []
+        saved = SavedTable([], 0, None)
         for k, part in enumerate(self.chunks(chunk_rows)):
+            bad = ~torch.isfinite(part["values"]).all(dim=1)
+            if bool(bad.any()):
+                if saved.nonfinite_id is None:
+                    saved.nonfinite_id = int(part["ids"][bad][0])
+                saved.nonfinite_rows += int(bad.sum())
             name = f"{prefix}.{k:05d}.safetensors"
             path = os.path.join(directory, name)
             save_file(part, path)
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-            names.append(name)
-        return names
+            saved.files.append(name)
+        return saved
 
     def load(self, directory: str, names: list[str], embeddings_only: bool = False, keep=None, merged: int = 1) -> None:
         """Reads what ``save`` wrote, a chunk at a time. Every file's header

@@ -5,6 +5,7 @@
 
 pub mod admission;
 mod batch;
+pub mod ckpt;
 mod column;
 pub mod dedup;
 pub mod features;

@@ -2,7 +2,7 @@
 //! GIL release and error mapping only — every rule lives in recis-core.
 //! One file per concern: `table` (tables, lookups, tickets), `pool`
 //! (pooling), `optim` (optimizer kernels and updates), `features` (feature
-//! ops), `io` (ORC reading).
+//! ops), `io` (ORC reading), `ckpt` (checkpoint checksums and headers).
 //!
 //! Ids cross as int64 arrays and are reinterpreted as u64 bit for bit (so
 //! negative ids are valid keys); row indices cross as uint32 arrays, with
@@ -13,6 +13,7 @@ use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use recis_core::{TableError, NO_ROW};
 
+mod ckpt;
 mod features;
 mod io;
 mod optim;
@@ -101,6 +102,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(features::truncate_many, m)?)?;
     m.add_class::<io::PyOrcSource>()?;
     m.add_class::<io::PyOrcReader>()?;
+    m.add_function(wrap_pyfunction!(ckpt::checksum_algorithm, m)?)?;
+    m.add_function(wrap_pyfunction!(ckpt::checksum_file, m)?)?;
+    m.add_function(wrap_pyfunction!(ckpt::checksum_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(ckpt::check_safetensors_file, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add("DataError", m.py().get_type::<DataError>())?;
     m.add("NO_ROW", NO_ROW)?;
