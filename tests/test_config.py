@@ -191,3 +191,16 @@ def test_bad_non_finite_option_names_the_field(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"\[data\].non_finite: 'nan' is not one of \['error', 'clamp', 'zero'\]"):
         load_config(path)
+
+
+def test_collective_timeout_reaches_the_trainer(tmp_path):
+    from recis.config import Job
+
+    path = write(tmp_path, CONFIG.format(model="deepfm").replace("save_every_steps = 20", "collective_timeout = 45"))
+    assert load_config(path).trainer.collective_timeout == 45
+    generate(str(tmp_path / "data"), 600, files=3, vocab=100, seed=0)
+    job = Job(load_config(path), for_training=False)
+    assert job.args.collective_timeout == 45
+    bad = write(tmp_path, CONFIG.format(model="deepfm").replace("save_every_steps = 20", "collective_timeout = -1"))
+    with pytest.raises(ConfigError, match=r"\[trainer\].collective_timeout: must be >= 0 seconds, got -1"):
+        load_config(bad)

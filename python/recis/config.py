@@ -67,6 +67,9 @@ evict_every_steps = 0         # 0: never
 resume = true                 # continue from output_dir's latest checkpoint
 warm_start = "runs/old/checkpoints"  # with no checkpoint to resume: start from this one (default: none)
 warm_start_parts = ["sparse", "dense"]  # its parts to load: "sparse", "dense", "optimizer"
+collective_timeout = 0        # under torchrun: seconds a rank may go silent (or a collective wait) before every
+                              # rank exits, status 3, naming it; 0: $RECIS_COLLECTIVE_TIMEOUT, else 300;
+                              # `recis train --collective-timeout` overrides; it must exceed a checkpoint save
 ```
 
 Paths are relative to the config file's directory.
@@ -146,6 +149,7 @@ class TrainerConfig:
     resume: bool = True
     warm_start: str = ""
     warm_start_parts: list[str] = field(default_factory=lambda: ["sparse", "dense"])
+    collective_timeout: float = 0.0
 
 
 @dataclass
@@ -259,6 +263,10 @@ def load_config(path: str) -> JobConfig:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
     _one_of(trainer.sparse_update, ("auto", "in_backward", "deferred"), f"{path}: [trainer].sparse_update")
+    if trainer.collective_timeout < 0:
+        raise ConfigError(
+            f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
+        )
     return JobConfig(path, data, features, model, optimizer, trainer)
 
 
@@ -355,6 +363,7 @@ class Job:
             resume=t.resume,
             warm_start=t.warm_start or None,
             warm_start_parts=tuple(t.warm_start_parts),
+            collective_timeout=t.collective_timeout or None,
             label_key=d.label,
             group_key=d.group,
         )

@@ -72,6 +72,12 @@ class TrainingArguments:
         inside backward when nothing needs the sparse gradient in between:
         no gradient accumulation and no fp16 loss scaling; else at the
         optimizer step), "in_backward" or "deferred" (``SparseOptimizer.in_backward``).
+    collective_timeout: under torchrun, seconds without a heartbeat from a
+        rank (or inside one collective) after which every rank exits with
+        status 3 (``recis.distributed.watchdog.EXIT_HUNG``), naming the
+        silent rank and its step (None: the process group's timeout,
+        ``recis.distributed.collective_timeout``). It must exceed the longest
+        a rank spends between collectives (a checkpoint save, evaluation).
     """
 
     output_dir: str
@@ -93,6 +99,7 @@ class TrainingArguments:
     plot: bool | None = None
     progress: bool = True
     sparse_update: str = "auto"
+    collective_timeout: float | None = None
 
     def __post_init__(self):
         if self.sparse_update not in ("auto", "in_backward", "deferred"):
@@ -106,6 +113,8 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
+        if self.collective_timeout is not None and not self.collective_timeout > 0:
+            raise ValueError(f"TrainingArguments.collective_timeout must be > 0 or None, got {self.collective_timeout}")
         for name in ("log_every_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "max_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -268,7 +277,14 @@ class Trainer:
             self.lr_scheduler.step()
 
     def train(self) -> dict:
-        """Trains to the end (epochs or max_steps); returns the last logs."""
+        """Trains to the end (epochs or max_steps); returns the last logs.
+        Under torchrun, a rank that goes silent ends every rank
+        (``collective_timeout``)."""
+        with distributed.watch(self.args.collective_timeout, self.checkpoints.latest, self.global_step) as heart:
+            self._heart = heart
+            return self._train()
+
+    def _train(self) -> dict:
         a = self.args
         if a.resume and self.checkpoints.latest() is not None:
             self.global_step = self.checkpoints.load(**self._state())
@@ -288,6 +304,7 @@ class Trainer:
             )
         elif a.warm_start is not None:
             self._warm_start()
+        self._heart.beat(self.global_step)
         self.model.train()
         k = a.gradient_accumulation_steps
         micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
@@ -320,6 +337,7 @@ class Trainer:
                 self._optimizer_step()
                 self.global_step += 1
                 step = self.global_step
+                self._heart.beat(step)
                 if a.evict_every_steps and step % a.evict_every_steps == 0:
                     for t in self.tables.values():
                         if t.option.eviction is not None:
