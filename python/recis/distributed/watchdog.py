@@ -77,6 +77,7 @@ class Watchdog:
         self._alive: dict[int, float] = {}  # peer -> when its tick last changed
         self._moved: dict[int, float] = {}  # rank -> when its (step, entered) last changed
         self._store_failing: float | None = None
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._exiting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="recis-watchdog", daemon=True)
@@ -137,8 +138,12 @@ class Watchdog:
 
     def _run(self) -> None:
         me = (self.step, self.collectives()[0])
-        self._moved[self.rank] = time.monotonic()
-        while not self._stop.wait(self.interval):
+        self._started = self._moved[self.rank] = time.monotonic()
+        # A first look soon, once the peers (which start in step with this
+        # rank) have published theirs; then every interval.
+        wait = min(0.2, self.interval)
+        while not self._stop.wait(wait):
+            wait = self.interval
             now = time.monotonic()
             try:
                 self._publish()
@@ -191,7 +196,10 @@ class Watchdog:
             )
         missing = sorted(set(range(self.world)) - set(entered))
         if missing:
-            return f"rank(s) {missing} never sent a heartbeat"
+            return "; ".join(
+                f"rank {r} has not been heard from since this rank began training ({now - self._started:.0f} s)"
+                for r in missing
+            )
         return (
             f"every rank has waited in a collective since step {min(steps.values())} "
             f"({now - max(moved.values()):.0f} s) and none is behind: they wait in different collectives, "
