@@ -126,7 +126,8 @@ def watch(timeout: float | None = None, last_checkpoint=None, step: int = 0):
     fault on stderr and exits with ``watchdog.EXIT_HUNG`` (see
     ``recis.distributed.watchdog``). Yields an object whose ``beat(step)``
     the loop calls as it completes each step. ``timeout``: seconds (None:
-    the process group's, ``collective_timeout``); ``last_checkpoint``: a
+    the one ``init_from_env`` gave the process group, else
+    ``collective_timeout()``); ``last_checkpoint``: a
     function naming the checkpoint to resume from. Nothing is watched when
     run as one process.
 

@@ -241,11 +241,14 @@ def _live(seen: dict) -> list[int]:
 def _client_store(timeout_s: float):
     """A connection of its own to the job's store (torchrun's
     MASTER_ADDR:MASTER_PORT), with a short timeout, so that a store that
-    does not answer delays the thread by ``timeout_s`` at most; else the
-    process group's store."""
+    does not answer delays the thread by ``timeout_s`` at most; else (no
+    such address, or none answering) the process group's store."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
-        return dist.TCPStore(
-            addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-        )
+        try:
+            return dist.TCPStore(
+                addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+            )
+        except (RuntimeError, ValueError):
+            pass
     return dist.distributed_c10d._get_default_store()

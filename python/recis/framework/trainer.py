@@ -75,8 +75,8 @@ class TrainingArguments:
     collective_timeout: under torchrun, seconds without a heartbeat from a
         rank (or inside one collective) after which every rank exits with
         status 3 (``recis.distributed.watchdog.EXIT_HUNG``), naming the
-        silent rank and its step (None: the process group's timeout,
-        ``recis.distributed.collective_timeout``). It must exceed the longest
+        silent rank and its step (None: the timeout ``init_from_env`` gave
+        the process group, else ``recis.distributed.collective_timeout()``). It must exceed the longest
         a rank spends between collectives (a checkpoint save, evaluation).
     """
 
