@@ -317,7 +317,7 @@ def wait_for(predicate, timeout: float, what: str):
         ("sleep", "rank 1 has made no progress since step 4"),
     ],
 )
-def test_a_rank_that_hangs_ends_every_rank_naming_it(runs, tmp_path, how, verdict):
+def test_a_rank_that_hangs_ends_every_rank_naming_it(request, tmp_path, how, verdict):
     timeout = 10
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(
@@ -357,9 +357,30 @@ def test_a_rank_that_hangs_ends_every_rank_naming_it(runs, tmp_path, how, verdic
     assert line is not None, out[-3000:]
     assert verdict in line and f"collective_timeout {timeout} s" in line and "exiting with code 3" in line, line
     assert f"the last checkpoint is {job / 'checkpoints' / 'ckpt-3'}" in line, line
-    # The checkpoint is intact: the run resumes from it to the uninterrupted end.
     assert (job / "checkpoints" / "latest").read_text() == "ckpt-3"
+    if how == "sleep":
+        # The checkpoint is intact: every part of it loads (in one process,
+        # re-sharded; the resume under torchrun is the "stop" case's).
+        sys.path.insert(0, HERE)
+        try:
+            import _dist_worker as w
+        finally:
+            sys.path.remove(HERE)
+        from recis.framework import CheckpointManager
+
+        model, dense_opt, sparse_opt = w.build()
+        parts = ("sparse", "dense", "optimizer")
+        tables = {t.name: t for t in model.tables()}
+        manager = CheckpointManager.reading(str(job / "checkpoints"))
+        step = manager.load(
+            tables=tables, model=model, dense_optimizer=dense_opt, sparse_optimizer=sparse_opt, parts=parts
+        )
+        assert step == 3
+        assert len(tables[TABLE]) > 0
+        return
+    # The checkpoint is intact: the run resumes from it to the uninterrupted end.
     torchrun(WORKER, str(tmp_path), "6", str(job))
+    runs = request.getfixturevalue("runs")
     for rank in (0, 1):
         whole, resumed = result(runs, f"2-{rank}"), result(tmp_path, f"2-{rank}-resumed")
         for k in whole:
