@@ -141,16 +141,19 @@ def engine_only(out: str) -> None:
 
 
 def kill_at(rank: int, spec: str) -> None:
-    """RECIS_TEST_KILL="RANK,WHAT,K": SIGKILL rank RANK at the K-th call of
+    """RECIS_TEST_KILL="RANK,WHAT,K[,HOW]": SIGKILL rank RANK at the K-th call of
     WHAT — "table_save" (one table's shard of a checkpoint),
     "point_latest" (after the checkpoint's rename, before the pointer moves)
-    or "sparse_step" (inside an optimizer step)."""
+    or "sparse_step" (inside an optimizer step). HOW: "kill" (the default),
+    "stop" (SIGSTOP: a rank that hangs) or "sleep" (sleeps for ever, the GIL
+    released: a rank deadlocked in native code)."""
     import signal
+    import time
 
     from recis.framework import CheckpointManager
     from recis.optim.sparse import SparseOptimizer
 
-    who, what, k = spec.split(",")
+    who, what, k, how = (spec + ",kill").split(",")[:4]
     if int(who) != rank:
         return
     cls, name = {
@@ -163,7 +166,10 @@ def kill_at(rank: int, spec: str) -> None:
     def deadly(*args, **kwargs):
         calls[0] += 1
         if calls[0] == int(k):
-            os.kill(os.getpid(), signal.SIGKILL)
+            if how == "sleep":
+                while True:
+                    time.sleep(60)
+            os.kill(os.getpid(), signal.SIGSTOP if how == "stop" else signal.SIGKILL)
         return original(*args, **kwargs)
 
     setattr(cls, name, deadly)
@@ -172,6 +178,8 @@ def kill_at(rank: int, spec: str) -> None:
 def main(out: str, max_steps: int, resume_dir: str | None = None) -> None:
     distributed.init_from_env()
     rank, n = distributed.rank(), distributed.world()
+    with open(os.path.join(out, f"pid-{rank}"), "w") as f:
+        f.write(str(os.getpid()))
     if os.environ.get("RECIS_TEST_KILL"):
         kill_at(rank, os.environ["RECIS_TEST_KILL"])
     model, dense_opt, sparse_opt = build()

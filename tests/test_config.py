@@ -150,3 +150,57 @@ def test_missing_column_bad_labels_and_foreign_checkpoint(data_dir, tmp_path, ca
     )
     assert main(["train", "--config", path]) == 2
     assert "label column 'label': value 2" in capsys.readouterr().err
+
+
+def one_file_job(d, table, extra=""):
+    """CONFIG on one file holding ``table``, no evaluation; ``extra``: more [data] fields."""
+    po.write_table(table, d / "part-00000.orc")
+    text = CONFIG.format(model="deepfm").replace('"data/part-00000.orc", "data/part-00001.orc"', '"part-00000.orc"')
+    return write(d, text.replace('eval = ["data/part-00002.orc"]', extra))
+
+
+def test_inf_in_a_dense_column_stops_training_naming_file_column_and_row(data_dir, tmp_path, capsys):
+    t = po.read_table(data_dir / "data" / "part-00000.orc")
+    i2 = t.column("I2").to_pylist()
+    i2[321] = float("inf")
+    t = t.set_column(t.column_names.index("I2"), "I2", pa.array(i2, pa.float32()))
+    path = one_file_job(tmp_path, t)
+    assert main(["train", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'part-00000.orc'}, row 321: column 'I2': inf is not a finite number" in err, err
+    assert not (tmp_path / "out" / "checkpoints" / "latest").exists()  # stopped before any step was saved
+    # Asked for, the old behaviour: clamped to float32's largest, then log1p.
+    (tmp_path / "clamp").mkdir()
+    assert main(["train", "--config", one_file_job(tmp_path / "clamp", t, 'non_finite = "clamp"')]) == 0
+    # A finite float64 value beyond float32's range would become inf in the dense input.
+    t = po.read_table(data_dir / "data" / "part-00000.orc")
+    i3 = t.column("I3").to_pylist()
+    i3[10] = 1e39
+    t = t.set_column(t.column_names.index("I3"), "I3", pa.array(i3, pa.float64()))
+    (tmp_path / "wide").mkdir()
+    assert main(["train", "--config", one_file_job(tmp_path / "wide", t)]) == 2
+    err = capsys.readouterr().err
+    assert "[data].dense column 'I3', row 10 of a batch: 1e+39 is beyond float32's range" in err, err
+    (tmp_path / "zero").mkdir()
+    assert main(["train", "--config", one_file_job(tmp_path / "zero", t, 'non_finite = "zero"')]) == 0
+
+
+def test_bad_non_finite_option_names_the_field(tmp_path):
+    path = write(
+        tmp_path, CONFIG.format(model="deepfm").replace("batch_size = 512", 'batch_size = 512\nnon_finite = "nan"')
+    )
+    with pytest.raises(ConfigError, match=r"\[data\].non_finite: 'nan' is not one of \['error', 'clamp', 'zero'\]"):
+        load_config(path)
+
+
+def test_collective_timeout_reaches_the_trainer(tmp_path):
+    from recis.config import Job
+
+    path = write(tmp_path, CONFIG.format(model="deepfm").replace("save_every_steps = 20", "collective_timeout = 45"))
+    assert load_config(path).trainer.collective_timeout == 45
+    generate(str(tmp_path / "data"), 600, files=3, vocab=100, seed=0)
+    job = Job(load_config(path), for_training=False)
+    assert job.args.collective_timeout == 45
+    bad = write(tmp_path, CONFIG.format(model="deepfm").replace("save_every_steps = 20", "collective_timeout = -1"))
+    with pytest.raises(ConfigError, match=r"\[trainer\].collective_timeout: must be >= 0 seconds, got -1"):
+        load_config(bad)

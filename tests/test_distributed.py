@@ -8,8 +8,10 @@ frequencies, dense parameters and evaluation metrics, to float rounding.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -287,3 +289,114 @@ def test_recis_train_under_torchrun(tmp_path, capsys):
     one = float(re.search(r"eval: auc (\d\.\d+)", listing).group(1))
     two = torchrun("-m", "recis.cli", "eval", "--config", config)
     assert float(re.search(r"eval: auc (\d\.\d+)", two).group(1)) == one
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T": stopped, "Z": exited, unreaped), "gone" when reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "how, verdict",
+    [
+        # SIGSTOP: the rank's heartbeat thread stops too.
+        ("stop", "rank 1 has been silent since step 4"),
+        # Asleep for ever in the sparse step, the GIL released (a deadlock in
+        # native code): it beats, but rank 0 waits for it in a collective.
+        ("sleep", "rank 1 has made no progress since step 4"),
+    ],
+)
+def test_a_rank_that_hangs_ends_every_rank_naming_it(request, tmp_path, how, verdict):
+    timeout = 10
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", RECIS_COLLECTIVE_TIMEOUT=str(timeout), RECIS_TEST_KILL=f"1,sparse_step,5,{how}"
+    )
+    job = tmp_path / "job"
+    p = subprocess.Popen(
+        cmd + [WORKER, str(tmp_path), "6", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for(lambda: all((tmp_path / f"pid-{r}").exists() for r in (0, 1)), 120, "the ranks to start")
+        pids = [int((tmp_path / f"pid-{r}").read_text()) for r in (0, 1)]
+        # Rank 1 hangs inside step 5, after the checkpoint at step 3.
+        hung = (
+            (lambda: process_state(pids[1]) == "T")
+            if how == "stop"
+            else (lambda: (job / "checkpoints" / "ckpt-3").exists())
+        )
+        wait_for(hung, 120, f"rank 1 to hang ({how})")
+        t0 = time.monotonic()
+        wait_for(lambda: process_state(pids[0]) in ("Z", "gone"), timeout + 20, "rank 0 to exit")
+        # Within the timeout, a heartbeat interval (1 s) and this loaded machine's slack.
+        assert time.monotonic() - t0 < timeout + 15
+        if how == "stop":
+            os.kill(pids[1], signal.SIGCONT)  # torchrun's SIGTERM lands now, not after its 30 s grace
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    line = next((x for x in out.splitlines() if "recis: rank 0 at step" in x), None)
+    assert line is not None, out[-3000:]
+    assert verdict in line and f"collective_timeout {timeout} s" in line and "exiting with code 3" in line, line
+    assert f"the last checkpoint is {job / 'checkpoints' / 'ckpt-3'}" in line, line
+    assert (job / "checkpoints" / "latest").read_text() == "ckpt-3"
+    if how == "sleep":
+        # The checkpoint is intact: every part of it loads (in one process,
+        # re-sharded; the resume under torchrun is the "stop" case's).
+        sys.path.insert(0, HERE)
+        try:
+            import _dist_worker as w
+        finally:
+            sys.path.remove(HERE)
+        from recis.framework import CheckpointManager
+
+        model, dense_opt, sparse_opt = w.build()
+        parts = ("sparse", "dense", "optimizer")
+        tables = {t.name: t for t in model.tables()}
+        manager = CheckpointManager.reading(str(job / "checkpoints"))
+        step = manager.load(
+            tables=tables, model=model, dense_optimizer=dense_opt, sparse_optimizer=sparse_opt, parts=parts
+        )
+        assert step == 3
+        assert len(tables[TABLE]) > 0
+        return
+    # The checkpoint is intact: the run resumes from it to the uninterrupted end.
+    torchrun(WORKER, str(tmp_path), "6", str(job))
+    runs = request.getfixturevalue("runs")
+    for rank in (0, 1):
+        whole, resumed = result(runs, f"2-{rank}"), result(tmp_path, f"2-{rank}-resumed")
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), (how, rank, k)
+
+
+def test_collective_timeout_is_explicit_else_the_environment_else_five_minutes(monkeypatch):
+    from recis.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout() == DEFAULT_TIMEOUT_S == 300
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert collective_timeout() == 12.5
+    assert collective_timeout(7) == 7
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=r"\$RECIS_COLLECTIVE_TIMEOUT='soon': expected seconds"):
+        collective_timeout()
+    with pytest.raises(ValueError, match="must be > 0 seconds"):
+        collective_timeout(0)

@@ -322,3 +322,65 @@ def test_duplicate_columns_are_refused(dataset_dir):
 def test_pin_memory_without_cuda_is_refused_clearly(dataset_dir):
     with pytest.raises(ValueError, match="pin_memory=True needs a CUDA device"):
         OrcDataset(dataset_dir, 10, ["id"], pin_memory=True)
+
+
+@pytest.fixture(scope="module")
+def inf_dir(tmp_path_factory):
+    """Three files of 50-row stripes (so that a shuffled plan's stripes
+    cannot be told apart by their row counts): +inf in part-1's f32 at row
+    123, -inf in part-2's list column at row 7; nulls and a stored NaN."""
+    d = tmp_path_factory.mktemp("inf")
+    for k in range(3):
+        n = 300
+        f32 = [float(i) for i in range(n)]
+        f32[5] = None
+        f32[6] = float("nan")
+        lf = [[float(i), 0.5] for i in range(n)]
+        if k == 1:
+            f32[123] = float("inf")
+        if k == 2:
+            lf[7] = [1.0, float("-inf")]
+        table = pa.table(
+            {
+                "id": pa.array(range(k * n, (k + 1) * n), pa.int64()),
+                "f32": pa.array(f32, pa.float32()),
+                "lf": pa.array(lf, pa.list_(pa.float64())),
+            }
+        )
+        po.write_table(table, d / f"part-{k}.orc", compression="uncompressed", stripe_size=1, batch_size=50)
+    return d
+
+
+def read_errors(d, columns, **kw):
+    """The errors of reading ``d`` by each of two workers."""
+    errors = []
+    for w in (0, 1):
+        try:
+            list(OrcDataset(str(d), 64, columns, worker_idx=w, worker_num=2, **kw))
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_inf_in_a_float_column_is_an_error_naming_file_column_and_row(inf_dir, shuffle):
+    errors = read_errors(inf_dir, ["id", "f32"], shuffle=shuffle, seed=3)
+    assert len(errors) == 1, errors  # one worker reads that stripe
+    assert f"{inf_dir / 'part-1.orc'}, row 123: column 'f32': inf is not a finite number" in errors[0], errors
+    errors = read_errors(inf_dir, ["id", "lf"], shuffle=shuffle, seed=3)
+    assert len(errors) == 1, errors
+    assert f"{inf_dir / 'part-2.orc'}, row 7: column 'lf': -inf is not a finite number" in errors[0], errors
+
+
+def test_non_finite_clamp_and_zero_replace_inf_and_keep_nan_as_null(inf_dir):
+    for how, want in (("clamp", torch.finfo(torch.float32).max), ("zero", 0.0)):
+        batches = list(OrcDataset(str(inf_dir / "part-1.orc"), 1000, ["f32", "lf"], non_finite=how))
+        f32 = batches[0]["f32"]
+        assert f32[123].item() == want
+        assert torch.isnan(f32[5]) and torch.isnan(f32[6])  # a null and a stored NaN read alike
+        assert torch.isfinite(f32[~torch.isnan(f32)]).all()
+        big = torch.finfo(torch.float64).max
+        lf = list(OrcDataset(str(inf_dir / "part-2.orc"), 1000, ["lf"], non_finite=how))[0]["lf"]
+        assert lf.values[15].item() == (-big if how == "clamp" else 0.0)
+    with pytest.raises(ValueError, match=r"non_finite must be one of \['error', 'clamp', 'zero'\], got 'keep'"):
+        OrcDataset(str(inf_dir), 64, ["f32"], non_finite="keep")

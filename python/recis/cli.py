@@ -107,13 +107,15 @@ def train_cmd(args) -> int:
     from recis.framework import CheckpointError, TrainingError
 
     set_threads(args.threads)
-    # Under torchrun: join the process group; tables are sharded over the
-    # ranks, each reads its share of the files, rank 0 writes the logs.
-    distributed.init_from_env()
-    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     try:
-        job = Job(load_config(args.config))
-        cfg = job.cfg
+        cfg = load_config(args.config)
+        if args.collective_timeout is not None:
+            cfg.trainer.collective_timeout = args.collective_timeout
+        # Under torchrun: join the process group; tables are sharded over the
+        # ranks, each reads its share of the files, rank 0 writes the logs.
+        distributed.init_from_env(timeout=cfg.trainer.collective_timeout or None)
+        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+        job = Job(cfg)
         say(
             f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
             f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
@@ -140,9 +142,10 @@ def eval_cmd(args) -> int:
     from recis.framework.checkpoint import resolve_checkpoint
 
     set_threads(args.threads)
-    distributed.init_from_env()
     try:
-        job = Job(load_config(args.config), for_training=False)
+        cfg = load_config(args.config)
+        distributed.init_from_env(timeout=args.collective_timeout or cfg.trainer.collective_timeout or None)
+        job = Job(cfg, for_training=False)
         if job.eval_dataset is None:
             raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
         ckpt = job.trainer.checkpoints
@@ -201,6 +204,22 @@ def datagen_cmd(args) -> int:
     return 0
 
 
+TIMEOUT_HELP = (
+    "under torchrun: seconds a rank may go silent (or a collective wait) before every rank exits, naming it "
+    "(default: [trainer] collective_timeout, else $RECIS_COLLECTIVE_TIMEOUT, else 300)"
+)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="recis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"recis {recis.__version__}")
@@ -238,11 +257,13 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
     t.add_argument("--config", required=True)
     t.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    t.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
     e.add_argument("--config", required=True)
     e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
     e.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     e.set_defaults(func=eval_cmd)
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
     i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")

@@ -10,6 +10,10 @@ eval = ["data/eval"]          # held-out data for evaluation (default: none)
 label = "label"               # label column: values must be 0 or 1
 dense = ["I1", "I2"]          # numeric columns stacked into the model's dense input (default: none)
 dense_transform = "none"      # "none" or "log1p" (log(1 + max(x, 0)), for counts); NaN/null reads as 0
+non_finite = "error"          # ±inf in a float column (or a float64 dense value beyond float32's range):
+                              # "error" (names the file, column and row), "clamp" (to ±3.4e38, float32's
+                              # largest) or "zero"; NaN is a null (the reader cannot tell a stored NaN from
+                              # one) and reads as 0
 group = "user_id"             # integer column to group GAUC by (default: no GAUC)
 batch_size = 4096
 shuffle = true                # seeded shuffle of stripes, per epoch
@@ -63,6 +67,9 @@ evict_every_steps = 0         # 0: never
 resume = true                 # continue from output_dir's latest checkpoint
 warm_start = "runs/old/checkpoints"  # with no checkpoint to resume: start from this one (default: none)
 warm_start_parts = ["sparse", "dense"]  # its parts to load: "sparse", "dense", "optimizer"
+collective_timeout = 0        # under torchrun: seconds a rank may go silent (or a collective wait) before every
+                              # rank exits, status 3, naming it; 0: $RECIS_COLLECTIVE_TIMEOUT, else 300;
+                              # `recis train --collective-timeout` overrides; it must exceed a checkpoint save
 ```
 
 Paths are relative to the config file's directory.
@@ -77,6 +84,8 @@ from dataclasses import MISSING, dataclass, field, fields
 import tomllib
 import torch
 
+from recis.io.dataset import NON_FINITE, DataError
+
 
 class ConfigError(ValueError):
     """A bad config; the message names the file, section and field."""
@@ -89,6 +98,7 @@ class DataConfig:
     label: str = "label"
     dense: list[str] = field(default_factory=list)
     dense_transform: str = "none"
+    non_finite: str = "error"
     group: str | None = None
     batch_size: int = 4096
     shuffle: bool = True
@@ -139,6 +149,7 @@ class TrainerConfig:
     resume: bool = True
     warm_start: str = ""
     warm_start_parts: list[str] = field(default_factory=lambda: ["sparse", "dense"])
+    collective_timeout: float = 0.0
 
 
 @dataclass
@@ -210,6 +221,7 @@ def load_config(path: str) -> JobConfig:
     if not data.train:
         raise ConfigError(f"{path}: [data].train names no files")
     _one_of(data.dense_transform, ("none", "log1p"), f"{path}: [data].dense_transform")
+    _one_of(data.non_finite, NON_FINITE, f"{path}: [data].non_finite")
     if not isinstance(raw["feature"], list):
         raise ConfigError(f"{path}: features are [[feature]] tables (an array), not one [feature] table")
     features = []
@@ -251,6 +263,10 @@ def load_config(path: str) -> JobConfig:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
     _one_of(trainer.sparse_update, ("auto", "in_backward", "deferred"), f"{path}: [trainer].sparse_update")
+    if trainer.collective_timeout < 0:
+        raise ConfigError(
+            f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
+        )
     return JobConfig(path, data, features, model, optimizer, trainer)
 
 
@@ -286,7 +302,13 @@ class Job:
                 raise ConfigError(f"{cfg.path}: column {col!r} is read twice (a feature, label, dense or group)")
             seen.add(col)
             columns.append(Column(col, hash=f.hash, bucket=f.bucket))
-        kw = dict(batch_size=d.batch_size, columns=columns, num_threads=d.num_threads, prefetch=d.prefetch)
+        kw = dict(
+            batch_size=d.batch_size,
+            columns=columns,
+            num_threads=d.num_threads,
+            prefetch=d.prefetch,
+            non_finite=d.non_finite,
+        )
         self.train_dataset = OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, **kw) if for_training else None
         self.eval_dataset = OrcDataset(d.eval, **kw) if d.eval else None
         cls = MODELS[cfg.model["name"]]
@@ -341,6 +363,7 @@ class Job:
             resume=t.resume,
             warm_start=t.warm_start or None,
             warm_start_parts=tuple(t.warm_start_parts),
+            collective_timeout=t.collective_timeout or None,
             label_key=d.label,
             group_key=d.group,
         )
@@ -371,8 +394,26 @@ class Job:
             out[f.name] = v
         if d.dense:
             x = torch.stack([batch[c].to(torch.float32) for c in d.dense], dim=1)
-            x = torch.nan_to_num(x, nan=0.0)
+            if not bool(torch.isfinite(x).all()):
+                x = self._finite_dense(batch, x)
             if d.dense_transform == "log1p":
                 x = torch.log1p(x.clamp_min(0))
             out["dense"] = x
         return out
+
+    def _finite_dense(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
+        """The dense input ``x`` [B, len(dense)] with NaN (a null) as 0 and
+        ±inf per ``[data] non_finite``. The reader has already refused (or
+        replaced) ±inf in its columns, so an inf here is a float64 value
+        beyond float32's range."""
+        d = self.cfg.data
+        inf = torch.isinf(x)
+        if d.non_finite == "error" and bool(inf.any()):
+            row, j = (int(i) for i in inf.nonzero()[0])
+            raise DataError(
+                f"{self.cfg.path}: [data].dense column {d.dense[j]!r}, row {row} of a batch: "
+                f"{float(batch[d.dense[j]][row])!r} is beyond float32's range (the dense input is float32); "
+                '[data] non_finite = "clamp" or "zero" replaces such values'
+            )
+        zero = 0.0 if d.non_finite == "zero" else None  # None: nan_to_num clamps to float32's largest
+        return torch.nan_to_num(x, nan=0.0, posinf=zero, neginf=zero)

@@ -77,6 +77,12 @@ class TrainingArguments:
         inside backward when nothing needs the sparse gradient in between:
         no gradient accumulation and no fp16 loss scaling; else at the
         optimizer step), "in_backward" or "deferred" (``SparseOptimizer.in_backward``).
+    collective_timeout: under torchrun, seconds without a heartbeat from a
+        rank (or inside one collective) after which every rank exits with
+        status 3 (``recis.distributed.watchdog.EXIT_HUNG``), naming the
+        silent rank and its step (None: the timeout ``init_from_env`` gave
+        the process group, else ``recis.distributed.collective_timeout()``). It must exceed the longest
+        a rank spends between collectives (a checkpoint save, evaluation).
     """
 
     output_dir: str
@@ -98,6 +104,7 @@ class TrainingArguments:
     plot: bool | None = None
     progress: bool = True
     sparse_update: str = "auto"
+    collective_timeout: float | None = None
 
     def __post_init__(self):
         if self.sparse_update not in ("auto", "in_backward", "deferred"):
@@ -111,6 +118,8 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
+        if self.collective_timeout is not None and not self.collective_timeout > 0:
+            raise ValueError(f"TrainingArguments.collective_timeout must be > 0 or None, got {self.collective_timeout}")
         for name in ("log_every_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "max_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -313,9 +322,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Trains to the end (epochs or max_steps); returns the last logs.
-        Holds the output_dir's lock throughout."""
+        Holds the output_dir's lock throughout. Under torchrun, a rank that
+        goes silent ends every rank (``collective_timeout``)."""
         with self._holding_lock():
-            return self._train()
+            with distributed.watch(self.args.collective_timeout, self.checkpoints.latest, self.global_step) as heart:
+                self._heart = heart
+                return self._train()
 
     def _resume(self) -> None:
         """From the newest checkpoint that verifies; the newer damaged ones
@@ -348,6 +360,7 @@ class Trainer:
             )
         elif a.warm_start is not None:
             self._warm_start()
+        self._heart.beat(self.global_step)
         self.model.train()
         k = a.gradient_accumulation_steps
         micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
@@ -379,6 +392,7 @@ class Trainer:
                 self._optimizer_step()
                 self.global_step += 1
                 step = self.global_step
+                self._heart.beat(step)
                 if a.evict_every_steps and step % a.evict_every_steps == 0:
                     for t in self.tables.values():
                         if t.option.eviction is not None:

@@ -35,12 +35,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from recis import _native
 from recis.features.strings import StringColumn
 from recis.ragged import RaggedTensor
+
+DataError = _native.DataError
+
+NON_FINITE = ("error", "clamp", "zero")
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,12 @@ class OrcDataset(IterableDataset):
         max_stripe_rows: int = 1 << 27,
         max_stripe_bytes: int = 1 << 31,
         max_list_elements: int = 1 << 27,
+        non_finite: str = "error",
     ):
         super().__init__()
+        if non_finite not in NON_FINITE:
+            raise ValueError(f"OrcDataset: non_finite must be one of {list(NON_FINITE)}, got {non_finite!r}")
+        self.non_finite = non_finite
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         paths = [os.fspath(p) for p in paths]
@@ -162,20 +171,24 @@ class OrcDataset(IterableDataset):
                 if got is None:
                     break
                 cols, rows, (unit, row) = got
-                batch = self._to_batch(cols)
+                batch = self._to_batch(cols, (self.unit, self.row))
                 self.unit, self.row = unit, row
                 yield batch
         finally:
             reader.close()
         self.epoch, self.unit, self.row = self.epoch + 1, 0, 0
 
-    def _to_batch(self, cols) -> dict:
+    def _to_batch(self, cols, start: tuple[int, int]) -> dict:
+        """A reader batch as tensors; ``start``: the cursor before it (to
+        name where a non-finite value lies)."""
         out = {}
         for (name, dtype, _is_list, _hashed), (values, str_offsets, offsets) in zip(self.types, cols, strict=True):
             if dtype == "string":
                 value = StringColumn(values, str_offsets, offsets)
             else:
                 v = torch.from_numpy(values)
+                if dtype != "int64":
+                    v = self._finite(name, v, offsets, start)
                 if offsets is None:
                     value = v
                 else:
@@ -186,6 +199,86 @@ class OrcDataset(IterableDataset):
                     value = value.to(self.device, non_blocking=self.pin_memory)
             out[name] = value
         return out
+
+    def _finite(self, name: str, v: torch.Tensor, offsets, start: tuple[int, int]) -> torch.Tensor:
+        """``v`` with its ±inf handled per ``non_finite``. One pass when
+        there are none; NaN (a null) is left alone, which is why this tests
+        ``isinf`` and not ``isfinite``."""
+        inf = torch.isinf(v)
+        if not bool(inf.any()):
+            return v
+        if self.non_finite == "zero":
+            return v.masked_fill(inf, 0.0)
+        if self.non_finite == "clamp":
+            big = torch.finfo(v.dtype).max
+            return v.clamp(-big, big)  # NaN stays NaN
+        bad = inf.nonzero()[:, 0]
+        at = int(bad[0])
+        row = at if offsets is None else int(np.searchsorted(offsets, at, side="right")) - 1
+        more = f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+        where = self._locate(name, start, row, v, offsets)
+        raise DataError(
+            f"{where}: column {name!r}: {float(v[at])} is not a finite number{more}; "
+            "OrcDataset(non_finite='clamp' or 'zero') (config: [data] non_finite) replaces such values, and a NaN "
+            "reads as a null"
+        )
+
+    def _locate(self, name: str, start: tuple[int, int], batch_row: int, v: torch.Tensor, offsets) -> str:
+        """Where row ``batch_row`` lies ("FILE, row R") of the batch that began
+        at cursor ``start``, whose column ``name`` is ``v`` (with row
+        ``offsets`` for a list column); the error path only, as it opens
+        every file again.
+
+        The native reader does not say which file a plan unit (a stripe)
+        comes from, so the stripes are listed file by file here: an
+        unshuffled plan deals them out in that order; a shuffled one is
+        matched by the stripe's row count and the row's value in ``name``
+        (several matches are all named)."""
+        plan = self.source.plan_rows(self.shuffle, self.seed, self.epoch, self.worker_idx, self.worker_num)
+        unit, row = start
+        left = batch_row
+        while unit < len(plan) and left >= plan[unit] - row:
+            left -= plan[unit] - row
+            unit, row = unit + 1, 0
+        row += left
+        col = next(c for c in self.columns if c.name == name)
+        stripes = []  # (file, its source, stripe index, rows before it in the file, rows)
+        for path in self.files:
+            try:
+                src = _native.OrcSource([path], [(col.name, col.hash, col.bucket)])
+            except ValueError:
+                continue  # a file without rows holds no stripe
+            before = 0
+            for k, n in enumerate(src.plan_rows(False, 0, 0, 0, 1)):
+                stripes.append((path, src, k, before, n))
+                before += n
+        if not self.shuffle:
+            found = [stripes[self.worker_idx + unit * self.worker_num]]
+        else:
+            found = [s for s in stripes if s[4] == plan[unit] and self._holds(s, row, v, batch_row, offsets)]
+        where = [f"{path}, row {before + row}" for path, _, _, before, _ in found]
+        if len(where) == 1:
+            return where[0]
+        if not where:
+            return f"row {row} of unit {unit} of epoch {self.epoch}'s plan (its file was not found)"
+        return "one of " + "; ".join(where)
+
+    @staticmethod
+    def _holds(stripe, row: int, v: torch.Tensor, batch_row: int, offsets) -> bool:
+        """Whether row ``row`` of ``stripe`` (read in its one column) holds
+        the values of row ``batch_row`` of ``v``."""
+        _, src, k, _, _ = stripe
+        reader = src.reader(False, 0, 0, 0, 1, k, row, 1, False, 1, 1)
+        try:
+            [(values, _, _)], _, _ = reader.next_batch()
+        finally:
+            reader.close()
+        mine = v.numpy()
+        if offsets is not None:
+            mine = mine[offsets[batch_row] : offsets[batch_row + 1]]
+        else:
+            mine = mine[batch_row : batch_row + 1]
+        return values.tobytes() == mine.tobytes()
 
     def state_dict(self) -> dict:
         return {
