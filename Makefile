@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # torch 2.13 matches the TorchRec CPU peer of the benchmarks (fbgemm-gpu-cpu 1.8.0).
 TORCH  ?= torch==2.13.*
 
-.PHONY: setup build demo test test-rust test-python lint bench bench-peers clean
+.PHONY: setup build demo test test-rust test-python lint fuzz bench bench-peers clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test-rust:
 
 test-python: build
 	$(PY) -m pytest -q
+
+# Each fuzz target for a fixed budget (seconds), from its seed corpus; CI
+# runs it after `make test` (fuzz/run.sh says how it builds).
+FUZZ_SECONDS ?= 45
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 # The sparse step against its peers is the shared harness, run from ../shared
 # (it needs `make bench-peers` for TorchRec).

@@ -199,7 +199,12 @@ def inspect_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    for p in generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed):
+    try:
+        paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
+    except ValueError as e:
+        print(f"recis datagen: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
         print(p)
     return 0
 

@@ -51,7 +51,16 @@ class SyntheticCTR:
     num_dense: int = 0
     cross_strength: float = 1.0
 
+    #: The Zipf table holds 8 bytes per id, with two temporaries as large
+    #: while it is built: 2**26 ids is about 1.5 GB.
+    MAX_VOCAB = 1 << 26
+
     def __post_init__(self):
+        if not 1 <= self.vocab <= self.MAX_VOCAB:
+            raise ValueError(
+                f"SyntheticCTR: vocab={self.vocab:,} must be in 1..{self.MAX_VOCAB:,} "
+                f"(its Zipf table needs {24 * self.vocab / 2**30:.1f} GiB while it is built)"
+            )
         ranks = np.arange(1, self.vocab + 1, dtype=np.float64)
         p = ranks ** (-self.zipf_s)
         self._cdf = np.cumsum(p / p.sum())

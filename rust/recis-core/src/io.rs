@@ -954,6 +954,36 @@ impl Drop for Reader {
     }
 }
 
+/// Reads every row of every column RecIS can read in `files` (the first
+/// file's schema; strings raw), through the same checks and decoders as a
+/// training read: the number of rows, or the first error. The fuzz target
+/// `orc_read` runs it on arbitrary bytes.
+pub fn validate(files: &[PathBuf], limits: Limits) -> Result<u64> {
+    let first = files.first().ok_or_else(|| IoError::Usage("no ORC files to read".into()))?;
+    let bad = |e: &dyn fmt::Display| IoError::Data(format!("{}: not a readable ORC file: {e}", first.display()));
+    let file = MappedFile::open(first).map_err(|e| IoError::Data(format!("{}: cannot open: {e}", first.display())))?;
+    orc_guard::read_tail(&file.0, &limits).map_err(|e| bad(&e))?;
+    let builder = std::panic::catch_unwind(|| ArrowReaderBuilder::try_new(file))
+        .map_err(|p| bad(&format!("the ORC reader failed ({})", panic_message(&*p))))?
+        .map_err(|e| bad(&e))?;
+    let columns: Vec<ColumnRequest> = builder
+        .schema()
+        .fields()
+        .iter()
+        .filter(|f| column_type_of(f.data_type()).is_some())
+        .map(|f| ColumnRequest { name: f.name().clone(), hash: false, bucket: 0 })
+        .collect();
+    if columns.is_empty() {
+        return err(format!("{}: no column of a type RecIS reads", first.display()));
+    }
+    let source = Source::open_with_limits(files, &columns, limits)?;
+    let mut rows = 0u64;
+    for unit in &source.units {
+        rows += source.decode(unit, 0, 1024, 1024)?.iter().map(|c| c.rows as u64).sum::<u64>();
+    }
+    Ok(rows)
+}
+
 /// Lists the ORC files of paths (files, or directories read non-recursively
 /// for `*.orc` files), sorted by path within each directory.
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {

@@ -29,3 +29,31 @@ pub use optim::SparseOptimizer;
 pub use table::{
     EvictionPolicy, EvictionScore, HashTable, Missing, TableConfig, TableError, TableStats, UniqueLookup, NO_ROW,
 };
+
+/// Entry points of the fuzz targets (`fuzz/`), not an API: each runs a
+/// reader path on arbitrary input and must return, never panic.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The integer, boolean and compression decoders of the ORC reader on
+    /// raw bytes (the first byte picks one).
+    pub fn orc_decoders(data: &[u8]) -> usize {
+        crate::orc_decode::fuzz(data)
+    }
+
+    /// Replaces libFuzzer's panic hook (which aborts on every panic, caught
+    /// or not) with one that aborts only on a panic raised in RecIS's own
+    /// code. Panics inside orc-rust or lzokay are caught by the reader and
+    /// become data errors, by design; ours are bugs.
+    pub fn abort_on_own_panics() {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if info.location().is_some_and(|l| l.file().contains("recis-core")) {
+                    default(info);
+                    std::process::abort();
+                }
+            }));
+        });
+    }
+}

@@ -620,6 +620,48 @@ impl BoolRle {
     }
 }
 
+/// Runs the decoders on arbitrary bytes for the fuzz target
+/// `orc_decoders`: the first byte picks the decoder (and, for inflate, the
+/// codec), the rest is its stream. Returns how many values came out before
+/// the stream ended or was refused; must never panic.
+pub(crate) fn fuzz(data: &[u8]) -> usize {
+    let Some((&pick, rest)) = data.split_first() else { return 0 };
+    let bytes = Bytes::copy_from_slice(rest);
+    let mut out = Vec::new();
+    let mut n = 0;
+    match pick % 8 {
+        0 | 1 => {
+            let mut d = RleV2::new(bytes, pick % 8 == 1);
+            while n < 1 << 16 && d.read(97, &mut out).is_ok() {
+                n += 97;
+                out.clear();
+            }
+        }
+        2 => {
+            let mut d = RleV1::new(bytes);
+            while n < 1 << 16 && d.read(61, &mut out).is_ok() {
+                n += 61;
+                out.clear();
+            }
+        }
+        3 => {
+            let mut d = BoolRle::new(bytes);
+            while n < 1 << 16 && d.read(77).is_ok() {
+                n += 77;
+            }
+        }
+        k => {
+            use crate::orc_guard::Codec;
+            let codec = [Codec::Zstd, Codec::Zlib, Codec::Snappy, Codec::Lz4, Codec::Lzo][(k - 4) as usize % 5];
+            let codec = if pick >= 128 { Codec::Lzo } else { codec };
+            let mut budget = 1 << 22;
+            let c = Compression { codec, block: 1 << 16 };
+            n = crate::orc_guard::inflate(&bytes, Some(c), &mut budget).map_or(0, |b| b.len());
+        }
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,7 +383,11 @@ fn decompress(c: Compression, src: &[u8], out: &mut Vec<u8>) -> Result<()> {
         Codec::Lzo => {
             // lzokay has no output bound; an LZO chunk expands at most about
             // 256-fold, and the chunk is at most a block, so this is bounded.
-            let v = lzokay_native::decompress_all(src, Some(block))
+            // lzokay-native 0.1.0 panics on some corrupt input (an index out
+            // of bounds in decompress.rs, found by fuzz/orc_decoders): caught
+            // here, as the chunk's error.
+            let v = std::panic::catch_unwind(|| lzokay_native::decompress_all(src, Some(block)))
+                .map_err(|_| "an lzo chunk is corrupt (the LZO decoder failed on it)".to_string())?
                 .map_err(|e| format!("an lzo chunk is corrupt: {e:?}"))?;
             if v.len() > block {
                 return Err(too_big());
