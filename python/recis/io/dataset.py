@@ -113,9 +113,9 @@ class OrcDataset(IterableDataset):
         if dup:
             raise ValueError(f"OrcDataset: columns requested twice: {dup}")
         limits = (max_stripe_rows, max_stripe_bytes, max_list_elements)
-        if not all(isinstance(x, int) and x >= 1 for x in limits):
+        if not all(isinstance(x, int) and 1 <= x < 2**63 for x in limits):
             raise ValueError(
-                f"OrcDataset: max_stripe_rows, max_stripe_bytes, max_list_elements must be ints >= 1: {limits}"
+                f"OrcDataset: max_stripe_rows, max_stripe_bytes, max_list_elements must be ints in [1, 2**63): {limits}"
             )
         self.source = _native.OrcSource(paths, [(c.name, c.hash, c.bucket) for c in self.columns], limits)
         rank, world = _default_worker()
@@ -216,69 +216,24 @@ class OrcDataset(IterableDataset):
         at = int(bad[0])
         row = at if offsets is None else int(np.searchsorted(offsets, at, side="right")) - 1
         more = f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
-        where = self._locate(name, start, row, v, offsets)
+        where = self._locate(start, row)
         raise DataError(
             f"{where}: column {name!r}: {float(v[at])} is not a finite number{more}; "
             "OrcDataset(non_finite='clamp' or 'zero') (config: [data] non_finite) replaces such values, and a NaN "
             "reads as a null"
         )
 
-    def _locate(self, name: str, start: tuple[int, int], batch_row: int, v: torch.Tensor, offsets) -> str:
-        """Where row ``batch_row`` lies ("FILE, row R") of the batch that began
-        at cursor ``start``, whose column ``name`` is ``v`` (with row
-        ``offsets`` for a list column); the error path only, as it opens
-        every file again.
-
-        The native reader does not say which file a plan unit (a stripe)
-        comes from, so the stripes are listed file by file here: an
-        unshuffled plan deals them out in that order; a shuffled one is
-        matched by the stripe's row count and the row's value in ``name``
-        (several matches are all named)."""
-        plan = self.source.plan_rows(self.shuffle, self.seed, self.epoch, self.worker_idx, self.worker_num)
+    def _locate(self, start: tuple[int, int], batch_row: int) -> str:
+        """Where row ``batch_row`` of the batch that began at cursor
+        ``start`` lies: "FILE, row R" (R counted from the file's first row)."""
+        plan = self.source.plan_units(self.shuffle, self.seed, self.epoch, self.worker_idx, self.worker_num)
         unit, row = start
         left = batch_row
-        while unit < len(plan) and left >= plan[unit] - row:
-            left -= plan[unit] - row
+        while unit < len(plan) and left >= plan[unit][3] - row:
+            left -= plan[unit][3] - row
             unit, row = unit + 1, 0
-        row += left
-        col = next(c for c in self.columns if c.name == name)
-        stripes = []  # (file, its source, stripe index, rows before it in the file, rows)
-        for path in self.files:
-            try:
-                src = _native.OrcSource([path], [(col.name, col.hash, col.bucket)])
-            except ValueError:
-                continue  # a file without rows holds no stripe
-            before = 0
-            for k, n in enumerate(src.plan_rows(False, 0, 0, 0, 1)):
-                stripes.append((path, src, k, before, n))
-                before += n
-        if not self.shuffle:
-            found = [stripes[self.worker_idx + unit * self.worker_num]]
-        else:
-            found = [s for s in stripes if s[4] == plan[unit] and self._holds(s, row, v, batch_row, offsets)]
-        where = [f"{path}, row {before + row}" for path, _, _, before, _ in found]
-        if len(where) == 1:
-            return where[0]
-        if not where:
-            return f"row {row} of unit {unit} of epoch {self.epoch}'s plan (its file was not found)"
-        return "one of " + "; ".join(where)
-
-    @staticmethod
-    def _holds(stripe, row: int, v: torch.Tensor, batch_row: int, offsets) -> bool:
-        """Whether row ``row`` of ``stripe`` (read in its one column) holds
-        the values of row ``batch_row`` of ``v``."""
-        _, src, k, _, _ = stripe
-        reader = src.reader(False, 0, 0, 0, 1, k, row, 1, False, 1, 1)
-        try:
-            [(values, _, _)], _, _ = reader.next_batch()
-        finally:
-            reader.close()
-        mine = v.numpy()
-        if offsets is not None:
-            mine = mine[offsets[batch_row] : offsets[batch_row + 1]]
-        else:
-            mine = mine[batch_row : batch_row + 1]
-        return values.tobytes() == mine.tobytes()
+        path, _, before, _ = plan[unit]
+        return f"{path}, row {before + row + left}"
 
     def state_dict(self) -> dict:
         return {

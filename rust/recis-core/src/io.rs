@@ -257,6 +257,12 @@ impl Source {
         self.units.iter().map(|u| u.rows).sum()
     }
 
+    /// Rows of a unit's file before the unit's first row (to name a row of
+    /// a batch by its file and row in errors).
+    pub fn first_row_in_file(&self, unit: &Unit) -> u64 {
+        self.units.iter().filter(|u| u.file == unit.file && u.stripe < unit.stripe).map(|u| u.rows).sum()
+    }
+
     /// Decodes rows `skip..` of a unit into chunks of rows: the first of
     /// `first` rows, then `chunk` rows each (the last may be shorter), each a
     /// column per request. Aligning chunks to the batch grid lets the reader
@@ -387,9 +393,10 @@ impl Source {
                     .map_err(|e| ctx(&format!("column {name:?}: {e}")))?;
                 decoders.push((*i, d));
             }
+            // Skipped in batches, so that a batch's limits apply as to a read.
             let mut left = skip as usize;
             while left > 0 {
-                let n = left.min(1 << 16);
+                let n = left.min(chunk.max(1));
                 for (i, d) in &mut decoders {
                     d.read(n).map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[*i].name)))?;
                 }

@@ -201,7 +201,8 @@ pub(crate) fn check_list_batches(
         other => return Err(format!("list column {column} has encoding {other:?}")),
     };
     let mut present = streams.get(column, StreamKind::Present).map(BoolRle::new);
-    let data = streams.need(column, StreamKind::Length)?;
+    // Writers may leave out an empty stream (a stripe of null lists).
+    let data = streams.get(column, StreamKind::Length).unwrap_or_default();
     let mut v2_lengths = v2.then(|| RleV2::new(data.clone(), false));
     let mut v1_lengths = (!v2).then(|| RleV1::new(data));
     let mut left = rows;
@@ -548,12 +549,18 @@ impl RleV2 {
         let patches = (b3 & 0x1f) as usize;
         let raw_base = self.src.be(base_bytes)?;
         let sign_bit = 1u64 << (base_bytes * 8 - 1);
+        if !self.signed && raw_base & sign_bit != 0 {
+            // Writers never make an unsigned base negative, and orc-rust
+            // reads one as a large positive value: refused, so that both
+            // decoders agree on what a stream holds.
+            return Err("a patched-base run of an unsigned stream has a negative base".into());
+        }
         let base = if raw_base & sign_bit != 0 { -((raw_base & !sign_bit) as i64) } else { raw_base as i64 };
         let mut values = std::mem::take(&mut self.scratch);
         values.clear();
         self.src.unpack(len, width, &mut values)?;
         let entry_width = closest_fixed_bits(patch_width + gap_width);
-        if patch_width + gap_width > 64 || patch_width + width > 64 {
+        if patch_width + gap_width > 64 {
             return Err(format!("a patched-base run has patch width {patch_width} and gap width {gap_width}"));
         }
         let mut list = Vec::with_capacity(patches);
@@ -568,7 +575,7 @@ impl RleV2 {
                 continue;
             }
             let v = values.get_mut(pos).ok_or("a patch points past its run")?;
-            *v |= patch << width;
+            *v |= patch.checked_shl(width as u32).ok_or("a patch is shifted past 64 bits")?;
         }
         self.run.extend(values.iter().map(|&v| base.wrapping_add(v as i64)));
         self.scratch = values;

@@ -36,7 +36,11 @@ type Result<T> = std::result::Result<T, String>;
 /// 23-bit length, so no writer can store a larger original chunk.
 pub const MAX_BLOCK: u64 = 1 << 23;
 /// The footer and metadata together inflate to at most this.
-pub const MAX_TAIL_BYTES: u64 = 1 << 28;
+pub const MAX_TAIL_BYTES: u64 = 1 << 26;
+/// Messages (stripes, types, statistics) the tail may hold, counted on the
+/// wire before protobuf decoding builds them: an empty message costs 2
+/// bytes on the wire and hundreds in memory.
+pub const MAX_TAIL_MESSAGES: usize = 1 << 20;
 /// Types (columns, nested ones included) of a schema.
 pub const MAX_TYPES: usize = 1 << 16;
 /// Nesting of a schema.
@@ -119,9 +123,29 @@ pub(crate) fn read_tail(file: &Bytes, limits: &Limits) -> Result<Tail> {
     let mut budget = MAX_TAIL_BYTES;
     let footer_bytes = inflate(&file.slice(footer_start as usize..ps_start as usize), compression, &mut budget)
         .map_err(|e| format!("footer: {e}"))?;
+    // Footer: 3 stripes, 4 types, 7 statistics, 5 user metadata items.
+    let counts = count_fields(&footer_bytes, &[3, 4, 7, 5]).map_err(|e| format!("the footer is not valid: {e}"))?;
+    let (stripes, types, stats) = (counts[0], counts[1], counts[2]);
+    if types > MAX_TYPES || stats > types || stripes + counts[3] > MAX_TAIL_MESSAGES {
+        return Err(format!(
+            "the footer claims {stripes} stripes, {types} types and {stats} statistics (limits: {MAX_TAIL_MESSAGES} stripes, {MAX_TYPES} types, one statistics entry a type)"
+        ));
+    }
     let footer = Footer::decode(footer_bytes).map_err(|e| format!("the footer is not valid: {e}"))?;
     let metadata_bytes = inflate(&file.slice(content_end as usize..footer_start as usize), compression, &mut budget)
         .map_err(|e| format!("metadata: {e}"))?;
+    // Metadata: 1 stripe statistics, each of 1 column statistics.
+    let mut messages = stripes + types + stats + counts[3];
+    for stripe_stats in fields(&metadata_bytes, 1).map_err(|e| format!("the metadata is not valid: {e}"))? {
+        let n = count_fields(stripe_stats, &[1]).map_err(|e| format!("the metadata is not valid: {e}"))?[0];
+        if n > types {
+            return Err(format!("the metadata has statistics of {n} columns for a schema of {types} types"));
+        }
+        messages += n + 1;
+        if messages > MAX_TAIL_MESSAGES {
+            return Err(format!("the footer and metadata hold more than {MAX_TAIL_MESSAGES} messages"));
+        }
+    }
     let metadata = Metadata::decode(metadata_bytes).map_err(|e| format!("the metadata is not valid: {e}"))?;
     if !metadata.stripe_stats.is_empty() && metadata.stripe_stats.len() != footer.stripes.len() {
         return Err(format!(
@@ -135,6 +159,10 @@ pub(crate) fn read_tail(file: &Bytes, limits: &Limits) -> Result<Tail> {
     }
     check_types(&footer.types)?;
     let mut rows = 0u64;
+    // Stripes follow one another: each starts at or after the end of the
+    // one before and has a footer, so no two share bytes (orc-rust selects
+    // stripes by offset, and would read one that shares another's).
+    let mut prev_end = 3u64;
     for (i, s) in footer.stripes.iter().enumerate() {
         let n = s.number_of_rows();
         if n > limits.max_stripe_rows {
@@ -145,7 +173,16 @@ pub(crate) fn read_tail(file: &Bytes, limits: &Limits) -> Result<Tail> {
             .checked_add(s.index_length())
             .and_then(|e| e.checked_add(s.data_length()))
             .and_then(|e| e.checked_add(s.footer_length()))
-            .filter(|&e| s.offset() >= 3 && e <= content_end);
+            .filter(|&e| s.offset() >= prev_end && s.footer_length() > 0 && e <= content_end);
+        if s.offset() < prev_end && s.offset() >= 3 {
+            return Err(format!(
+                "stripe {i} (offset {}) overlaps the stripe before it (which ends at {prev_end})",
+                s.offset()
+            ));
+        }
+        if let Some(e) = end {
+            prev_end = e;
+        }
         if end.is_none() {
             return Err(format!(
                 "stripe {i} (offset {}, {} + {} + {} bytes) lies outside the file's {content_end} bytes of stripes",
@@ -155,7 +192,7 @@ pub(crate) fn read_tail(file: &Bytes, limits: &Limits) -> Result<Tail> {
                 s.footer_length()
             ));
         }
-        rows += n;
+        rows = rows.checked_add(n).ok_or("the stripes' row counts overflow")?;
     }
     if let Some(total) = footer.number_of_rows {
         if total != rows {
@@ -182,6 +219,75 @@ fn compression_of(ps: &PostScript) -> Result<Option<Compression>> {
         return Err(format!("the compression block size {block} is outside 1..={MAX_BLOCK}"));
     }
     Ok(Some(Compression { codec, block: block as usize }))
+}
+
+/// The length-delimited fields numbered `field` of a protobuf message, on
+/// the wire (no decoding): tags and lengths are checked, values skipped.
+fn fields(msg: &[u8], field: u64) -> Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    walk(msg, |f, v| {
+        if f == field {
+            if let Some(v) = v {
+                out.push(v);
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// How many times each of `wanted`'s field numbers occurs in a message.
+fn count_fields(msg: &[u8], wanted: &[u64]) -> Result<Vec<usize>> {
+    let mut n = vec![0usize; wanted.len()];
+    walk(msg, |f, _| {
+        if let Some(i) = wanted.iter().position(|&w| w == f) {
+            n[i] += 1;
+        }
+    })?;
+    Ok(n)
+}
+
+/// Visits the top-level fields of a protobuf message: (number, the bytes of
+/// a length-delimited value).
+fn walk<'a>(mut b: &'a [u8], mut visit: impl FnMut(u64, Option<&'a [u8]>)) -> Result<()> {
+    fn varint(b: &mut &[u8]) -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&x, rest) = b.split_first().ok_or("a protobuf varint is cut short")?;
+            *b = rest;
+            v |= ((x & 0x7f) as u64) << shift;
+            if x & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("a protobuf varint is longer than 10 bytes".into())
+    }
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut b)?;
+                visit(field, None);
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                b = b.get(n..).ok_or("a protobuf fixed field is cut short")?;
+                visit(field, None);
+            }
+            2 => {
+                let len = varint(&mut b)?;
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&l| l <= b.len())
+                    .ok_or("a protobuf field runs past its message")?;
+                let (v, rest) = b.split_at(len);
+                b = rest;
+                visit(field, Some(v));
+            }
+            _ => return Err(format!("protobuf wire type {wire} (groups are not used by ORC)")),
+        }
+    }
+    Ok(())
 }
 
 /// The schema is a tree rooted at a struct: every child index comes after
@@ -244,12 +350,30 @@ pub(crate) fn check_stripe(file: &Bytes, tail: &Tail, index: usize, limits: &Lim
     let mut budget = MAX_STRIPE_FOOTER;
     let raw = inflate(&file.slice(at as usize..(at + s.footer_length()) as usize), tail.compression, &mut budget)
         .map_err(|e| format!("stripe footer: {e}"))?;
-    let footer = StripeFooter::decode(raw).map_err(|e| format!("the stripe footer is not valid: {e}"))?;
     let columns = tail.footer.types.len();
+    // StripeFooter: 1 streams, 2 column encodings.
+    let counts = count_fields(&raw, &[1, 2]).map_err(|e| format!("the stripe footer is not valid: {e}"))?;
+    if counts[0] > columns * 16 || counts[1] > columns {
+        return Err(format!(
+            "the stripe footer lists {} streams and {} encodings for {columns} columns",
+            counts[0], counts[1]
+        ));
+    }
+    let footer = StripeFooter::decode(raw).map_err(|e| format!("the stripe footer is not valid: {e}"))?;
     let mut total = 0u64;
+    let mut seen = std::collections::HashSet::new();
     for st in &footer.streams {
         if st.column() as usize >= columns {
             return Err(format!("a stream names column {}, but the schema has {columns}", st.column()));
+        }
+        // A kind that is absent or unknown reads as PRESENT to orc-rust
+        // (prost's default), so it would read another stream than ours.
+        let kind = st.kind.and_then(|k| proto::stream::Kind::try_from(k).ok());
+        let Some(kind) = kind else {
+            return Err(format!("a stream of column {} has an unknown kind {:?}", st.column(), st.kind));
+        };
+        if !seen.insert((st.column(), kind as i32)) {
+            return Err(format!("column {} has two {} streams", st.column(), kind.as_str_name()));
         }
         total = total.checked_add(st.length()).ok_or("stream lengths overflow")?;
     }
@@ -262,9 +386,22 @@ pub(crate) fn check_stripe(file: &Bytes, tail: &Tail, index: usize, limits: &Lim
     if footer.columns.len() != columns {
         return Err(format!("the stripe has {} column encodings for {columns} columns", footer.columns.len()));
     }
+    // A dictionary holds at most one entry per value: a row's, or a list
+    // element's (at most max_list_elements a batch, a batch at least a row).
+    let values = s.number_of_rows().saturating_mul(limits.max_list_elements.max(1)).max(s.number_of_rows());
     for (c, e) in footer.columns.iter().enumerate() {
-        if e.dictionary_size() as u64 > limits.max_stripe_rows.max(limits.max_list_elements) {
-            return Err(format!("column {c} claims a dictionary of {} entries", e.dictionary_size()));
+        let under_list = tail
+            .footer
+            .types
+            .iter()
+            .any(|t| t.kind() == Kind::List && t.subtypes.first().is_some_and(|&x| x as usize == c));
+        let bound = if under_list { values } else { s.number_of_rows() };
+        if e.dictionary_size() as u64 > bound {
+            return Err(format!(
+                "column {c} claims a dictionary of {} entries in a stripe of {} rows",
+                e.dictionary_size(),
+                s.number_of_rows()
+            ));
         }
     }
     if !footer.encryption.is_empty() {
@@ -309,6 +446,8 @@ pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &m
     let Some(c) = compression else { return Ok(data.clone()) };
     let mut out: Vec<u8> = Vec::new();
     let mut scratch: Vec<u8> = Vec::new();
+    // One zstd context for all the stream's chunks, made at the first.
+    let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
     let mut pos = 0usize;
     while pos < data.len() {
         let h = data.get(pos..pos + 3).ok_or("a compression chunk header is cut short")?;
@@ -325,8 +464,8 @@ pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &m
         let part: &[u8] = if original {
             chunk
         } else {
-            decompress(c, chunk, &mut scratch)?;
-            &scratch
+            let n = decompress(c, chunk, &mut scratch, &mut zstd)?;
+            &scratch[..n]
         };
         let n = part.len() as u64;
         if n > *budget {
@@ -338,16 +477,28 @@ pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &m
     Ok(out.into())
 }
 
-/// One compressed chunk into `out` (replaced), refused past `c.block` bytes.
-fn decompress(c: Compression, src: &[u8], out: &mut Vec<u8>) -> Result<()> {
+/// One compressed chunk into `out[..n]`, refused past `c.block` bytes:
+/// returns n.
+fn decompress(
+    c: Compression,
+    src: &[u8],
+    out: &mut Vec<u8>,
+    zstd: &mut Option<zstd::bulk::Decompressor<'static>>,
+) -> Result<usize> {
     let block = c.block;
     let too_big = || format!("a compression chunk inflates past the block size {block}");
-    out.clear();
+    if c.codec != Codec::Lz4 {
+        out.clear();
+    }
     match c.codec {
         Codec::Zstd => {
             out.reserve(block);
-            let n = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(src, out))
+            let d = match zstd {
+                Some(d) => d,
+                None => zstd.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?),
+            };
+            let n = d
+                .decompress_to_buffer(src, out)
                 .map_err(|e| format!("a zstd chunk is corrupt or inflates past the block size {block}: {e}"))?;
             if n > block {
                 return Err(too_big());
@@ -375,27 +526,22 @@ fn decompress(c: Compression, src: &[u8], out: &mut Vec<u8>) -> Result<()> {
             snap::raw::Decoder::new().decompress(src, out).map_err(|e| format!("a snappy chunk is corrupt: {e}"))?;
         }
         Codec::Lz4 => {
+            // The buffer stays a block long across chunks (no memset each).
             out.resize(block, 0);
             let n = lz4_flex::block::decompress_into(src, out)
                 .map_err(|e| format!("an lz4 chunk is corrupt or inflates past the block size {block}: {e}"))?;
-            out.truncate(n);
+            return Ok(n);
         }
         Codec::Lzo => {
-            // lzokay has no output bound; an LZO chunk expands at most about
-            // 256-fold, and the chunk is at most a block, so this is bounded.
-            // lzokay-native 0.1.0 panics on some corrupt input (an index out
-            // of bounds in decompress.rs, found by fuzz/orc_decoders): caught
-            // here, as the chunk's error.
-            let v = std::panic::catch_unwind(|| lzokay_native::decompress_all(src, Some(block)))
-                .map_err(|_| "an lzo chunk is corrupt (the LZO decoder failed on it)".to_string())?
-                .map_err(|e| format!("an lzo chunk is corrupt: {e:?}"))?;
-            if v.len() > block {
-                return Err(too_big());
-            }
-            *out = v;
+            // lzokay-native (orc-rust's LZO decoder) has no output bound
+            // (one chunk can inflate about 255-fold before its size can be
+            // checked) and panics on some corrupt input: refused.
+            return Err("LZO-compressed ORC is not supported (its decoder cannot bound its output); \
+                        rewrite the file with zstd, zlib, snappy or lz4"
+                .into());
         }
     }
-    Ok(())
+    Ok(out.len())
 }
 
 #[cfg(test)]
@@ -451,6 +597,30 @@ mod tests {
             let tight = Compression { codec, block: data.len() - 1 };
             assert!(inflate(&stream, Some(tight), &mut budget).is_err(), "{codec:?}");
         }
+    }
+
+    #[test]
+    fn lzo_is_refused_and_lz4_reuses_its_buffer() {
+        let c = Some(Compression { codec: Codec::Lzo, block: 1 << 16 });
+        let mut b = u64::MAX;
+        let e = inflate(&chunked(&[(b"\x11\x00\x00", false)]), c, &mut b).unwrap_err();
+        assert!(e.contains("LZO"), "{e}");
+        // Many one-byte lz4 chunks: each inflates into the same buffer.
+        let one = lz4_flex::block::compress(b"x");
+        let parts: Vec<(&[u8], bool)> = (0..1000).map(|_| (&one[..], false)).collect();
+        let c = Some(Compression { codec: Codec::Lz4, block: 1 << 23 });
+        assert_eq!(&inflate(&chunked(&parts), c, &mut b).unwrap()[..], &[b'x'; 1000][..]);
+    }
+
+    #[test]
+    fn protobuf_fields_are_counted_on_the_wire() {
+        // Field 7 (length-delimited, empty) three times, a varint field 1,
+        // a fixed64 field 2.
+        let msg = [0x3a, 0x00, 0x3a, 0x00, 0x08, 0x96, 0x01, 0x11, 1, 2, 3, 4, 5, 6, 7, 8, 0x3a, 0x00];
+        assert_eq!(count_fields(&msg, &[7, 1, 2, 9]).unwrap(), vec![3, 1, 1, 0]);
+        assert!(count_fields(&[0x3a, 0x05, 0x00], &[7]).is_err());
+        assert!(count_fields(&[0x08], &[1]).is_err());
+        assert!(count_fields(&[0x0b], &[1]).is_err()); // a group
     }
 
     #[test]

@@ -98,6 +98,25 @@ impl PyOrcSource {
         rio::plan(&self.source.units, shuffle, seed, epoch, worker_idx, worker_num).iter().map(|u| u.rows).collect()
     }
 
+    /// Where each unit of a worker's plan for an epoch comes from: (file,
+    /// stripe, rows of the file before it, its rows).
+    fn plan_units(
+        &self,
+        shuffle: bool,
+        seed: u64,
+        epoch: u64,
+        worker_idx: usize,
+        worker_num: usize,
+    ) -> Vec<(String, usize, u64, u64)> {
+        rio::plan(&self.source.units, shuffle, seed, epoch, worker_idx, worker_num)
+            .iter()
+            .map(|u| {
+                let file = self.source.files[u.file].display().to_string();
+                (file, u.stripe, self.source.first_row_in_file(u), u.rows)
+            })
+            .collect()
+    }
+
     /// A reader of a worker's plan for an epoch, starting at (unit, row).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (shuffle, seed, epoch, worker_idx, worker_num, unit, row, batch_size, drop_remainder, num_threads, prefetch))]
