@@ -444,7 +444,19 @@ pub(crate) fn check_inflated(
 /// are returned as they are, with no copy.
 pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &mut u64) -> Result<Bytes> {
     let Some(c) = compression else { return Ok(data.clone()) };
+    // The output's size, at most: a pass over the chunk headers (a block for
+    // each compressed chunk), so that `out` is allocated once, not grown.
+    let mut bound = 0u64;
+    let mut at = 0usize;
+    while let Some(h) = data.get(at..at + 3) {
+        let h = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+        let len = (h >> 1) as usize;
+        bound += if h & 1 == 1 { len as u64 } else { c.block as u64 };
+        at += 3 + len;
+    }
     let mut out: Vec<u8> = Vec::new();
+    // A bound the allocator refuses is not an error: `out` then grows.
+    let _ = out.try_reserve_exact(bound.min(*budget) as usize);
     let mut scratch: Vec<u8> = Vec::new();
     // One zstd context for all the stream's chunks, made at the first.
     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
