@@ -430,7 +430,8 @@ pub(crate) fn check_inflated(
         let end = at + st.length();
         if columns.contains(&(st.column() as usize)) {
             let range = at as usize..end as usize;
-            inflate(&file.slice(range), compression, budget).map_err(|e| format!("{}: {e}", label(st.column())))?;
+            check_inflates(&file.slice(range), compression, budget)
+                .map_err(|e| format!("{}: {e}", label(st.column())))?;
         }
         at = end;
     }
@@ -457,6 +458,21 @@ pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &m
     let mut out: Vec<u8> = Vec::new();
     // A bound the allocator refuses is not an error: `out` then grows.
     let _ = out.try_reserve_exact(bound.min(*budget) as usize);
+    chunks(data, c, budget, |part| out.extend_from_slice(part))?;
+    Ok(out.into())
+}
+
+/// As [`inflate`], keeping nothing: only whether the stream inflates
+/// within the bounds, charged to `budget` (one block of scratch memory).
+pub(crate) fn check_inflates(data: &Bytes, compression: Option<Compression>, budget: &mut u64) -> Result<()> {
+    match compression {
+        Some(c) => chunks(data, c, budget, |_| {}),
+        None => Ok(()),
+    }
+}
+
+/// Inflates each chunk of a stream in turn and hands it to `sink`.
+fn chunks(data: &Bytes, c: Compression, budget: &mut u64, mut sink: impl FnMut(&[u8])) -> Result<()> {
     let mut scratch: Vec<u8> = Vec::new();
     // One zstd context for all the stream's chunks, made at the first.
     let mut zstd: Option<zstd::bulk::Decompressor<'static>> = None;
@@ -484,9 +500,9 @@ pub(crate) fn inflate(data: &Bytes, compression: Option<Compression>, budget: &m
             return Err(format!("the data inflates past the limit (max_stripe_bytes, {} bytes left)", *budget));
         }
         *budget -= n;
-        out.extend_from_slice(part);
+        sink(part);
     }
-    Ok(out.into())
+    Ok(())
 }
 
 /// One compressed chunk into `out[..n]`, refused past `c.block` bytes:
