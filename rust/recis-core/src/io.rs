@@ -74,7 +74,7 @@ fn usage<T>(msg: impl Into<String>) -> Result<T> {
 }
 
 /// The message of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
         .downcast_ref::<String>()
         .map(String::as_str)

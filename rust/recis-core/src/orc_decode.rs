@@ -82,18 +82,15 @@ impl Streams {
         label: &dyn Fn(u32) -> String,
     ) -> Result<Streams> {
         let mut map = HashMap::new();
-        let mut at = offset;
-        for s in &footer.streams {
-            let len = s.length();
-            let end = at.checked_add(len).filter(|&e| e <= file.len() as u64).ok_or_else(|| {
-                format!("a stream of column {} runs past the end of the file ({at}+{len} bytes)", s.column())
-            })?;
-            if columns.contains(&(s.column() as usize)) {
-                let raw = file.slice(at as usize..end as usize);
-                let data = inflate(&raw, compression, budget).map_err(|e| format!("{}: {e}", label(s.column())))?;
-                map.insert((s.column(), s.kind.unwrap_or(-1)), data);
+        for (st, range) in crate::orc_guard::stream_ranges(footer, offset) {
+            if range.end > file.len() {
+                return Err(format!("a stream of column {} runs past the end of the file", st.column()));
             }
-            at = end;
+            if columns.contains(&(st.column() as usize)) {
+                let data = inflate(&file.slice(range), compression, budget)
+                    .map_err(|e| format!("{}: {e}", label(st.column())))?;
+                map.insert((st.column(), st.kind.unwrap_or(-1)), data);
+            }
         }
         Ok(Streams { map })
     }

@@ -410,6 +410,20 @@ pub(crate) fn check_stripe(file: &Bytes, tail: &Tail, index: usize, limits: &Lim
     Ok(footer)
 }
 
+/// Each stream of a stripe with its byte range in the file: the streams lie
+/// one after another from the stripe's offset (`check_stripe` checked that
+/// they add up to the stripe's length inside the file).
+pub(crate) fn stream_ranges(
+    footer: &StripeFooter,
+    offset: u64,
+) -> impl Iterator<Item = (&proto::Stream, std::ops::Range<usize>)> {
+    footer.streams.iter().scan(offset, |at, st| {
+        let start = *at;
+        *at += st.length();
+        Some((st, start as usize..*at as usize))
+    })
+}
+
 /// Inflates the streams of `columns` of a stripe within `budget` bytes,
 /// discarding the output: it proves that every chunk of them fits before a
 /// decoder without bounds (orc-rust's) inflates them.
@@ -425,15 +439,11 @@ pub(crate) fn check_inflated(
     if compression.is_none() {
         return Ok(());
     }
-    let mut at = offset;
-    for st in &footer.streams {
-        let end = at + st.length();
+    for (st, range) in stream_ranges(footer, offset) {
         if columns.contains(&(st.column() as usize)) {
-            let range = at as usize..end as usize;
             check_inflates(&file.slice(range), compression, budget)
                 .map_err(|e| format!("{}: {e}", label(st.column())))?;
         }
-        at = end;
     }
     Ok(())
 }

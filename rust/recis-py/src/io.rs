@@ -22,11 +22,7 @@ fn io_err(e: rio::IoError) -> PyErr {
 /// `PanicException` that `except Exception` does not catch.
 fn guarded<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> Result<T, rio::IoError>) -> Result<T, rio::IoError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown failure");
+        let msg = rio::panic_message(&*p);
         Err(rio::IoError::Data(format!("{}: internal error in the ORC reader ({msg}); please report it", what())))
     })
 }
