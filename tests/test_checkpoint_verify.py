@@ -313,6 +313,60 @@ def test_nan_in_a_table_names_the_truly_last_good_checkpoint_which_pruning_keeps
     assert torch.isfinite(m2.emb.table.state_dict()["values"]).all()
 
 
+def test_resume_after_a_nan_sets_the_suspect_ones_aside_and_starts_from_the_last_good(tmp_path, capsys):
+    """The retry after the probe's failure: resuming from a suspect
+    checkpoint would meet its NaN again, so the run resumes from the last
+    good one and keeps the suspect ones, renamed, for a look."""
+    m, sp, de = small()
+    good = [batch(k % 20, (k + 7) % 20) for k in range(12)]
+    args = TrainingArguments(str(tmp_path), max_steps=10, save_every_steps=5, log_every_steps=1, progress=False)
+    Trainer(m, args, good, dense_optimizer=de, sparse_optimizer=sp).train()
+    ckpts = tmp_path / "checkpoints"
+    poisoned = str(ckpts / "ckpt-10")
+    meta = read_meta(poisoned)
+    meta["suspect"] = ["table 'emb': 1 row(s) hold a NaN or an infinity (e.g. id 3)"]
+    rewrite_meta(poisoned, meta)
+    m_ref, state = fresh_parts()
+    assert CheckpointManager(str(ckpts)).load(str(ckpts / "ckpt-5"), **state) == 5
+    expected = m_ref.emb.table.state_dict()
+
+    m2, sp2, de2 = small()
+    t = Trainer(
+        m2,
+        TrainingArguments(str(tmp_path), max_steps=5, progress=False),
+        good,
+        dense_optimizer=de2,
+        sparse_optimizer=sp2,
+    )
+    t._resume()
+    out = capsys.readouterr().out
+    assert t.global_step == 5
+    assert f"skipped the suspect checkpoint {poisoned} (suspect: table 'emb': 1 row(s)" in out
+    assert f"set aside as {poisoned}.suspect" in out
+    assert sorted(os.listdir(ckpts)) == ["ckpt-10.suspect", "ckpt-5", "latest"]
+    assert (ckpts / "latest").read_text() == "ckpt-5"
+    got = m2.emb.table.state_dict()
+    assert torch.equal(got["ids"], expected["ids"]) and torch.equal(got["values"], expected["values"])
+
+    # With every checkpoint suspect there is nothing good to resume from.
+    meta5 = read_meta(str(ckpts / "ckpt-5"))
+    meta5["suspect"] = ["dense.safetensors: head.bias holds a NaN or an infinity"]
+    rewrite_meta(str(ckpts / "ckpt-5"), meta5)
+    m3, sp3, de3 = small()
+    t3 = Trainer(m3, TrainingArguments(str(tmp_path), progress=False), good, dense_optimizer=de3, sparse_optimizer=sp3)
+    with pytest.raises(CheckpointError) as e:
+        t3._resume()
+    assert "every checkpoint holds non-finite values (ckpt-5: suspect: dense.safetensors: head.bias" in str(e.value)
+    assert sorted(os.listdir(ckpts)) == ["ckpt-10.suspect", "ckpt-5", "latest"]
+
+    # resume_suspect=True loads it anyway.
+    m4, sp4, de4 = small()
+    args4 = TrainingArguments(str(tmp_path), progress=False, resume_suspect=True)
+    t4 = Trainer(m4, args4, good, dense_optimizer=de4, sparse_optimizer=sp4)
+    t4._resume()
+    assert t4.global_step == 5 and "is suspect" in capsys.readouterr().out
+
+
 def test_a_non_finite_dense_parameter_marks_the_checkpoint_suspect(tmp_path):
     m, sp, de = trained()
     with torch.no_grad():

@@ -65,6 +65,7 @@ save_every_steps = 0          # 0: only at the end
 keep_checkpoints = 3
 evict_every_steps = 0         # 0: never
 resume = true                 # continue from output_dir's latest checkpoint
+resume_suspect = false        # false: checkpoints that saved a NaN/inf are set aside, resume from the last good one
 warm_start = "runs/old/checkpoints"  # with no checkpoint to resume: start from this one (default: none)
 warm_start_parts = ["sparse", "dense"]  # its parts to load: "sparse", "dense", "optimizer"
 collective_timeout = 0        # under torchrun: seconds a rank may go silent (or a collective wait) before every
@@ -147,6 +148,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     evict_every_steps: int = 0
     resume: bool = True
+    resume_suspect: bool = False
     warm_start: str = ""
     warm_start_parts: list[str] = field(default_factory=lambda: ["sparse", "dense"])
     collective_timeout: float = 0.0
@@ -361,6 +363,7 @@ class Job:
             keep_checkpoints=t.keep_checkpoints,
             evict_every_steps=t.evict_every_steps or None,
             resume=t.resume,
+            resume_suspect=t.resume_suspect,
             warm_start=t.warm_start or None,
             warm_start_parts=tuple(t.warm_start_parts),
             collective_timeout=t.collective_timeout or None,

@@ -441,27 +441,31 @@ class CheckpointManager:
             )
         return note
 
-    def set_aside(self, paths: list[str]) -> list[str]:
-        """Renames damaged checkpoints to ``ckpt-<step>.damaged`` (kept for a
-        look, never listed, loaded nor pruned), so that a run resumed from an
-        older one can save those steps again. Returns the new names."""
+    def set_aside(self, paths: list[str], kind: str = "damaged") -> list[str]:
+        """Renames damaged checkpoints to ``ckpt-<step>.damaged`` (or
+        ``.<kind>``: kept for a look, never listed, loaded nor pruned), so
+        that a run resumed from an older one can save those steps again.
+        Returns the new names."""
         moved = []
         for path in paths:
-            target, k = f"{path}.damaged", 1
+            target, k = f"{path}.{kind}", 1
             while os.path.exists(target):
                 k += 1
-                target = f"{path}.damaged-{k}"
+                target = f"{path}.{kind}-{k}"
             os.rename(path, target)
             moved.append(target)
         if moved:
             _fsync_dir(self.directory)
         return moved
 
-    def newest_verified(self) -> tuple[str | None, dict | None, list[tuple[str, str]]]:
+    def newest_verified(self, skip_suspect: bool = False) -> tuple[str | None, dict | None, list[tuple[str, str]]]:
         """The newest checkpoint that verifies (``verify_checkpoint``), its
         meta, and the newer ones skipped as damaged, each with the reason (a
-        warning names each). Under torchrun every rank verifies and they
-        agree: one damaged on any rank is skipped on all."""
+        warning names each). With ``skip_suspect``, the newest that is also
+        not suspect (a NaN or an infinity saved); the suspect ones skipped
+        are listed too, their reason starting with "suspect". Under torchrun
+        every rank verifies and they agree: one damaged on any rank is
+        skipped on all."""
         skipped = []
         for path in reversed(self.checkpoints(complete=False)):
             try:
@@ -469,6 +473,11 @@ class CheckpointManager:
             except CheckpointError as e:
                 meta, why = None, str(e)
             if distributed.all_true(why is None):
+                if skip_suspect and meta.get("suspect"):
+                    why = f"suspect: {meta['suspect'][0]}"
+                    log.warning("skipping the suspect checkpoint %s: %s", path, why)
+                    skipped.append((path, why))
+                    continue
                 return path, meta, skipped
             why = why or "damaged as another rank reads it"
             log.warning("skipping the damaged checkpoint %s: %s", path, why)
@@ -512,12 +521,14 @@ class CheckpointManager:
         lr_scheduler=None,
         dataset=None,
         parts: tuple[str, ...] = ("sparse", "dense", "optimizer", "data", "rng"),
+        skip_suspect: bool = False,
     ) -> int:
         """Restores what is given from ``path`` and returns its step.
         ``path`` None: the newest checkpoint that verifies, the newer
         damaged ones skipped with a warning (``newest_verified``; they are in
         ``self.skipped`` after, the path loaded and its meta in
-        ``self.loaded`` and ``self.loaded_meta``); a
+        ``self.loaded`` and ``self.loaded_meta``); with ``skip_suspect``,
+        the newer suspect ones are skipped too (``newest_verified``); a
         ``path`` given that does not verify is refused. ``parts`` selects
         what to restore (warm start: e.g. ``("sparse", "dense")``; without
         "optimizer", tables keep the saved embeddings and start their
@@ -525,8 +536,15 @@ class CheckpointManager:
         changed: the checkpoint's files (``verify_checkpoint``), and that it
         is of this model, table set and optimizers."""
         if path is None:
-            path, meta, self.skipped = self.newest_verified()
+            path, meta, self.skipped = self.newest_verified(skip_suspect)
             if path is None:
+                if self.skipped and all(why.startswith("suspect") for _, why in self.skipped):
+                    raise CheckpointError(
+                        f"{self.directory}: every checkpoint holds non-finite values ("
+                        + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in self.skipped)
+                        + "): resuming from one would meet them again; load one explicitly to look, "
+                        "or train afresh in another output_dir (nothing was changed)"
+                    )
                 if self.skipped:
                     raise CheckpointError(
                         f"{self.directory}: no checkpoint verifies ("

@@ -58,6 +58,13 @@ class TrainingArguments:
     keep_checkpoints: keep the last this many.
     evict_every_steps: run each table's ``EmbeddingOption.eviction`` policy.
     resume: start from the latest checkpoint in ``output_dir`` if there is one.
+    resume_suspect: resume from the newest checkpoint even when it is
+        suspect (it saved a NaN or an infinity). False: the suspect ones newer
+        than the last good checkpoint are set aside (renamed
+        ``ckpt-<step>.suspect``, kept for a look) and the run resumes from the
+        last good one, since resuming from a suspect one meets its non-finite
+        values again; if every checkpoint is suspect, the run stops naming
+        them, with nothing changed.
     warm_start: a checkpoint (a ``ckpt-N`` directory, or a checkpoints
         directory: its latest) to start from when ``output_dir`` has none to
         resume: its ``warm_start_parts`` are loaded and training starts at
@@ -96,6 +103,7 @@ class TrainingArguments:
     keep_checkpoints: int = 3
     evict_every_steps: int | None = None
     resume: bool = True
+    resume_suspect: bool = False
     warm_start: str | None = None
     warm_start_parts: tuple[str, ...] = ("sparse", "dense")
     label_key: str = "label"
@@ -330,14 +338,17 @@ class Trainer:
                 return self._train()
 
     def _resume(self) -> None:
-        """From the newest checkpoint that verifies; the newer damaged ones
-        are set aside (renamed ``ckpt-<step>.damaged``) so that this run can
-        save those steps again."""
+        """From the newest checkpoint that verifies and, unless
+        ``resume_suspect``, is not suspect; the newer damaged (suspect) ones
+        are set aside (renamed ``ckpt-<step>.damaged`` or ``.suspect``) so
+        that this run can save those steps again."""
         ckpt = self.checkpoints
-        self.global_step = ckpt.load(**self._state())
+        self.global_step = ckpt.load(**self._state(), skip_suspect=not self.args.resume_suspect)
         if self.rank == 0:
-            for (path, why), moved in zip(ckpt.skipped, ckpt.set_aside([p for p, _ in ckpt.skipped]), strict=True):
-                print(f"skipped the damaged checkpoint {path} ({why}); set aside as {moved}")
+            for path, why in ckpt.skipped:
+                kind = "suspect" if why.startswith("suspect") else "damaged"
+                (moved,) = ckpt.set_aside([path], kind)
+                print(f"skipped the {kind} checkpoint {path} ({why}); set aside as {moved}")
             ckpt.mend_pointer()
         if self.scaler is not None:
             saved = ckpt.loaded_meta.get("extra", {}).get("loss_scaler")
