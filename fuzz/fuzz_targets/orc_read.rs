@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
     let path = std::env::temp_dir().join(format!("recis-fuzz-{}.orc", std::process::id()));
     std::fs::write(&path, data).expect("write the input");
     // Small limits keep each input fast; the checks are the same.
-    let limits = Limits { max_stripe_rows: 1 << 16, max_stripe_bytes: 1 << 24, max_list_elements: 1 << 16 };
+    let limits = Limits { max_stripe_rows: 1 << 16, max_stripe_bytes: 1 << 24, max_list_elements: 1 << 16, max_decoded_bytes: 1 << 26 };
     let _ = validate(&[path], limits);
 });

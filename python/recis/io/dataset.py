@@ -22,8 +22,11 @@ not fit the file, a decompression bomb, a schema that loops) raises
 ``recis.DataError`` (a ``ValueError``) naming the file, and the stripe and
 column where known. What a file may make a read allocate is bounded:
 ``max_stripe_rows`` rows a stripe may declare (default 2**27),
-``max_stripe_bytes`` bytes its streams may inflate to (2**31), and
-``max_list_elements`` elements of one list column in one batch (2**27).
+``max_stripe_bytes`` bytes its streams may inflate to (2**31),
+``max_list_elements`` elements of one list column in one batch (2**27), and
+``max_decoded_bytes`` bytes the requested columns of one stripe may decode
+to (2**31: run-length and dictionary encodings multiply a stripe's bytes).
+A reader holds at most ``prefetch + 1`` decoded stripes (the window it decodes ahead in).
 
 ``state_dict()`` is the position after the last batch handed out — epoch,
 unit and row — as plain JSON-able values; a dataset that loads it resumes at
@@ -94,6 +97,7 @@ class OrcDataset(IterableDataset):
         max_stripe_rows: int = 1 << 27,
         max_stripe_bytes: int = 1 << 31,
         max_list_elements: int = 1 << 27,
+        max_decoded_bytes: int = 1 << 31,
         non_finite: str = "error",
     ):
         super().__init__()
@@ -112,10 +116,11 @@ class OrcDataset(IterableDataset):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"OrcDataset: columns requested twice: {dup}")
-        limits = (max_stripe_rows, max_stripe_bytes, max_list_elements)
+        limits = (max_stripe_rows, max_stripe_bytes, max_list_elements, max_decoded_bytes)
         if not all(isinstance(x, int) and 1 <= x < 2**63 for x in limits):
             raise ValueError(
-                f"OrcDataset: max_stripe_rows, max_stripe_bytes, max_list_elements must be ints in [1, 2**63): {limits}"
+                "OrcDataset: max_stripe_rows, max_stripe_bytes, max_list_elements, max_decoded_bytes must be ints "
+                f"in [1, 2**63): {limits}"
             )
         self.source = _native.OrcSource(paths, [(c.name, c.hash, c.bucket) for c in self.columns], limits)
         rank, world = _default_worker()

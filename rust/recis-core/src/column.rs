@@ -55,6 +55,17 @@ pub struct Column {
 }
 
 impl Column {
+    /// Bytes its buffers hold (values and offsets).
+    pub fn nbytes(&self) -> u64 {
+        let values = match &self.values {
+            Values::Int(v) => v.len() * 8,
+            Values::Float32(v) => v.len() * 4,
+            Values::Float64(v) => v.len() * 8,
+            Values::Bytes { data, offsets } => data.len() + offsets.len() * 8,
+        };
+        (values + self.offsets.as_ref().map_or(0, |o| o.len() * 8)) as u64
+    }
+
     pub(crate) fn empty_like(&self) -> Column {
         Column { values: self.values.empty_like(), offsets: self.offsets.as_ref().map(|_| vec![0]) }
     }

@@ -23,7 +23,6 @@ pub use crate::orc_guard::Limits;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type};
 use bytes::Buf;
-use orc_rust::arrow_reader::ArrowReaderBuilder;
 use orc_rust::projection::ProjectionMask;
 use orc_rust::reader::ChunkReader;
 use std::collections::{BTreeMap, VecDeque};
@@ -163,6 +162,35 @@ pub struct Unit {
     pub stripe: usize,
     pub offset: u64,
     pub rows: u64,
+    /// Rows of its file before it (to name a row of a batch by its file
+    /// and row in errors).
+    pub file_row: u64,
+}
+
+/// A file's tail, checked once when its dataset is opened and shared by
+/// every read of its stripes (a file of many small stripes would otherwise
+/// have its tail parsed again for each).
+#[derive(Debug)]
+struct Opened {
+    len: u64,
+    tail: orc_guard::Tail,
+    meta: Arc<orc_rust::reader::metadata::FileMetadata>,
+}
+
+/// Maps a file and checks its tail (`orc_guard::read_tail`) before orc-rust
+/// parses it (under `catch_unwind`: a panic in it is an error naming the
+/// file).
+fn open_checked(path: &std::path::Path, limits: &Limits) -> Result<(MappedFile, Opened)> {
+    let mut file =
+        MappedFile::open(path).map_err(|e| IoError::Data(format!("{}: cannot open: {e}", path.display())))?;
+    let bad = |e: &dyn fmt::Display| IoError::Data(format!("{}: not a readable ORC file: {e}", path.display()));
+    let tail = orc_guard::read_tail(&file.0, limits).map_err(|e| bad(&e))?;
+    let meta =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| orc_rust::reader::metadata::read_metadata(&mut file)))
+            .map_err(|p| bad(&format!("the ORC reader failed ({})", panic_message(&*p))))?
+            .map_err(|e| bad(&e))?;
+    let len = file.len();
+    Ok((file, Opened { len, tail, meta: Arc::new(meta) }))
 }
 
 /// The files of a dataset with their stripes and the columns' types, checked
@@ -176,6 +204,8 @@ pub struct Source {
     pub units: Vec<Unit>,
     /// What a file may make a read allocate.
     pub limits: Limits,
+    /// Each file's checked tail, by file index.
+    opened: Vec<Option<Arc<Opened>>>,
 }
 
 impl Source {
@@ -194,19 +224,16 @@ impl Source {
         }
         let mut types: Vec<Option<(ColumnType, usize)>> = vec![None; columns.len()];
         let mut units = Vec::new();
+        let mut opened = Vec::with_capacity(files.len());
         for (fi, path) in files.iter().enumerate() {
-            let file =
-                MappedFile::open(path).map_err(|e| IoError::Data(format!("{}: cannot open: {e}", path.display())))?;
-            let bad = |e: &dyn fmt::Display| IoError::Data(format!("{}: not a readable ORC file: {e}", path.display()));
-            orc_guard::read_tail(&file.0, &limits).map_err(|e| bad(&e))?;
-            let builder = std::panic::catch_unwind(|| ArrowReaderBuilder::try_new(file))
-                .map_err(|p| bad(&format!("the ORC reader failed ({})", panic_message(&*p))))?
-                .map_err(|e| bad(&e))?;
-            let meta = builder.file_metadata();
+            let (_, file) = open_checked(path, &limits)?;
+            let meta = file.meta.clone();
             if meta.number_of_rows() == 0 {
+                opened.push(None);
                 continue;
             }
-            let schema = builder.schema();
+            opened.push(Some(Arc::new(file)));
+            let schema = arrow_schema(&meta, &ProjectionMask::all());
             for (ci, c) in columns.iter().enumerate() {
                 let field = schema.field_with_name(&c.name).map_err(|_| {
                     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -240,27 +267,23 @@ impl Source {
                     _ => {}
                 }
             }
+            let mut file_row = 0u64;
             for (si, s) in meta.stripe_metadatas().iter().enumerate() {
                 if s.number_of_rows() > 0 {
-                    units.push(Unit { file: fi, stripe: si, offset: s.offset(), rows: s.number_of_rows() });
+                    units.push(Unit { file: fi, stripe: si, offset: s.offset(), rows: s.number_of_rows(), file_row });
                 }
+                file_row += s.number_of_rows();
             }
         }
         let types = match types.into_iter().collect::<Option<Vec<_>>>() {
             Some(t) => t.into_iter().map(|(t, _)| t).collect(),
             None => return err("every ORC file is empty: there are no rows to read"),
         };
-        Ok(Source { files: files.to_vec(), columns: columns.to_vec(), types, units, limits })
+        Ok(Source { files: files.to_vec(), columns: columns.to_vec(), types, units, limits, opened })
     }
 
     pub fn total_rows(&self) -> u64 {
         self.units.iter().map(|u| u.rows).sum()
-    }
-
-    /// Rows of a unit's file before the unit's first row (to name a row of
-    /// a batch by its file and row in errors).
-    pub fn first_row_in_file(&self, unit: &Unit) -> u64 {
-        self.units.iter().filter(|u| u.file == unit.file && u.stripe < unit.stripe).map(|u| u.rows).sum()
     }
 
     /// Decodes rows `skip..` of a unit into chunks of rows: the first of
@@ -287,16 +310,25 @@ impl Source {
     fn decode_unguarded(&self, unit: &Unit, skip: u64, first: usize, chunk: usize) -> Result<Vec<Chunk>> {
         let path = &self.files[unit.file];
         let ctx = |e: &dyn fmt::Display| IoError::Data(format!("{} (stripe {}): {e}", path.display(), unit.stripe));
-        let mut file = MappedFile::open(path).map_err(|e| ctx(&e))?;
-        let tail = orc_guard::read_tail(&file.0, &self.limits).map_err(|e| ctx(&e))?;
-        let meta = orc_rust::reader::metadata::read_metadata(&mut file).map_err(|e| ctx(&e))?;
+        let opened = self.opened.get(unit.file).and_then(Option::as_ref).ok_or_else(|| ctx(&"no such unit"))?;
+        let file = MappedFile::open(path).map_err(|e| ctx(&e))?;
+        if file.len() != opened.len {
+            return Err(ctx(&format!(
+                "the file is {} bytes, {} when it was opened; it changed since",
+                file.len(),
+                opened.len
+            )));
+        }
+        let (tail, meta) = (&opened.tail, &opened.meta);
         let stripe = meta
             .stripe_metadatas()
             .get(unit.stripe)
             .filter(|s| s.offset() == unit.offset && s.number_of_rows() == unit.rows)
             .ok_or_else(|| ctx(&"no stripe starts where the plan says; the file changed since it was opened"))?;
-        let footer = orc_guard::check_stripe(&file.0, &tail, unit.stripe, &self.limits).map_err(|e| ctx(&e))?;
+        let footer = orc_guard::check_stripe(&file.0, tail, unit.stripe, &self.limits).map_err(|e| ctx(&e))?;
         let mut budget = self.limits.max_stripe_bytes;
+        // Bytes the requested columns decoded to so far (max_decoded_bytes).
+        let mut decoded = 0u64;
         // Names a column index (a requested column or a part of one) in errors.
         let roots = meta.root_data_type().children();
         let label = |id: u32| match roots.iter().find(|c| c.data_type().all_indices().contains(&(id as usize))) {
@@ -346,37 +378,88 @@ impl Source {
                 .collect();
             orc_guard::check_inflated(&mem, stripe.offset(), &footer, &ids, tail.compression, &mut budget, &label)
                 .map_err(|e| ctx(&e))?;
-            // orc-rust sizes a list's buffers by its lengths: check them.
+            // orc-rust sizes a list's buffers by its lengths, and copies a
+            // dictionary's strings into every row: check both first.
+            let batch = chunk.max(1) as u64;
+            let row_batches: Vec<u64> =
+                (0..unit.rows.div_ceil(batch)).map(|k| batch.min(unit.rows - k * batch)).collect();
             for &i in &slow {
-                let dt = meta.root_data_type().children().iter().find(|c| c.name() == self.columns[i].name);
-                if let Some(id) = dt
-                    .map(|c| c.data_type())
-                    .filter(|d| matches!(d, orc_rust::schema::DataType::List { .. }))
-                    .map(|d| d.column_index())
-                {
+                use orc_rust::schema::DataType as T;
+                let name = &self.columns[i].name;
+                let in_ctx = |e: String| ctx(&format!("column {name:?}: {e}"));
+                let Some(dt) =
+                    meta.root_data_type().children().iter().find(|c| c.name() == name).map(|c| c.data_type())
+                else {
+                    continue;
+                };
+                let streams = |id: usize, kinds: &[orc_rust::proto::stream::Kind]| {
                     let mut b = self.limits.max_stripe_bytes;
-                    let streams = orc_decode::Streams::new(
+                    orc_decode::Streams::select(
                         &mem,
                         stripe.offset(),
                         &footer,
                         &[id],
+                        Some(kinds),
                         tail.compression,
                         &mut b,
                         &label,
                     )
-                    .map_err(|e| ctx(&e))?;
-                    orc_decode::check_list_batches(
-                        id,
-                        &footer,
-                        &streams,
-                        unit.rows,
-                        chunk.max(1),
-                        self.limits.max_list_elements,
+                };
+                use orc_rust::proto::stream::Kind as K;
+                let is_string =
+                    |d: &T| matches!(d, T::String { .. } | T::Varchar { .. } | T::Char { .. } | T::Binary { .. });
+                let dictionary = |id: usize| {
+                    matches!(
+                        footer.columns.get(id).map(|c| c.kind()),
+                        Some(
+                            orc_rust::proto::column_encoding::Kind::DictionaryV2
+                                | orc_rust::proto::column_encoding::Kind::Dictionary
+                        )
                     )
-                    .map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[i].name)))?;
+                };
+                match dt {
+                    T::List { child, .. } => {
+                        let id = dt.column_index();
+                        let totals = orc_decode::check_list_batches(
+                            id,
+                            &footer,
+                            &streams(id, &[K::Present, K::Length]).map_err(in_ctx)?,
+                            unit.rows,
+                            chunk.max(1),
+                            self.limits.max_list_elements,
+                        )
+                        .map_err(in_ctx)?;
+                        let cid = child.column_index();
+                        if is_string(child) && dictionary(cid) {
+                            orc_decode::check_string_batches(
+                                cid,
+                                &footer,
+                                &|kinds| streams(cid, kinds),
+                                &totals,
+                                self.limits.max_decoded_bytes,
+                            )
+                            .map_err(in_ctx)?;
+                        }
+                    }
+                    d if is_string(d) && dictionary(d.column_index()) => {
+                        let id = d.column_index();
+                        orc_decode::check_string_batches(
+                            id,
+                            &footer,
+                            &|kinds| streams(id, kinds),
+                            &row_batches,
+                            self.limits.max_decoded_bytes,
+                        )
+                        .map_err(in_ctx)?;
+                    }
+                    _ => {}
                 }
             }
-            Some(self.decode_orc_rust(file, &slow, unit, skip, first, chunk).map_err(|e| ctx(&e))?.into_iter())
+            Some(
+                self.decode_orc_rust(file.clone(), meta, stripe, &slow, skip, first, chunk, &mut decoded)
+                    .map_err(|e| ctx(&e))?
+                    .into_iter(),
+            )
         };
         let mut decoders = Vec::new();
         if !fast.is_empty() {
@@ -416,7 +499,10 @@ impl Source {
                 }
             }
             for (i, d) in &mut decoders {
-                let col = d.read(rows).map_err(|e| ctx(&format!("column {:?}: {e}", self.columns[*i].name)))?;
+                let name = &self.columns[*i].name;
+                let col = d.read(rows).map_err(|e| ctx(&format!("column {name:?}: {e}")))?;
+                self.charge(&mut decoded, std::slice::from_ref(&col))
+                    .map_err(|e| ctx(&format!("column {name:?}: {e}")))?;
                 columns[*i] = Some(col);
             }
             chunks
@@ -427,23 +513,26 @@ impl Source {
 
     /// Columns `cols` of rows `skip..` of a unit through `orc-rust`, in the
     /// chunks of [`Source::decode`].
+    #[allow(clippy::too_many_arguments)]
     fn decode_orc_rust(
         &self,
-        file: MappedFile,
+        mut file: MappedFile,
+        meta: &orc_rust::reader::metadata::FileMetadata,
+        stripe: &orc_rust::stripe::StripeMetadata,
         cols: &[usize],
-        unit: &Unit,
         skip: u64,
         first: usize,
         chunk: usize,
+        decoded: &mut u64,
     ) -> std::result::Result<Vec<Chunk>, String> {
-        let builder = ArrowReaderBuilder::try_new(file).map_err(|e| e.to_string())?;
         let names: Vec<&str> = cols.iter().map(|&i| self.columns[i].name.as_str()).collect();
-        let mask = ProjectionMask::named_roots(builder.file_metadata().root_data_type(), &names);
-        let reader = builder
-            .with_projection(mask)
-            .with_file_byte_range(unit.offset as usize..unit.offset as usize + 1)
-            .with_batch_size(chunk.max(1))
-            .build();
+        let mask = ProjectionMask::named_roots(meta.root_data_type(), &names);
+        let projected = meta.root_data_type().project(&mask);
+        let schema = arrow_schema(meta, &mask);
+        let stripe = orc_rust::stripe::Stripe::new(&mut file, meta, &projected, stripe).map_err(|e| e.to_string())?;
+        let stripe_rows = stripe.number_of_rows();
+        let reader = orc_rust::array_decoder::NaiveStripeDecoder::new(stripe, schema, chunk.max(1))
+            .map_err(|e| format!("column(s) {names:?}: {e}"))?;
         let mut chunks: Vec<Chunk> = Vec::new();
         // Rows still to put in the chunk being filled, and whether it is open.
         let mut want = first.max(1);
@@ -457,6 +546,7 @@ impl Source {
             while at < n {
                 let take = want.min(n - at);
                 let part = self.convert(&batch.slice(at, take), cols)?;
+                self.charge(decoded, &part).map_err(|e| format!("column(s) {names:?}: {e}"))?;
                 if open {
                     let last = chunks.last_mut().unwrap();
                     for (a, p) in last.columns.iter_mut().zip(&part) {
@@ -474,10 +564,23 @@ impl Source {
                 }
             }
         }
-        if seen != unit.rows {
-            return Err(format!("stripe holds {seen} rows, its footer says {}", unit.rows));
+        if seen != stripe_rows as u64 {
+            return Err(format!("stripe holds {seen} rows, its footer says {stripe_rows}"));
         }
         Ok(chunks)
+    }
+
+    /// Charges decoded columns to a stripe's `max_decoded_bytes`.
+    fn charge(&self, decoded: &mut u64, columns: &[Column]) -> std::result::Result<(), String> {
+        let bytes: u64 = columns.iter().map(Column::nbytes).sum();
+        *decoded = decoded.saturating_add(bytes);
+        if *decoded > self.limits.max_decoded_bytes {
+            return Err(format!(
+                "the stripe decodes to more than {} bytes (the max_decoded_bytes limit)",
+                self.limits.max_decoded_bytes
+            ));
+        }
+        Ok(())
     }
 
     fn convert(&self, batch: &RecordBatch, cols: &[usize]) -> std::result::Result<Vec<Column>, String> {
@@ -606,9 +709,18 @@ fn convert_values(a: &dyn Array, element: Element, req: &ColumnRequest) -> std::
     })
 }
 
+/// The Arrow schema of the columns `mask` selects, as orc-rust's reader
+/// builds it.
+fn arrow_schema(meta: &orc_rust::reader::metadata::FileMetadata, mask: &ProjectionMask) -> arrow::datatypes::SchemaRef {
+    let custom =
+        meta.user_custom_metadata().iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).to_string())).collect();
+    Arc::new(meta.root_data_type().project(mask).create_arrow_schema(&custom))
+}
+
 /// A file memory-mapped for the decoder: it reads each stream as a slice of
 /// the page cache (`get_bytes` below), where orc-rust's `File` reader
 /// allocates a zeroed buffer per stream and reads into it.
+#[derive(Clone)]
 struct MappedFile(bytes::Bytes);
 
 impl MappedFile {
@@ -967,14 +1079,8 @@ impl Drop for Reader {
 /// `orc_read` runs it on arbitrary bytes.
 pub fn validate(files: &[PathBuf], limits: Limits) -> Result<u64> {
     let first = files.first().ok_or_else(|| IoError::Usage("no ORC files to read".into()))?;
-    let bad = |e: &dyn fmt::Display| IoError::Data(format!("{}: not a readable ORC file: {e}", first.display()));
-    let file = MappedFile::open(first).map_err(|e| IoError::Data(format!("{}: cannot open: {e}", first.display())))?;
-    orc_guard::read_tail(&file.0, &limits).map_err(|e| bad(&e))?;
-    let builder = std::panic::catch_unwind(|| ArrowReaderBuilder::try_new(file))
-        .map_err(|p| bad(&format!("the ORC reader failed ({})", panic_message(&*p))))?
-        .map_err(|e| bad(&e))?;
-    let columns: Vec<ColumnRequest> = builder
-        .schema()
+    let (_, opened) = open_checked(first, &limits)?;
+    let columns: Vec<ColumnRequest> = arrow_schema(&opened.meta, &ProjectionMask::all())
         .fields()
         .iter()
         .filter(|f| column_type_of(f.data_type()).is_some())

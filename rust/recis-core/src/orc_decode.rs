@@ -81,12 +81,29 @@ impl Streams {
         budget: &mut u64,
         label: &dyn Fn(u32) -> String,
     ) -> Result<Streams> {
+        Streams::select(file, offset, footer, columns, None, compression, budget, label)
+    }
+
+    /// As [`Streams::new`], keeping only the streams of `kinds` (all when
+    /// None).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn select(
+        file: &Bytes,
+        offset: u64,
+        footer: &StripeFooter,
+        columns: &[usize],
+        kinds: Option<&[StreamKind]>,
+        compression: Option<Compression>,
+        budget: &mut u64,
+        label: &dyn Fn(u32) -> String,
+    ) -> Result<Streams> {
         let mut map = HashMap::new();
         for (st, range) in crate::orc_guard::stream_ranges(footer, offset) {
             if range.end > file.len() {
                 return Err(format!("a stream of column {} runs past the end of the file", st.column()));
             }
-            if columns.contains(&(st.column() as usize)) {
+            let wanted = kinds.is_none_or(|k| k.iter().any(|&k| k as i32 == st.kind.unwrap_or(-1)));
+            if wanted && columns.contains(&(st.column() as usize)) {
                 let data = inflate(&file.slice(range), compression, budget)
                     .map_err(|e| format!("{}: {e}", label(st.column())))?;
                 map.insert((st.column(), st.kind.unwrap_or(-1)), data);
@@ -191,7 +208,7 @@ pub(crate) fn check_list_batches(
     rows: u64,
     batch: usize,
     max: u64,
-) -> Result<()> {
+) -> Result<Vec<u64>> {
     let v2 = match footer.columns.get(column).map(|c| c.kind()) {
         Some(EncodingKind::DirectV2) => true,
         Some(EncodingKind::Direct) => false,
@@ -200,10 +217,10 @@ pub(crate) fn check_list_batches(
     let mut present = streams.get(column, StreamKind::Present).map(BoolRle::new);
     // Writers may leave out an empty stream (a stripe of null lists).
     let data = streams.get(column, StreamKind::Length).unwrap_or_default();
-    let mut v2_lengths = v2.then(|| RleV2::new(data.clone(), false));
-    let mut v1_lengths = (!v2).then(|| RleV1::new(data));
+    let mut lengths = Unsigned::new(data, v2);
     let mut left = rows;
     let mut lens = Vec::new();
+    let mut totals = Vec::new();
     while left > 0 {
         let n = (batch as u64).min(left) as usize;
         left -= n as u64;
@@ -212,11 +229,7 @@ pub(crate) fn check_list_batches(
             None => n,
         };
         lens.clear();
-        match (&mut v2_lengths, &mut v1_lengths) {
-            (Some(d), _) => d.read(non_null, &mut lens)?,
-            (_, Some(d)) => d.read(non_null, &mut lens)?,
-            _ => unreachable!("one of the two decoders"),
-        }
+        lengths.read(non_null, &mut lens)?;
         let mut total = 0u64;
         for &l in &lens {
             total =
@@ -226,8 +239,94 @@ pub(crate) fn check_list_batches(
                     )
                 })?;
         }
+        totals.push(total);
+    }
+    Ok(totals)
+}
+
+/// Checks, before orc-rust decodes a dictionary-encoded string column,
+/// that none of its batches decodes to more than `max` bytes: orc-rust
+/// copies a dictionary entry into every row that refers to it, so a
+/// stripe of small streams can make a batch of any size. `batches` are the
+/// column's value counts per batch, as orc-rust reads them (rows, or a list
+/// column's elements). The bound from the longest entry settles it in
+/// general; only past it are the batches summed, entry by entry.
+pub(crate) fn check_string_batches(
+    column: usize,
+    footer: &StripeFooter,
+    streams: &dyn Fn(&[StreamKind]) -> Result<Streams>,
+    batches: &[u64],
+    max: u64,
+) -> Result<()> {
+    let encoding = footer.columns.get(column);
+    let v2 = match encoding.map(|c| c.kind()) {
+        Some(EncodingKind::DictionaryV2) => true,
+        Some(EncodingKind::Dictionary) => false,
+        // Direct: a batch's bytes are in the DATA stream, which the
+        // stripe's inflate budget bounds.
+        _ => return Ok(()),
+    };
+    let size = encoding.map_or(0, |c| c.dictionary_size()) as usize;
+    let ints = |streams: &Streams, kind: StreamKind| Unsigned::new(streams.get(column, kind).unwrap_or_default(), v2);
+    let mut lengths = Vec::with_capacity(size.min(1 << 20));
+    ints(&streams(&[StreamKind::Length])?, StreamKind::Length)
+        .read(size, &mut lengths)
+        .map_err(|e| format!("string column {column}: its dictionary's lengths: {e}"))?;
+    let longest = lengths.iter().map(|&l| u64::try_from(l).unwrap_or(u64::MAX)).max().unwrap_or(0);
+    let most = batches.iter().copied().max().unwrap_or(0);
+    if longest.saturating_mul(most) <= max {
+        return Ok(());
+    }
+    let too_big =
+        || format!("a batch of string column {column} decodes to more than {max} bytes (the max_decoded_bytes limit)");
+    let streams = streams(&[StreamKind::Present, StreamKind::Data])?;
+    let mut present = streams.get(column, StreamKind::Present).map(BoolRle::new);
+    let mut indices = ints(&streams, StreamKind::Data);
+    let mut at = Vec::new();
+    for &n in batches {
+        let n = n as usize;
+        let non_null = match &mut present {
+            Some(p) => p.read(n)?.iter().filter(|&&b| b).count(),
+            None => n,
+        };
+        at.clear();
+        indices.read(non_null, &mut at).map_err(|e| format!("string column {column}: its dictionary indices: {e}"))?;
+        let mut total = 0u64;
+        for &i in &at {
+            let len = usize::try_from(i)
+                .ok()
+                .and_then(|i| lengths.get(i))
+                .ok_or_else(|| format!("string column {column}: index {i} is past its dictionary of {size}"))?;
+            total = total.saturating_add(*len as u64);
+            if total > max {
+                return Err(too_big());
+            }
+        }
     }
     Ok(())
+}
+
+/// An unsigned integer stream of either run-length encoding.
+enum Unsigned {
+    V1(RleV1),
+    V2(RleV2),
+}
+
+impl Unsigned {
+    fn new(data: Bytes, v2: bool) -> Unsigned {
+        if v2 {
+            Unsigned::V2(RleV2::new(data, false))
+        } else {
+            Unsigned::V1(RleV1::new(data))
+        }
+    }
+
+    fn read(&mut self, n: usize, out: &mut Vec<i64>) -> Result<()> {
+        match self {
+            Unsigned::V1(d) => d.read(n, out),
+            Unsigned::V2(d) => d.read(n, out),
+        }
+    }
 }
 
 /// Integer run-length encoding, version 1 (unsigned): runs of 3..=130

@@ -59,11 +59,22 @@ pub struct Limits {
     pub max_stripe_bytes: u64,
     /// List elements in one column of one batch.
     pub max_list_elements: u64,
+    /// Bytes the requested columns of one stripe may decode to, in all
+    /// (values and offsets): a stripe's streams are bounded by
+    /// `max_stripe_bytes`, but run-length and dictionary encodings
+    /// multiply them (a string a dictionary holds once, a batch may repeat
+    /// in every row).
+    pub max_decoded_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_stripe_rows: 1 << 27, max_stripe_bytes: 1 << 31, max_list_elements: 1 << 27 }
+        Limits {
+            max_stripe_rows: 1 << 27,
+            max_stripe_bytes: 1 << 31,
+            max_list_elements: 1 << 27,
+            max_decoded_bytes: 1 << 31,
+        }
     }
 }
 

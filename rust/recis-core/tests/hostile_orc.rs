@@ -194,6 +194,18 @@ fn rebuilt(
     replace: impl Fn(usize, &proto::Stream) -> Option<Vec<u8>>,
     edit: impl Fn(&mut StripeFooter),
 ) -> PathBuf {
+    rebuilt_with(dir, name, replace, edit, Vec::new())
+}
+
+/// As `rebuilt`, with `extra` streams (and their bytes) added after the
+/// stripe's own.
+fn rebuilt_with(
+    dir: &Path,
+    name: &str,
+    replace: impl Fn(usize, &proto::Stream) -> Option<Vec<u8>>,
+    edit: impl Fn(&mut StripeFooter),
+    extra: Vec<(proto::Stream, Vec<u8>)>,
+) -> PathBuf {
     let good = write(dir, &format!("good-{name}"), Some(CompressionType::Zstd));
     let bytes = std::fs::read(good).unwrap();
     let ps_len = *bytes.last().unwrap() as usize;
@@ -222,6 +234,12 @@ fn rebuilt(
             data_len += new.len() as u64;
         }
         out.extend_from_slice(&new);
+    }
+    for (mut st, data) in extra {
+        st.length = Some(data.len() as u64);
+        data_len += data.len() as u64;
+        out.extend_from_slice(&data);
+        sf.streams.push(st);
     }
     edit(&mut sf);
     let sf_bytes = compressed(&sf.encode_to_vec());
@@ -396,4 +414,116 @@ fn tempdir() -> PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// zstd chunks of at most `block` bytes of `data` each.
+fn chunked(data: &[u8], block: usize) -> Vec<u8> {
+    data.chunks(block).flat_map(chunk).collect()
+}
+
+/// RLE v2 short repeats of `value` (one byte wide), `n` values in all.
+fn repeats(value: u8, mut n: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    while n > 0 {
+        let k = n.clamp(3, 10);
+        assert!(k <= n, "a short repeat holds 3 to 10 values");
+        v.extend_from_slice(&[(k - 3) as u8, value]);
+        n -= k;
+    }
+    v
+}
+
+/// Column 3 ("cat", strings) of the written file rewritten as a
+/// dictionary: entries `entries`, every row referring to entry `index`.
+fn dictionary_file(dir: &Path, name: &str, entries: &[Vec<u8>], index: u8) -> PathBuf {
+    use proto::stream::Kind;
+    let block = 1 << 16;
+    // Entry lengths: one RLE v2 direct run of 24-bit values.
+    let n = entries.len();
+    let mut lengths = vec![0b01 << 6 | 23 << 1 | ((n - 1) >> 8) as u8, (n - 1) as u8];
+    for e in entries {
+        let l = e.len() as u32;
+        lengths.extend_from_slice(&[(l >> 16) as u8, (l >> 8) as u8, l as u8]);
+    }
+    let dictionary: Vec<u8> = entries.concat();
+    let indices = repeats(index, ROWS);
+    let extra = vec![(
+        proto::Stream { kind: Some(Kind::DictionaryData as i32), column: Some(3), length: None },
+        chunked(&dictionary, block),
+    )];
+    let n = entries.len() as u32;
+    rebuilt_with(
+        dir,
+        name,
+        |_, st| match (st.column(), st.kind()) {
+            (3, Kind::Data) => Some(chunked(&indices, block)),
+            (3, Kind::Length) => Some(chunked(&lengths, block)),
+            _ => None,
+        },
+        move |sf| {
+            sf.columns[3].kind = Some(proto::column_encoding::Kind::DictionaryV2 as i32);
+            sf.columns[3].dictionary_size = Some(n);
+        },
+        extra,
+    )
+}
+
+fn raw_columns() -> Vec<ColumnRequest> {
+    vec![ColumnRequest { name: "cat".into(), hash: false, bucket: 0 }]
+}
+
+#[test]
+fn a_dictionary_that_a_batch_would_repeat_past_the_decoded_limit_is_refused_before_orc_rust_copies_it() {
+    let dir = tempdir();
+    let big = vec![b'a'; 1 << 20];
+    let path = dictionary_file(&dir, "amplified.orc", &[big.clone(), b"x".to_vec(), b"y".to_vec()], 0);
+    // 3 MiB of dictionary, 1 MiB in every one of 2000 rows: 2 GiB decoded.
+    let limits = Limits { max_decoded_bytes: 64 << 20, ..Limits::default() };
+    let s = Source::open_with_limits(std::slice::from_ref(&path), &raw_columns(), limits).unwrap();
+    let e = s.decode(&s.units[0], 0, 512, 512).unwrap_err().to_string();
+    assert!(e.contains("amplified.orc") && e.contains("column \"cat\""), "{e}");
+    assert!(
+        e.contains("a batch of string column 3 decodes to more than 67108864 bytes (the max_decoded_bytes limit)"),
+        "{e}"
+    );
+
+    // The same long entry, referred to by no row: the batches are summed
+    // and the file reads, every row the short entry.
+    let path = dictionary_file(&dir, "unused-long-entry.orc", &[big, b"x".to_vec(), b"y".to_vec()], 1);
+    let s = Source::open_with_limits(&[path], &raw_columns(), limits).unwrap();
+    let chunks = s.decode(&s.units[0], 0, 512, 512).unwrap();
+    assert_eq!(chunks.iter().map(|c| c.rows).sum::<usize>(), ROWS);
+    for c in &chunks {
+        match &c.columns[0].values {
+            recis_core::io::Values::Bytes { data, offsets } => {
+                assert_eq!(offsets.len(), c.rows + 1);
+                assert!(data.iter().all(|&b| b == b'x') && data.len() == c.rows, "{:?}", &data[..8]);
+            }
+            other => panic!("strings read as {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_dictionary_index_past_its_entries_is_an_error() {
+    let dir = tempdir();
+    let big = vec![b'a'; 1 << 20];
+    let path = dictionary_file(&dir, "bad-index.orc", &[big, b"x".to_vec(), b"y".to_vec()], 7);
+    let limits = Limits { max_decoded_bytes: 64 << 20, ..Limits::default() };
+    let s = Source::open_with_limits(&[path], &raw_columns(), limits).unwrap();
+    let e = s.decode(&s.units[0], 0, 512, 512).unwrap_err().to_string();
+    assert!(e.contains("bad-index.orc") && e.contains("index 7 is past its dictionary of 3"), "{e}");
+}
+
+#[test]
+fn a_stripe_decoding_past_the_decoded_limit_is_refused() {
+    let dir = tempdir();
+    let path = write(&dir, "decoded.orc", None);
+    // 2000 rows of three 8-byte columns: 48 kB decoded.
+    let limits = Limits { max_decoded_bytes: 20_000, ..Limits::default() };
+    let s = Source::open_with_limits(std::slice::from_ref(&path), &columns(), limits).unwrap();
+    let e = s.decode(&s.units[0], 0, 512, 512).unwrap_err().to_string();
+    assert!(e.contains("decoded.orc") && e.contains("the max_decoded_bytes limit"), "{e}");
+    let s = Source::open_with_limits(&[path], &columns(), Limits { max_decoded_bytes: 48_000, ..limits }).unwrap();
+    assert_eq!(s.decode(&s.units[0], 0, 512, 512).unwrap().iter().map(|c| c.rows).sum::<usize>(), ROWS);
 }

@@ -36,21 +36,27 @@ pub(crate) struct PyOrcSource {
 #[pymethods]
 impl PyOrcSource {
     /// `columns`: (name, hash, bucket) per requested column; `limits`:
-    /// (max_stripe_rows, max_stripe_bytes, max_list_elements), None for the
-    /// defaults.
+    /// (max_stripe_rows, max_stripe_bytes, max_list_elements,
+    /// max_decoded_bytes), None for the defaults.
     #[new]
     #[pyo3(signature = (paths, columns, limits=None))]
     fn new(
         py: Python<'_>,
         paths: Vec<PathBuf>,
         columns: Vec<(String, bool, u64)>,
-        limits: Option<(u64, u64, u64)>,
+        limits: Option<(u64, u64, u64, u64)>,
     ) -> PyResult<Self> {
         let columns: Vec<ColumnRequest> =
             columns.into_iter().map(|(name, hash, bucket)| ColumnRequest { name, hash, bucket }).collect();
-        let limits = limits.map_or_else(Limits::default, |(max_stripe_rows, max_stripe_bytes, max_list_elements)| {
-            Limits { max_stripe_rows, max_stripe_bytes, max_list_elements }
-        });
+        let limits = limits.map_or_else(
+            Limits::default,
+            |(max_stripe_rows, max_stripe_bytes, max_list_elements, max_decoded_bytes)| Limits {
+                max_stripe_rows,
+                max_stripe_bytes,
+                max_list_elements,
+                max_decoded_bytes,
+            },
+        );
         let what = || paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         let source = py
             .detach(|| {
@@ -108,7 +114,7 @@ impl PyOrcSource {
             .iter()
             .map(|u| {
                 let file = self.source.files[u.file].display().to_string();
-                (file, u.stripe, self.source.first_row_in_file(u), u.rows)
+                (file, u.stripe, u.file_row, u.rows)
             })
             .collect()
     }
