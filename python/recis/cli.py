@@ -16,6 +16,7 @@ on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -196,6 +197,91 @@ def inspect_cmd(args) -> int:
     return 0
 
 
+def export_cmd(args) -> int:
+    from recis.framework import CheckpointError
+    from recis.serving import ExportError, export_checkpoint
+
+    try:
+        if args.delta:
+            if args.force or args.precision != "fp32":
+                print("recis export: --delta takes its parent's precision and never replaces", file=sys.stderr)
+                return 2
+            out = export_checkpoint(args.checkpoint, args.output, delta_of=args.delta)
+        else:
+            out = export_checkpoint(args.checkpoint, args.output, precision=args.precision, overwrite=args.force)
+    except (CheckpointError, ExportError) as e:
+        print(f"recis export: {e}", file=sys.stderr)
+        return 1
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    print(
+        f"{out}: {manifest['kind']} export, generation {manifest['generation']}, step {manifest['step']}, "
+        f"{len(manifest['files'])} files"
+    )
+    return 0
+
+
+def predict_cmd(args) -> int:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recis.io.dataset import DataError
+    from recis.serving import ExportError, Predictor
+
+    set_threads(args.threads)
+    try:
+        predictor = Predictor(args.export)
+        t0 = time.perf_counter()
+        out = predictor.predict_files(args.data, batch_size=args.batch_size, num_threads=args.threads or 2)
+        elapsed = time.perf_counter() - t0
+    except (ExportError, DataError) as e:
+        print(f"recis predict: {e}", file=sys.stderr)
+        return 1
+    table = pa.table({k: np.asarray(v) for k, v in out.items()})
+    tmp = args.output + ".tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, args.output)
+    n = len(out["score"])
+    line = f"{args.output}: {n:,} scores ({n / max(elapsed, 1e-9):,.0f} rows/s)"
+    if "label" in out and n:
+        from recis.metrics import AUROC
+
+        auroc = AUROC()
+        auroc.update(torch.from_numpy(out["label"]), torch.from_numpy(out["score"]))
+        line += f"; AUC {auroc.compute():.4f} against the files' labels"
+    print(line)
+    return 0
+
+
+def serve_cmd(args) -> int:
+    from recis.serving import ExportError, Predictor
+    from recis.serving.server import Refresher, make_server
+
+    set_threads(1)  # each request thread runs its own forward
+    try:
+        predictor = Predictor(args.export)
+        server = make_server(predictor, host=args.host, port=args.port, threads=args.threads, max_rows=args.max_rows)
+    except (ExportError, ValueError, OSError) as e:
+        print(f"recis serve: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"recis serve: {args.export} (generation {predictor.generation}, step {predictor.step}) on "
+        f"http://{args.host}:{server.effective_port}/predict",
+        flush=True,
+    )
+    refresher = Refresher(predictor, args.poll_seconds).start() if predictor.root else None
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if refresher is not None:
+            refresher.stop()
+        server.close()
+    return 0
+
+
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
@@ -273,6 +359,42 @@ def main(argv=None) -> int:
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
     i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")
     i.set_defaults(func=inspect_cmd)
+    x = sub.add_parser("export", help="a checkpoint as a lookup-only serving export (recis.serving)")
+    x.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its newest that verifies)")
+    x.add_argument("--output", "-o", required=True, help="the export directory to write")
+    x.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "int8"],
+        help="the tables' rows: fp32, fp16, or row-wise int8 with a scale a row (default: fp32)",
+    )
+    x.add_argument("--force", action="store_true", help="replace an export already there (default: refuse)")
+    x.add_argument(
+        "--delta",
+        metavar="PARENT",
+        help="write a delta of what changed since the export or delta PARENT (default: a full export)",
+    )
+    x.set_defaults(func=export_cmd)
+    p = sub.add_parser("predict", help="score ORC files with a serving export, into a Parquet file")
+    p.add_argument("--export", required=True, help="the export directory (recis export)")
+    p.add_argument("--data", required=True, nargs="+", help="ORC files or directories of *.orc to score")
+    p.add_argument("--output", "-o", required=True, help="the Parquet file to write (score, and label if read)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows a batch (default: 4096)")
+    p.add_argument("--threads", type=int, help="torch and reader threads (default: 2)")
+    p.set_defaults(func=predict_cmd)
+    v = sub.add_parser("serve", help="an HTTP scoring endpoint over a serving export (JSON rows in, scores out)")
+    v.add_argument("--export", required=True, help="the export directory (recis export)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    v.add_argument("--threads", type=int, default=4, help="request threads (default: 4)")
+    v.add_argument("--max-rows", type=int, default=65536, help="rows a request may hold (default: 65536)")
+    v.add_argument(
+        "--poll-seconds",
+        type=positive_seconds,
+        default=10.0,
+        help="served from a lineage directory: how often to apply new deltas (default: 10)",
+    )
+    v.set_defaults(func=serve_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

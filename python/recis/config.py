@@ -85,7 +85,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import tomllib
 import torch
 
-from recis.io.dataset import NON_FINITE, DataError
+from recis.io.dataset import NON_FINITE
 
 
 class ConfigError(ValueError):
@@ -287,23 +287,26 @@ class Job:
     def __init__(self, cfg: JobConfig, for_training: bool = True):
         from recis import optim
         from recis.framework import Trainer, TrainingArguments
-        from recis.io import Column, OrcDataset
+        from recis.io import OrcDataset
+        from recis.io.pipeline import FeatureInput, InputPipeline
         from recis.models import MODELS
         from recis.nn import AlwaysAdmit, CountAdmit, EmbeddingOption, EvictionOption, NormalInit
 
         self.cfg = cfg
         d, t, o = cfg.data, cfg.trainer, cfg.optimizer
-        columns, seen = [Column(d.label)], {d.label}
-        for name in d.dense + ([d.group] if d.group else []):
-            if name not in seen:
-                columns.append(Column(name))
-                seen.add(name)
-        for f in cfg.features:
-            col = f.column or f.name
-            if col in seen:
-                raise ConfigError(f"{cfg.path}: column {col!r} is read twice (a feature, label, dense or group)")
-            seen.add(col)
-            columns.append(Column(col, hash=f.hash, bucket=f.bucket))
+        self.pipeline = InputPipeline(
+            features=[FeatureInput(f.name, f.column or f.name, f.hash, f.bucket) for f in cfg.features],
+            label=d.label,
+            dense=list(d.dense),
+            dense_transform=d.dense_transform,
+            non_finite=d.non_finite,
+            group=d.group,
+            where=cfg.path,
+        )
+        try:
+            columns = self.pipeline.columns()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         kw = dict(
             batch_size=d.batch_size,
             columns=columns,
@@ -377,46 +380,9 @@ class Job:
             self.eval_dataset,
             dense_optimizer=self.dense_optimizer,
             sparse_optimizer=self.sparse_optimizer,
-            input_fn=self.input_fn,
+            input_fn=self.pipeline,
         )
 
     def input_fn(self, batch: dict) -> dict:
-        """A reader batch as model input: each feature's ids (a scalar int
-        column becomes one id a row), and the dense columns stacked."""
-        d = self.cfg.data
-        out = {}
-        for f in self.cfg.features:
-            v = batch[f.column or f.name]
-            if isinstance(v, torch.Tensor):
-                if v.dtype != torch.int64 or v.dim() != 1:
-                    raise ConfigError(
-                        f"{self.cfg.path}: feature {f.name!r}: column {f.column or f.name!r} holds {v.dtype} values; "
-                        "a feature needs integer ids (or strings with hash = true)"
-                    )
-                v = v.unsqueeze(1)
-            out[f.name] = v
-        if d.dense:
-            x = torch.stack([batch[c].to(torch.float32) for c in d.dense], dim=1)
-            if not bool(torch.isfinite(x).all()):
-                x = self._finite_dense(batch, x)
-            if d.dense_transform == "log1p":
-                x = torch.log1p(x.clamp_min(0))
-            out["dense"] = x
-        return out
-
-    def _finite_dense(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
-        """The dense input ``x`` [B, len(dense)] with NaN (a null) as 0 and
-        ±inf per ``[data] non_finite``. The reader has already refused (or
-        replaced) ±inf in its columns, so an inf here is a float64 value
-        beyond float32's range."""
-        d = self.cfg.data
-        inf = torch.isinf(x)
-        if d.non_finite == "error" and bool(inf.any()):
-            row, j = (int(i) for i in inf.nonzero()[0])
-            raise DataError(
-                f"{self.cfg.path}: [data].dense column {d.dense[j]!r}, row {row} of a batch: "
-                f"{float(batch[d.dense[j]][row])!r} is beyond float32's range (the dense input is float32); "
-                '[data] non_finite = "clamp" or "zero" replaces such values'
-            )
-        zero = 0.0 if d.non_finite == "zero" else None  # None: nan_to_num clamps to float32's largest
-        return torch.nan_to_num(x, nan=0.0, posinf=zero, neginf=zero)
+        """A reader batch as model input (``recis.io.pipeline.InputPipeline``)."""
+        return self.pipeline(batch)

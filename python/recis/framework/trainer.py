@@ -26,7 +26,9 @@ from recis.framework.checkpoint import CheckpointManager, suspect
 from recis.framework.curves import TensorBoardLog, plot_curves, wanted
 from recis.framework.lock import OutputDirLock, OutputDirLocked, holder
 from recis.framework.scaler import DynamicLossScaler
+from recis.io.pipeline import InputPipeline
 from recis.metrics import AUROC, GAUC, Calibration, LogLoss
+from recis.models.common import model_spec
 from recis.optim.sparse import collect_tables
 from recis.ragged import batch_rows
 
@@ -200,6 +202,14 @@ class Trainer:
 
     def save(self) -> str:
         extra = {"args": asdict(self.args)}
+        # What a serving export of this checkpoint rebuilds the model and
+        # its input from (``recis export CKPT``): a zoo model's spec, and the
+        # job's input pipeline.
+        spec = model_spec(getattr(self.model, "module", self.model))
+        if spec is not None:
+            extra["model_spec"] = spec
+        if isinstance(self.input_fn, InputPipeline):
+            extra["pipeline"] = self.input_fn.to_json()
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
         with self._holding_lock():
@@ -433,6 +443,9 @@ class Trainer:
                     self.evaluate()
                 if a.save_every_steps and step % a.save_every_steps == 0:
                     self.save()
+                for h in self.hooks:
+                    if hasattr(h, "on_step_end"):
+                        h.on_step_end(self, step)
                 if a.max_steps is not None and step >= a.max_steps:
                     done = True
                     break

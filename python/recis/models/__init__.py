@@ -1,8 +1,10 @@
 """Model zoo: plain nn.Modules around an EmbeddingEngine. Each takes the
 sparse fields (names, or {name: EmbeddingOption}), ``num_dense`` and
 ``dim``, and maps a batch (the fields, plus ``"dense"`` [B, num_dense]) to
-logits [B]."""
+logits [B]. ``model_spec(model)`` describes a zoo model as JSON and
+``build_model(spec)`` rebuilds it (with fresh tables and weights)."""
 
+from recis.models.common import model_spec
 from recis.models.dcn import DCNv2
 from recis.models.deepfm import DeepFM
 from recis.models.dlrm import DLRM
@@ -10,4 +12,36 @@ from recis.models.wide_deep import WideDeep
 
 MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep}
 
-__all__ = ["DCNv2", "DLRM", "MODELS", "DeepFM", "WideDeep"]
+
+def build_model(spec: dict, where: str = "model"):
+    """The zoo model ``spec`` (from ``model_spec``) describes; a spec of an
+    unknown model, or arguments it does not take, is a ValueError naming
+    ``where``."""
+    import inspect
+
+    from recis.nn.options import option_from_json
+
+    if not isinstance(spec, dict) or not {"name", "args", "features"} <= set(spec):
+        raise ValueError(f"{where}: expected a model spec with name, args and features")
+    cls = MODELS.get(spec["name"])
+    if cls is None:
+        raise ValueError(f"{where}: unknown model {spec['name']!r} (the zoo has {sorted(MODELS)})")
+    args = spec["args"]
+    features = spec["features"]
+    if not isinstance(args, dict) or not isinstance(features, list) or not features:
+        raise ValueError(f"{where}: args must be an object and features a non-empty list of [name, option]")
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in features):
+        raise ValueError(f"{where}: features must be [name, option] pairs")
+    names = [p[0] for p in features]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: features repeat: {names}")
+    accepted = set(inspect.signature(cls).parameters) - {"sparse_fields", "option"}
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise ValueError(f"{where}: {spec['name']} takes no arguments {unknown}")
+    options = {f: option_from_json(o, f"{where}.features.{f}") for f, o in features}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return cls(options, **kwargs)
+
+
+__all__ = ["DCNv2", "DLRM", "MODELS", "DeepFM", "WideDeep", "build_model", "model_spec"]

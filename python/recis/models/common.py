@@ -2,12 +2,58 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
+from recis.nn.options import option_to_json
+
+
+def zoo_model(name: str):
+    """Class decorator of a zoo model: records the arguments each instance
+    was built with (but its sparse fields, which its engine holds), so that
+    ``model_spec`` can describe it and ``models.build_model`` rebuild it
+    (serving exports, checkpoints)."""
+
+    def wrap(cls):
+        init = cls.__init__
+        sig = inspect.signature(init)
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            bound = sig.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            init(self, *args, **kwargs)
+            recorded = dict(bound.arguments)
+            for key in ("self", "sparse_fields", "option"):
+                recorded.pop(key, None)
+            self._zoo_args = {k: list(v) if isinstance(v, tuple) else v for k, v in recorded.items()}
+
+        cls.__init__ = __init__
+        cls.zoo_name = name
+        return cls
+
+    return wrap
+
+
+def model_spec(model: nn.Module) -> dict | None:
+    """What rebuilds ``model`` (a zoo model), as JSON: its zoo name, its
+    arguments and every sparse field's option, as [name, option] pairs in
+    order; None for a model
+    that is not from the zoo."""
+    args = getattr(model, "_zoo_args", None)
+    if args is None or not hasattr(model, "embedding"):
+        return None
+    return {
+        "name": type(model).zoo_name,
+        "args": dict(args),
+        # In order (the model's inputs follow it): a list, never a JSON object's keys.
+        "features": [[f, option_to_json(o)] for f, o in model.embedding.options.items()],
+    }
 
 
 def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> tuple[list[str], EmbeddingEngine]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine
+from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
 
 
 class CrossLayer(nn.Module):
@@ -23,6 +23,7 @@ class CrossLayer(nn.Module):
         return x0 * self.w(x) + x
 
 
+@zoo_model("dcnv2")
 class DCNv2(nn.Module):
     def __init__(
         self,

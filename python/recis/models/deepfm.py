@@ -15,10 +15,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine
+from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
 from recis.nn import EmbeddingOption
 
 
+@zoo_model("deepfm")
 class DeepFM(nn.Module):
     extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine
+from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
 
 
+@zoo_model("dlrm")
 class DLRM(nn.Module):
     def __init__(
         self,

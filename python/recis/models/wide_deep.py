@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine
+from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
 
 
+@zoo_model("wide_deep")
 class WideDeep(nn.Module):
     extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
 

@@ -232,3 +232,86 @@ class EmbeddingOption:
             "eviction": None if self.eviction is None else asdict(self.eviction),
             "seed": self.seed,
         }
+
+
+# ----------------------------------------------------------------------------
+# JSON form of an option (serving exports, checkpoints' model specs): every
+# field but the in-memory tuning ones, by class name and fields. No code is
+# named that the reader would run: only the classes above are accepted.
+
+_POLICIES = {
+    cls.__name__: cls
+    for cls in (
+        ConstantInit,
+        UniformInit,
+        NormalInit,
+        TruncatedNormalInit,
+        XavierUniformInit,
+        XavierNormalInit,
+        KaimingUniformInit,
+        KaimingNormalInit,
+        AlwaysAdmit,
+        CountAdmit,
+        ProbabilityAdmit,
+    )
+}
+
+
+def option_to_json(option: EmbeddingOption) -> dict:
+    """``option`` as JSON-able values (``option_from_json`` reads it back)."""
+    return {
+        "dim": option.dim,
+        "initializer": [type(option.initializer).__name__, asdict(option.initializer)],
+        "combiner": option.combiner,
+        "admission": [type(option.admission).__name__, asdict(option.admission)],
+        "eviction": None if option.eviction is None else asdict(option.eviction),
+        "trainable": option.trainable,
+        "shared_name": option.shared_name,
+        "seed": option.seed,
+        "eval_missing": option.eval_missing,
+        "padding_id": option.padding_id,
+    }
+
+
+def option_from_json(obj: dict, where: str = "option") -> EmbeddingOption:
+    """The ``EmbeddingOption`` that ``option_to_json`` wrote; anything else
+    (an unknown field or policy class, a wrong type) is a ValueError naming
+    ``where`` and the field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    known = {"dim", "initializer", "combiner", "admission", "eviction", "trainable", "shared_name", "seed"}
+    known |= {"eval_missing", "padding_id"}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}")
+
+    def policy(field_name: str):
+        value = obj.get(field_name)
+        if value is None:
+            return None
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict)):
+            raise ValueError(f"{where}.{field_name}: expected [class name, fields], got {value!r}")
+        cls = _POLICIES.get(value[0])
+        if cls is None:
+            raise ValueError(f"{where}.{field_name}: unknown class {value[0]!r} (known: {sorted(_POLICIES)})")
+        try:
+            return cls(**value[1])
+        except TypeError as e:
+            raise ValueError(f"{where}.{field_name}: {e}") from None
+
+    kwargs = {k: obj[k] for k in ("dim", "combiner", "shared_name", "eval_missing", "padding_id") if k in obj}
+    for k in ("initializer", "admission"):
+        if obj.get(k) is not None:
+            kwargs[k] = policy(k)
+    if "trainable" in obj:
+        kwargs["trainable"] = bool(obj["trainable"])
+    if "seed" in obj:
+        kwargs["seed"] = int(obj["seed"])
+    try:
+        if obj.get("eviction") is not None:
+            kwargs["eviction"] = EvictionOption(**obj["eviction"])
+        if "dim" not in kwargs:
+            raise ValueError("missing field 'dim'")
+        return EmbeddingOption(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None

@@ -8,9 +8,9 @@
 //! namespace, the decay of its counts, and its state for checkpoints.
 //! Which lock each call takes: `pipeline.rs`, "Lock discipline".
 
-use crate::idmap::{NsEntry, EMPTY};
+use crate::idmap::{NsEntry, EMPTY, LOOKUP_CHUNK};
 use crate::rows::STATE;
-use crate::table::{HashTable, Result, TableError, NO_ROW};
+use crate::table::{HashTable, Inner, Result, TableError, NO_ROW};
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 
@@ -90,31 +90,27 @@ impl HashTable {
                 evicted.extend(kept.drain(..excess));
             }
         }
-        if evicted.is_empty() {
-            return Vec::new();
+        remove_entries(&mut inner, evicted)
+    }
+
+    /// Removes the ids of namespace `ns` in `ids` that the table holds
+    /// (others, and repeats, are ignored); returns how many it removed.
+    /// Their rows are reused by later inserts. Exclusive, like `evict`
+    /// (serving deltas apply their tombstones with it).
+    pub fn remove_in(&self, ns: usize, ids: &[u64]) -> Result<usize> {
+        self.check_ns(ns)?;
+        let mut inner = self.write();
+        inner.reclaim_spare();
+        let mut rows = vec![NO_ROW; ids.len()];
+        for (c, o) in ids.chunks(LOOKUP_CHUNK).zip(rows.chunks_mut(LOOKUP_CHUNK)) {
+            inner.find_many(ns, c, o)?;
         }
-        let mut gone: std::collections::HashSet<(u32, u64)> = evicted.iter().map(|&(ns, id, _)| (ns, id)).collect();
-        for (ns, sentinel) in inner.sentinel_rows.iter_mut().enumerate() {
-            if gone.remove(&(ns as u32, EMPTY)) {
-                *sentinel.get_mut() = NO_ROW;
-            }
-        }
-        let per_ns = inner.ns_shards;
-        inner.shards.par_iter_mut().enumerate().for_each(|(s, shard)| {
-            let ns = (s / per_ns) as u32;
-            if shard.entries().any(|(k, _)| gone.contains(&(ns, k))) {
-                shard.rebuild(0, |k, _| !gone.contains(&(ns, k)));
-            }
-        });
-        for &(_, _, r) in &evicted {
-            inner.meta_words(r)[STATE].store(0, Ordering::Release);
-        }
-        inner.epoch += 1;
-        let top = *inner.free_top.get_mut();
-        inner.free.truncate(top);
-        inner.free.extend(evicted.iter().map(|&(_, _, r)| r));
-        *inner.free_top.get_mut() = inner.free.len();
-        evicted.into_iter().map(|(ns, id, _)| (ns, id)).collect()
+        let mut doomed: Vec<NsEntry> =
+            ids.iter().zip(&rows).filter(|&(_, &r)| r != NO_ROW).map(|(&id, &r)| (ns as u32, id, r)).collect();
+        // A row freed twice would be handed out twice: one entry an id.
+        doomed.sort_unstable_by_key(|&(_, id, _)| id);
+        doomed.dedup_by_key(|&mut (_, id, _)| id);
+        Ok(remove_entries(&mut inner, doomed).len())
     }
 
     /// What admission counts for `id` of namespace `ns`.
@@ -141,4 +137,37 @@ impl HashTable {
         let _g = self.write();
         self.admission.import_counters(counters, last_decay_epoch).map_err(TableError::InvalidArgument)
     }
+}
+
+/// Removes `evicted` (distinct entries the table holds) under the exclusive
+/// lock: their keys leave the id map (each shard that loses one is
+/// rebuilt), their rows lose `LIVE` and go on the free list, and the epoch
+/// moves on, so tickets of earlier lookups are refused. Returns the
+/// (namespace, id) pairs removed.
+fn remove_entries(inner: &mut Inner, evicted: Vec<NsEntry>) -> Vec<(u32, u64)> {
+    if evicted.is_empty() {
+        return Vec::new();
+    }
+    let mut gone: std::collections::HashSet<(u32, u64)> = evicted.iter().map(|&(ns, id, _)| (ns, id)).collect();
+    for (ns, sentinel) in inner.sentinel_rows.iter_mut().enumerate() {
+        if gone.remove(&(ns as u32, EMPTY)) {
+            *sentinel.get_mut() = NO_ROW;
+        }
+    }
+    let per_ns = inner.ns_shards;
+    inner.shards.par_iter_mut().enumerate().for_each(|(s, shard)| {
+        let ns = (s / per_ns) as u32;
+        if shard.entries().any(|(k, _)| gone.contains(&(ns, k))) {
+            shard.rebuild(0, |k, _| !gone.contains(&(ns, k)));
+        }
+    });
+    for &(_, _, r) in &evicted {
+        inner.meta_words(r)[STATE].store(0, Ordering::Release);
+    }
+    inner.epoch += 1;
+    let top = *inner.free_top.get_mut();
+    inner.free.truncate(top);
+    inner.free.extend(evicted.iter().map(|&(_, _, r)| r));
+    *inner.free_top.get_mut() = inner.free.len();
+    evicted.into_iter().map(|(ns, id, _)| (ns, id)).collect()
 }

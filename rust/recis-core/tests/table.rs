@@ -309,6 +309,7 @@ enum NsOp {
     Insert(usize, Vec<u64>),
     Lookup(usize, Vec<u64>),
     EvictTtl(u64),
+    Remove(usize, Vec<u64>),
     ExportImport,
 }
 
@@ -318,6 +319,7 @@ fn ns_op_strategy() -> impl Strategy<Value = NsOp> {
         4 => (0usize..3, ids()).prop_map(|(n, v)| NsOp::Insert(n, v)),
         2 => (0usize..3, ids()).prop_map(|(n, v)| NsOp::Lookup(n, v)),
         1 => (0u64..4).prop_map(NsOp::EvictTtl),
+        1 => (0usize..3, ids()).prop_map(|(n, v)| NsOp::Remove(n, v)),
         1 => Just(NsOp::ExportImport),
     ]
 }
@@ -359,6 +361,25 @@ proptest! {
                     expect.sort_unstable();
                     prop_assert_eq!(&gone, &expect);
                     model.retain(|_, &mut (s, _)| step - s <= ttl);
+                }
+                NsOp::Remove(ns, ids) => {
+                    // Repeated and absent ids among them: each held id goes once.
+                    let held: std::collections::HashSet<u64> =
+                        ids.iter().copied().filter(|&id| model.contains_key(&(ns as u32, id))).collect();
+                    prop_assert_eq!(t.remove_in(ns, &ids).unwrap(), held.len());
+                    for id in &held {
+                        model.remove(&(ns as u32, *id));
+                    }
+                    // Freed rows are handed out again, each to one id.
+                    let mut again: Vec<u64> = held.iter().map(|id| id ^ 0x5555).collect();
+                    again.sort_unstable();
+                    again.dedup();
+                    again.retain(|&id| !model.contains_key(&(ns as u32, id)));
+                    let u = t.lookup_or_insert_unique_in(ns, &again, step).unwrap();
+                    for (&id, &r) in u.ids.iter().zip(&u.rows) {
+                        prop_assert!(!model.values().any(|&(_, other)| other == r), "row {} handed out twice", r);
+                        model.insert((ns as u32, id), (step, r));
+                    }
                 }
                 NsOp::ExportImport => {
                     let (ids, rows, nss) = t.export_entries();

@@ -289,6 +289,13 @@ impl PyHashTable {
         Ok((into_i64(ids).into_pyarray(py), ns.into_pyarray(py)))
     }
 
+    /// Removes the ids of namespace `ns` that the table holds; how many.
+    fn remove_ids(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>, ns: usize) -> PyResult<usize> {
+        let ids = as_u64(contiguous(&ids, "ids")?);
+        let t = &self.table;
+        py.detach(|| t.remove_in(ns, ids)).map_err(to_py)
+    }
+
     /// Snapshot of every (id, row, namespace), namespace by namespace.
     #[allow(clippy::type_complexity)]
     fn export_keys<'py>(
