@@ -29,7 +29,7 @@ from recis.nn import EmbeddingOption, NormalInit
 from recis.optim import SparseAdam
 from recis.ragged import RaggedTensor
 from recis.serving import ExportError, Predictor, export, export_checkpoint, verify_export
-from recis.serving.server import make_server
+from recis.serving.server import make_server, shutdown
 
 CONFIG = """
 [data]
@@ -331,8 +331,8 @@ def serving(export_dir, **kwargs):
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.close()
-        thread.join(timeout=10)
+        shutdown(server, thread)
+        assert not thread.is_alive()
 
 
 def post(url, body, raw: bytes | None = None) -> tuple[int, dict]:

@@ -24,6 +24,7 @@ Nothing a request holds changes the model: lookups insert nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -46,18 +47,28 @@ class RequestError(ValueError):
 
 
 def _ids(rows: list[dict], column: str) -> RaggedTensor:
-    values, lengths = [], []
-    for r, row in enumerate(rows):
-        v = row[column]
-        items = v if isinstance(v, list) else [v]
-        for x in items:
-            if isinstance(x, bool) or not isinstance(x, int) or not INT64[0] <= x <= INT64[1]:
+    plain = [row[column] for row in rows]
+    if all(type(v) is list for v in plain):
+        flat, lengths = list(itertools.chain.from_iterable(plain)), list(map(len, plain))
+    else:
+        flat, lengths = plain, None
+    if all(type(x) is int for x in flat):
+        try:
+            values = torch.from_numpy(np.array(flat, dtype=np.int64))
+        except OverflowError:
+            values = None
+        if values is not None:
+            if lengths is None:
+                return RaggedTensor(values, torch.arange(len(rows) + 1), validate=False)
+            offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+            return RaggedTensor(values, offsets, validate=False)
+    # Something is wrong: name the first row and value at fault.
+    for r, v in enumerate(plain):
+        for x in v if isinstance(v, list) else [v]:
+            if type(x) is not int or not INT64[0] <= x <= INT64[1]:
                 raise RequestError(f"row {r}: column {column!r}: ids must be int64 integers, got {x!r}")
-        values.extend(items)
-        lengths.append(len(items))
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return RaggedTensor(torch.tensor(values, dtype=torch.int64), offsets, validate=False)
+    raise RequestError(f"column {column!r}: a column holds either an id a row or a list of ids a row")
 
 
 def _strings(rows: list[dict], column: str, bucket: int):
@@ -74,6 +85,9 @@ def _strings(rows: list[dict], column: str, bucket: int):
 
 
 def _numbers(rows: list[dict], column: str) -> torch.Tensor:
+    plain = [row[column] for row in rows]
+    if all(type(v) is float or type(v) is int for v in plain):
+        return torch.from_numpy(np.array(plain, dtype=np.float64))
     out = np.empty(len(rows), dtype=np.float64)
     for r, row in enumerate(rows):
         v = row[column]
@@ -229,3 +243,15 @@ class Refresher:
                 if not self.errors or self.errors[-1] != str(e):
                     self._log(f"recis serve: kept generation {self.predictor.generation}: {e}")
                 self.errors.append(str(e))
+
+
+def shutdown(server, thread=None, timeout: float = 10.0) -> None:
+    """Stops a ``make_server`` server running in ``thread``: its loop closes
+    every connection and the listening socket (from inside the loop, so no
+    select sees a closed descriptor), then its request threads end."""
+    from waitress import wasyncore
+
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map, ignore_all=True))
+    if thread is not None:
+        thread.join(timeout)
+    server.task_dispatcher.shutdown()
