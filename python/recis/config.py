@@ -82,8 +82,12 @@ import inspect
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
-import tomllib
 import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
 
 from recis.io.dataset import NON_FINITE, DataError
 
