@@ -90,3 +90,26 @@ def test_without_tomllib_the_config_is_read_by_tomli(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "7"
+
+
+# ---------------------------------------------------------------------------
+# One set of defaults
+
+
+def test_python_api_zoo_and_config_start_rows_alike(tmp_path):
+    from recis.config import FeatureConfig, Job, load_config
+    from recis.datagen import generate
+    from recis.models import DeepFM
+    from recis.nn import DEFAULT_INITIALIZER, EmbeddingOption, NormalInit
+
+    assert DEFAULT_INITIALIZER == NormalInit(0.0, 0.01)
+    assert EmbeddingOption(dim=4).initializer == DEFAULT_INITIALIZER
+    assert FeatureConfig("C1").init_std == DEFAULT_INITIALIZER.std
+    model = DeepFM(["a", "b"], dim=4)
+    assert all(t.option.initializer == DEFAULT_INITIALIZER for t in model.tables())
+    generate(str(tmp_path / "data"), 200, files=1, vocab=50, seed=0)
+    (tmp_path / "job.toml").write_text(
+        '[data]\ntrain = ["data"]\n[[feature]]\nname = "C1"\n[trainer]\noutput_dir = "out"\n'
+    )
+    job = Job(load_config(str(tmp_path / "job.toml")))
+    assert all(t.option.initializer == DEFAULT_INITIALIZER for t in job.model.tables())

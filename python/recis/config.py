@@ -37,6 +37,7 @@ bucket = 0                    # with hash: ids modulo bucket (0: none)
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
 init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (seed, id)
+                              # (the default is recis.nn.DEFAULT_INITIALIZER's, as in the Python API)
 admit_after = 1               # an id gets a row at its k-th sighting (1: at once)
 ttl_steps = 0                 # eviction: ids unseen for this many steps (0: never)
 min_frequency = 0             # eviction: ids seen fewer times (0: none)
@@ -90,6 +91,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli packag
     import tomli as tomllib
 
 from recis.io.dataset import NON_FINITE, DataError
+from recis.nn.options import DEFAULT_INITIALIZER
 
 
 class ConfigError(ValueError):
@@ -120,7 +122,7 @@ class FeatureConfig:
     bucket: int = 0
     combiner: str = "sum"
     shared: str | None = None
-    init_std: float = 0.01
+    init_std: float = DEFAULT_INITIALIZER.std
     admit_after: int = 1
     ttl_steps: int = 0
     min_frequency: int = 0
@@ -329,7 +331,7 @@ class Job:
                 )
             options[f.name] = EmbeddingOption(
                 dim=width,
-                initializer=NormalInit(0.0, f.init_std),
+                initializer=NormalInit(DEFAULT_INITIALIZER.mean, f.init_std),
                 combiner=f.combiner,
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),
                 eviction=eviction,
