@@ -4,6 +4,7 @@ declared dependencies, Python 3.10's TOML parser), `--help`, exit codes,
 makes of its columns before it trains."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,172 @@ def test_python_api_zoo_and_config_start_rows_alike(tmp_path):
     )
     job = Job(load_config(str(tmp_path / "job.toml")))
     assert all(t.option.initializer == DEFAULT_INITIALIZER for t in job.model.tables())
+
+
+# ---------------------------------------------------------------------------
+# A tiny job: 256 rows, DeepFM of width 4, four steps.
+
+JOB = """
+[data]
+train = ["part-00000.orc"]
+dense = ["I1"]
+batch_size = 64
+
+[model]
+name = "deepfm"
+dim = 4
+hidden = [8]
+
+[[feature]]
+name = "C1"
+[[feature]]
+name = "C2"
+{feature}
+[trainer]
+output_dir = "out"
+log_every_steps = 2
+"""
+
+
+def tiny_job(d, feature="", **replace):
+    """A job.toml in ``d`` over one ORC file of 256 rows: label, I1 (float),
+    C1 and C2 (int64 ids), S1 (strings) and F1 (floats); ``feature``: more
+    [[feature]] text; ``replace``: {old: new} edits of the text."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.orc as po
+
+    rng = np.random.default_rng(0)
+    n = 256
+    po.write_table(
+        pa.table(
+            {
+                "label": rng.integers(0, 2, n),
+                "I1": rng.random(n),
+                "C1": rng.integers(0, 50, n),
+                "C2": rng.integers(0, 50, n),
+                "S1": [f"s{i % 7}" for i in range(n)],
+                "F1": rng.random(n).astype(np.float32),
+            }
+        ),
+        d / "part-00000.orc",
+    )
+    text = JOB.format(feature=feature)
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    (d / "job.toml").write_text(text)
+    return str(d / "job.toml")
+
+
+def run_main(capsys, *argv):
+    """(exit status, stderr) of ``recis ARGV`` in this process; argparse's
+    own refusals (SystemExit) count as their status."""
+    from recis.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Exit status: 0 done, 1 a failure handled, 2 usage, 3 a hung rank
+
+
+def test_exit_status_0_1_2_and_3_are_distinct():
+    from recis import cli
+    from recis.distributed import watchdog
+
+    assert (cli.EXIT_FAILED, cli.EXIT_USAGE, watchdog.EXIT_HUNG) == (1, 2, 3)
+
+
+def test_a_job_that_trains_exits_0(tmp_path, capsys):
+    code, err = run_main(capsys, "train", "--config", tiny_job(tmp_path))
+    assert code == 0, err
+    assert (tmp_path / "out" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        ({"log_every_steps = 2": "log_every_steps = 2\nepoch = 1"}, r"\[trainer\]: unknown field\(s\) \['epoch'\]"),
+        ({"log_every_steps = 2": "keep_checkpoints = 0"}, r"\[trainer\]\.keep_checkpoints: must be >= 1, got 0"),
+        ({"batch_size = 64": "batch_size = 0"}, r"\[data\]\.batch_size: must be >= 1, got 0"),
+        ({"dim = 4": "dim = 0"}, r"\[model\]\.dim: expected an int >= 1, got 0"),
+        ({'dense = ["I1"]': "", 'name = "deepfm"': 'name = "dlrm"', "hidden = [8]": ""}, r"\[model\] \(dlrm\): "),
+        (
+            {"log_every_steps = 2": 'sparse_update = "in_backward"\ngradient_accumulation_steps = 2'},
+            r'\[trainer\]\.sparse_update: "in_backward" does not go with gradient_accumulation_steps > 1',
+        ),
+    ],
+)
+def test_a_bad_config_is_a_usage_error(tmp_path, capsys, replace, message):
+    code, err = run_main(capsys, "train", "--config", tiny_job(tmp_path, **replace))
+    assert code == 2, err
+    assert err.startswith(f"recis train: {tmp_path / 'job.toml'}") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_bad_arguments_are_usage_errors(tmp_path, capsys):
+    code, err = run_main(capsys, "datagen", "-o", str(tmp_path), "--rows", "0")
+    assert code == 2 and "argument --rows: must be >= 1, got 0" in err, err
+    code, err = run_main(capsys, "demo", "--seed", "-1")
+    assert code == 2 and "argument --seed: must be in [0, 2**63), got -1" in err, err
+    code, err = run_main(capsys, "convert", "x.csv", "-o", str(tmp_path), "--format", "csv", "--schema", "a:decimal")
+    assert code == 2 and "argument --schema: 'a:decimal' must be name:type" in err, err
+    code, err = run_main(capsys, "train", "--config", str(tmp_path / "missing.toml"))
+    assert code == 2 and f"{tmp_path / 'missing.toml'}: cannot read" in err, err
+
+
+def test_a_bad_collective_timeout_in_the_environment_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    path = tiny_job(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before joining a process group
+    monkeypatch.setenv("RECIS_COLLECTIVE_TIMEOUT", "soon")
+    code, err = run_main(capsys, "train", "--config", path)
+    assert code == 2 and "$RECIS_COLLECTIVE_TIMEOUT='soon': expected seconds" in err, err
+
+
+def test_data_and_checkpoint_failures_exit_1_with_one_line(tmp_path, capsys):
+    path = tiny_job(tmp_path, **{'name = "C2"': 'name = "C2"\ncolumn = "C99"'})
+    code, err = run_main(capsys, "train", "--config", path)
+    assert code == 1, err
+    assert err.startswith(f'recis train: {tmp_path / "part-00000.orc"}: column "C99" not found'), err
+    assert err.count("\n") == 1, err
+    code, err = run_main(capsys, "inspect", str(tmp_path / "nowhere"))
+    assert (code, err) == (1, f"recis inspect: {tmp_path / 'nowhere'}: no such checkpoint directory\n")
+    code, err = run_main(
+        capsys, "eval", "--config", tiny_job(tmp_path, **{"batch_size = 64": 'eval = ["part-00000.orc"]'})
+    )
+    assert (code, err) == (1, f"recis eval: {tmp_path / 'out' / 'checkpoints'}: no checkpoint to evaluate\n")
+
+
+def test_a_bug_is_not_swallowed(tmp_path, capsys, monkeypatch):
+    import recis.config
+    import recis.framework
+    from recis.cli import main
+
+    def bug(*args, **kw):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(recis.framework, "inspect_checkpoint", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["inspect", str(tmp_path)])
+    path = tiny_job(tmp_path)
+
+    def value_bug(*args, **kw):
+        raise ValueError("another bug")
+
+    monkeypatch.setattr(recis.config, "Job", value_bug)
+    with pytest.raises(ValueError, match="another bug"):
+        main(["train", "--config", path])
+
+
+def test_the_command_line_exit_status_and_message(tmp_path):
+    path = tiny_job(tmp_path, **{"log_every_steps = 2": "epoch = 1"})
+    done = recis("train", "--config", path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"recis train: {path}: [trainer]: unknown field(s) ['epoch'] (known: "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -11,6 +11,12 @@ documents every field); resumes from the job's latest checkpoint. Under
 tables are sharded over the ranks (``recis.distributed``).
 ``recis eval --config FILE.toml [--checkpoint DIR]``: evaluates a checkpoint
 on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
+
+Exit status: 0 done; 1 a failure the command reports in one line on stderr
+(bad or unreadable data, a checkpoint that does not load, training that
+cannot go on); 2 a usage error (bad arguments, a bad config); 3 under
+torchrun, a rank that hung (``recis.distributed.watchdog``). Any other
+exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +31,25 @@ import torch
 
 import recis
 from recis import distributed
+
+EXIT_FAILED = 1  # a failure the command handled: data, checkpoint, training (one line on stderr)
+EXIT_USAGE = 2  # bad arguments or a bad config (argparse's own status for bad arguments)
+# 3: recis.distributed.watchdog.EXIT_HUNG, a hung rank under torchrun.
+
+
+class UsageError(Exception):
+    """A bad argument the parser cannot judge alone (it depends on the
+    environment or the file system); exits EXIT_USAGE."""
+
+
+def handled_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, failures): what ``main`` reports in one line, with
+    EXIT_USAGE or EXIT_FAILED. Anything else is a bug and is not caught."""
+    from recis.config import ConfigError
+    from recis.framework import CheckpointError, TrainingError
+    from recis.io.convert import ConvertError
+
+    return (UsageError, ConfigError), (recis.DataError, CheckpointError, TrainingError, ConvertError)
 
 
 def demo(args) -> int:
@@ -102,30 +127,37 @@ def set_threads(threads: int | None) -> None:
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
 
 
+def join_process_group(timeout: float | None) -> None:
+    """Under torchrun, joins the process group (``timeout``: the collective
+    timeout, None: ``$RECIS_COLLECTIVE_TIMEOUT`` or the default); a bad
+    ``$RECIS_COLLECTIVE_TIMEOUT`` is a usage error."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        try:
+            distributed.collective_timeout(timeout)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    distributed.init_from_env(timeout=timeout)
+
+
 def train_cmd(args) -> int:
-    from recis.config import ConfigError, Job, load_config
-    from recis.framework import CheckpointError, TrainingError
+    from recis.config import Job, load_config
 
     set_threads(args.threads)
-    try:
-        cfg = load_config(args.config)
-        if args.collective_timeout is not None:
-            cfg.trainer.collective_timeout = args.collective_timeout
-        # Under torchrun: join the process group; tables are sharded over the
-        # ranks, each reads its share of the files, rank 0 writes the logs.
-        distributed.init_from_env(timeout=cfg.trainer.collective_timeout or None)
-        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-        job = Job(cfg)
-        say(
-            f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
-            f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
-            f"output {cfg.trainer.output_dir}; {distributed.world()} process(es)"
-        )
-        t0 = time.perf_counter()
-        logs = job.trainer.train()
-    except (ConfigError, CheckpointError, TrainingError, ValueError, KeyError) as e:
-        print(f"recis train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    if args.collective_timeout is not None:
+        cfg.trainer.collective_timeout = args.collective_timeout
+    # Under torchrun: join the process group; tables are sharded over the
+    # ranks, each reads its share of the files, rank 0 writes the logs.
+    join_process_group(cfg.trainer.collective_timeout or None)
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+    job = Job(cfg)
+    say(
+        f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
+        f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
+        f"output {cfg.trainer.output_dir}; {distributed.world()} process(es)"
+    )
+    t0 = time.perf_counter()
+    logs = job.trainer.train()
     elapsed = time.perf_counter() - t0
     ev = logs.get("eval")
     if ev:
@@ -142,37 +174,29 @@ def eval_cmd(args) -> int:
     from recis.framework.checkpoint import resolve_checkpoint
 
     set_threads(args.threads)
-    try:
-        cfg = load_config(args.config)
-        distributed.init_from_env(timeout=args.collective_timeout or cfg.trainer.collective_timeout or None)
-        job = Job(cfg, for_training=False)
-        if job.eval_dataset is None:
-            raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
-        ckpt = job.trainer.checkpoints
-        if args.checkpoint is None and not ckpt.checkpoints(complete=False):
-            raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
-        # None: the job's newest checkpoint that verifies.
-        path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
-        step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
-        path = ckpt.loaded
-        job.trainer.global_step = step
-        if distributed.rank() == 0:
-            print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
-        job.trainer.evaluate()
-    except (ConfigError, CheckpointError, ValueError, KeyError) as e:
-        print(f"recis eval: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    join_process_group(args.collective_timeout or cfg.trainer.collective_timeout or None)
+    job = Job(cfg, for_training=False)
+    if job.eval_dataset is None:
+        raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
+    ckpt = job.trainer.checkpoints
+    if args.checkpoint is None and not ckpt.checkpoints(complete=False):
+        raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
+    # None: the job's newest checkpoint that verifies.
+    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
+    path = ckpt.loaded
+    job.trainer.global_step = step
+    if distributed.rank() == 0:
+        print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
+    job.trainer.evaluate()
     return 0
 
 
 def inspect_cmd(args) -> int:
-    from recis.framework import CheckpointError, inspect_checkpoint
+    from recis.framework import inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        print(f"recis inspect: {e}", file=sys.stderr)
-        return 2
+    info = inspect_checkpoint(args.checkpoint)
     print(f"{info['path']}: step {info['step']}")
     print("verified: checksums match" if info["verified"] else "unverified: written without checksums")
     for why in info["suspect"]:
@@ -199,11 +223,7 @@ def inspect_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    try:
-        paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
-    except ValueError as e:
-        print(f"recis datagen: {e}", file=sys.stderr)
-        return 2
+    paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
     for p in paths:
         print(p)
     return 0
@@ -225,75 +245,126 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def schema_spec(text: str) -> str:
+    """``--schema`` checked as it is parsed (a bad one is a usage error)."""
+    from recis.io.convert import ConvertError, parse_schema
+
+    try:
+        parse_schema(text)
+    except ConvertError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--schema: ")) from None
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="recis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"recis {recis.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="datagen → ORC → train DeepFM → evaluate → checkpoint")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--rows", type=int, default=400_000, help="rows generated (3/4 train, 1/4 held out)")
-    d.add_argument("--epochs", type=int, default=1)
-    d.add_argument("--batch-size", type=int, default=4096)
-    d.add_argument("--vocab", type=int, default=1_000_000)
-    d.add_argument("--dim", type=int, default=16)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--log-every", type=int, default=10)
-    d.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (for the AUC curve)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rows", type=positive_int, default=400_000, help="rows generated (3/4 train, 1/4 held out)")
+    d.add_argument("--epochs", type=positive_int, default=1)
+    d.add_argument("--batch-size", type=positive_int, default=4096)
+    d.add_argument("--vocab", type=positive_int, default=1_000_000)
+    d.add_argument("--dim", type=positive_int, default=16)
+    d.add_argument("--lr", type=positive_float, default=1e-3)
+    d.add_argument("--threads", type=positive_int, default=2)
+    d.add_argument("--log-every", type=positive_int, default=10)
+    d.add_argument("--eval-every", type=positive_int, default=25, help="evaluate every N steps (for the AUC curve)")
+    d.add_argument("--seed", type=seed_int, default=0)
     d.set_defaults(func=demo)
     g = sub.add_parser("datagen", help="synthetic Criteo-layout ORC files with a hidden click model")
     g.add_argument("--output", "-o", required=True)
-    g.add_argument("--rows", type=int, default=1_000_000)
-    g.add_argument("--files", type=int, default=4)
-    g.add_argument("--vocab", type=int, default=1_000_000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rows", type=positive_int, default=1_000_000)
+    g.add_argument("--files", type=positive_int, default=4)
+    g.add_argument("--vocab", type=positive_int, default=1_000_000)
+    g.add_argument("--seed", type=seed_int, default=0)
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")
     c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")
     c.add_argument("--format", required=True, choices=["criteo", "avazu", "csv", "tsv", "parquet"])
-    c.add_argument("--rows-per-file", type=int, default=1_000_000)
+    c.add_argument("--rows-per-file", type=positive_int, default=1_000_000)
     c.add_argument("--compression", default="zstd", choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"])
     c.add_argument("--no-header", action="store_true", help="the CSV has no header line (avazu dev/test)")
     c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
-    c.add_argument("--schema", help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)")
+    c.add_argument(
+        "--schema", type=schema_spec, help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)"
+    )
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
     t.add_argument("--config", required=True)
-    t.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    t.add_argument(
+        "--threads", type=positive_int, help="torch threads (default 2; under torchrun the cores / local ranks)"
+    )
     t.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
     e.add_argument("--config", required=True)
     e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
-    e.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    e.add_argument(
+        "--threads", type=positive_int, help="torch threads (default 2; under torchrun the cores / local ranks)"
+    )
     e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     e.set_defaults(func=eval_cmd)
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
     i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")
     i.set_defaults(func=inspect_cmd)
     args = parser.parse_args(argv)
-    return args.func(args)
+    usage, failures = handled_errors()
+    try:
+        return args.func(args)
+    except usage as e:
+        print(f"recis {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except failures as e:
+        print(f"recis {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def convert_cmd(args) -> int:
-    from recis.io.convert import ConvertError, convert
+    from recis.io.convert import convert
 
-    try:
-        files = convert(
-            args.inputs,
-            args.output,
-            args.format,
-            rows_per_file=args.rows_per_file,
-            compression=args.compression,
-            header=not args.no_header,
-            label=not args.no_label,
-            schema=args.schema,
-        )
-    except ConvertError as e:
-        print(f"recis convert: {e}", file=sys.stderr)
-        return 2
+    files = convert(
+        args.inputs,
+        args.output,
+        args.format,
+        rows_per_file=args.rows_per_file,
+        compression=args.compression,
+        header=not args.no_header,
+        label=not args.no_label,
+        schema=args.schema,
+    )
     for f in files:
         print(f)
     return 0

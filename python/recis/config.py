@@ -205,6 +205,14 @@ def _one_of(value, allowed, where):
         raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
 
 
+def _at_least(obj, names, low, where):
+    """Each field of ``names`` of ``obj`` is >= ``low`` (the classes the job
+    builds would refuse it later, in their own words)."""
+    for k in names:
+        if getattr(obj, k) < low:
+            raise ConfigError(f"{where}.{k}: must be >= {low}, got {getattr(obj, k)}")
+
+
 def load_config(path: str) -> JobConfig:
     """Parses and checks a job config (see the module docstring)."""
     try:
@@ -230,6 +238,10 @@ def load_config(path: str) -> JobConfig:
         raise ConfigError(f"{path}: [data].train names no files")
     _one_of(data.dense_transform, ("none", "log1p"), f"{path}: [data].dense_transform")
     _one_of(data.non_finite, NON_FINITE, f"{path}: [data].non_finite")
+    _at_least(data, ("batch_size", "num_threads"), 1, f"{path}: [data]")
+    _at_least(data, ("prefetch", "seed"), 0, f"{path}: [data]")
+    if data.num_threads > 256:
+        raise ConfigError(f"{path}: [data].num_threads: must be <= 256, got {data.num_threads}")
     if not isinstance(raw["feature"], list):
         raise ConfigError(f"{path}: features are [[feature]] tables (an array), not one [feature] table")
     features = []
@@ -255,6 +267,9 @@ def load_config(path: str) -> JobConfig:
     model.setdefault("name", "deepfm")
     model.setdefault("dim", 16)
     _one_of(model["name"], sorted(MODELS), f"{path}: [model].name")
+    dim = model["dim"]
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
     params = inspect.signature(MODELS[model["name"]]).parameters
     allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed"}
     unknown = sorted(set(model) - allowed - {"name"})
@@ -271,6 +286,20 @@ def load_config(path: str) -> JobConfig:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
     _one_of(trainer.sparse_update, ("auto", "in_backward", "deferred"), f"{path}: [trainer].sparse_update")
+    _at_least(trainer, ("gradient_accumulation_steps", "log_every_steps", "keep_checkpoints"), 1, f"{path}: [trainer]")
+    _at_least(
+        trainer,
+        ("epochs", "max_steps", "eval_every_steps", "save_every_steps", "evict_every_steps"),
+        0,
+        f"{path}: [trainer]",
+    )
+    if trainer.sparse_update == "in_backward" and (
+        trainer.gradient_accumulation_steps > 1 or trainer.mixed_precision == "fp16"
+    ):
+        raise ConfigError(
+            f'{path}: [trainer].sparse_update: "in_backward" does not go with gradient_accumulation_steps > 1 or '
+            'mixed_precision = "fp16" (they need the sparse gradient at the optimizer step): "auto" or "deferred"'
+        )
     if trainer.collective_timeout < 0:
         raise ConfigError(
             f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
@@ -344,7 +373,12 @@ class Job:
             if isinstance(v, list):
                 kwargs[k] = tuple(v)
         torch.manual_seed(d.seed)
-        self.model = cls(options, num_dense=len(d.dense), seed=d.seed, **kwargs)
+        try:
+            self.model = cls(options, num_dense=len(d.dense), seed=d.seed, **kwargs)
+        except (TypeError, ValueError) as e:
+            # [model]'s fields beyond name and dim are the model's own
+            # arguments, checked by it alone.
+            raise ConfigError(f"{cfg.path}: [model] ({cfg.model['name']}): {e}") from e
         self.dense_optimizer = DENSE_OPTIMIZERS[o.dense](
             self.model.parameters(), lr=o.dense_lr, weight_decay=o.dense_weight_decay
         )
