@@ -283,3 +283,44 @@ def test_the_command_line_exit_status_and_message(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"recis train: {path}: [trainer]: unknown field(s) ['epoch'] (known: "), done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------
+# --help
+
+
+def subcommands():
+    import argparse
+
+    from recis.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_states_its_default_in_its_help():
+    import argparse
+
+    seen = 0
+    for name, parser in subcommands().items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            where = f"recis {name} {action.option_strings[0]}"
+            assert action.help, f"{where}: no help text"
+            text = formatter._expand_help(action)
+            if action.required:
+                assert "(required)" in text, (where, text)
+            elif action.default is None or isinstance(action.default, bool):
+                assert "(default: " in text, (where, text)  # in words: none, off, the job's latest, ...
+            else:
+                assert f"(default: {action.default})" in text, (where, text)
+            seen += 1
+    assert seen >= 30, seen
+
+
+def test_help_of_each_subcommand_prints(capsys):
+    for name in subcommands():
+        code, _ = run_main(capsys, name, "--help")
+        assert code == 0, name

@@ -286,60 +286,89 @@ def schema_spec(text: str) -> str:
     return text
 
 
-def main(argv=None) -> int:
+D = " (default: %(default)s)"  # help text's end: argparse fills in the option's default
+THREADS_HELP = "torch threads (default: 2; under torchrun the machine's cores / its local ranks)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``recis`` command's parser. Every option's help states its default
+    (tests/test_cli_usage.py checks it)."""
     parser = argparse.ArgumentParser(prog="recis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"recis {recis.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="datagen → ORC → train DeepFM → evaluate → checkpoint")
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--rows", type=positive_int, default=400_000, help="rows generated (3/4 train, 1/4 held out)")
-    d.add_argument("--epochs", type=positive_int, default=1)
-    d.add_argument("--batch-size", type=positive_int, default=4096)
-    d.add_argument("--vocab", type=positive_int, default=1_000_000)
-    d.add_argument("--dim", type=positive_int, default=16)
-    d.add_argument("--lr", type=positive_float, default=1e-3)
-    d.add_argument("--threads", type=positive_int, default=2)
-    d.add_argument("--log-every", type=positive_int, default=10)
-    d.add_argument("--eval-every", type=positive_int, default=25, help="evaluate every N steps (for the AUC curve)")
-    d.add_argument("--seed", type=seed_int, default=0)
+    d.add_argument("--workdir", default="runs/demo", help="data, checkpoints, log and curves go here" + D)
+    d.add_argument("--rows", type=positive_int, default=400_000, help="rows generated (3/4 train, 1/4 held out)" + D)
+    d.add_argument("--epochs", type=positive_int, default=1, help="passes over the training files" + D)
+    d.add_argument("--batch-size", type=positive_int, default=4096, help="rows a step" + D)
+    d.add_argument("--vocab", type=positive_int, default=1_000_000, help="distinct ids a sparse field draws from" + D)
+    d.add_argument("--dim", type=positive_int, default=16, help="embedding width" + D)
+    d.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of both Adams (sparse, dense)" + D)
+    d.add_argument("--threads", type=positive_int, default=2, help="torch and ORC decoder threads" + D)
+    d.add_argument("--log-every", type=positive_int, default=10, help="print the loss every N steps" + D)
+    d.add_argument("--eval-every", type=positive_int, default=25, help="evaluate every N steps (the AUC curve)" + D)
+    d.add_argument("--seed", type=seed_int, default=0, help="seed of the data, the shuffle and the model" + D)
     d.set_defaults(func=demo)
     g = sub.add_parser("datagen", help="synthetic Criteo-layout ORC files with a hidden click model")
-    g.add_argument("--output", "-o", required=True)
-    g.add_argument("--rows", type=positive_int, default=1_000_000)
-    g.add_argument("--files", type=positive_int, default=4)
-    g.add_argument("--vocab", type=positive_int, default=1_000_000)
-    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--output", "-o", required=True, help="directory for part-NNNNN.orc (required)")
+    g.add_argument("--rows", type=positive_int, default=1_000_000, help="rows in all" + D)
+    g.add_argument("--files", type=positive_int, default=4, help="files the rows are split into" + D)
+    g.add_argument("--vocab", type=positive_int, default=1_000_000, help="distinct ids a sparse field draws from" + D)
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the ids and the click model" + D)
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")
-    c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")
-    c.add_argument("--format", required=True, choices=["criteo", "avazu", "csv", "tsv", "parquet"])
-    c.add_argument("--rows-per-file", type=positive_int, default=1_000_000)
-    c.add_argument("--compression", default="zstd", choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"])
-    c.add_argument("--no-header", action="store_true", help="the CSV has no header line (avazu dev/test)")
-    c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
+    c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc (required)")
     c.add_argument(
-        "--schema", type=schema_spec, help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)"
+        "--format",
+        required=True,
+        choices=["criteo", "avazu", "csv", "tsv", "parquet"],
+        help="the inputs' layout: criteo (TSV, 40 columns), avazu (CSV), csv or tsv (header and --schema), parquet "
+        "(required)",
+    )
+    c.add_argument("--rows-per-file", type=positive_int, default=1_000_000, help="rows of each ORC file" + D)
+    c.add_argument(
+        "--compression",
+        default="zstd",
+        choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"],
+        help="ORC compression" + D,
+    )
+    c.add_argument(
+        "--no-header",
+        action="store_true",
+        help="the CSV has no header line (avazu dev/test) (default: off, the first line names the columns)",
+    )
+    c.add_argument(
+        "--no-label",
+        action="store_true",
+        help="the file has no label column (criteo/avazu test) (default: off, it has one)",
+    )
+    c.add_argument(
+        "--schema",
+        type=schema_spec,
+        help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool) "
+        "(default: none, pyarrow infers each column's type)",
     )
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
-    t.add_argument("--config", required=True)
-    t.add_argument(
-        "--threads", type=positive_int, help="torch threads (default 2; under torchrun the cores / local ranks)"
-    )
+    t.add_argument("--config", required=True, help="the job's TOML file (required)")
+    t.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     t.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
-    e.add_argument("--config", required=True)
-    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
-    e.add_argument(
-        "--threads", type=positive_int, help="torch threads (default 2; under torchrun the cores / local ranks)"
-    )
+    e.add_argument("--config", required=True, help="the job's TOML file (required)")
+    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's newest that verifies)")
+    e.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     e.set_defaults(func=eval_cmd)
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
     i.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its latest)")
     i.set_defaults(func=inspect_cmd)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     usage, failures = handled_errors()
     try:
