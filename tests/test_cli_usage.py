@@ -324,3 +324,121 @@ def test_help_of_each_subcommand_prints(capsys):
     for name in subcommands():
         code, _ = run_main(capsys, name, "--help")
         assert code == 0, name
+
+
+# ---------------------------------------------------------------------------
+# --set and --print-config
+
+
+def test_set_values_read_as_toml_and_bare_words_as_strings():
+    from recis.config import _toml_value
+
+    cases = {
+        "3": 3,
+        "1e-3": 0.001,
+        "true": True,
+        '"sgd"': "sgd",
+        "sgd": "sgd",
+        '["a.orc", "b.orc"]': ["a.orc", "b.orc"],
+        "runs/x": "runs/x",
+        "": "",
+        "a = 1": "a = 1",
+    }
+    assert {text: _toml_value(text) for text in cases} == cases
+
+
+def test_toml_written_reads_back():
+    from recis.config import _toml
+
+    for value in ['a "quoted" \\ path\n\ttab \x01 \x7f é 😀', 0.001, 1e-300, float("inf"), -3, True, ["x", [1, 2.5]]]:
+        assert tomllib.loads(f"v = {_toml(value)}")["v"] == value, value
+
+
+def test_print_config_shows_every_field_after_set_and_reloads_the_same(tmp_path, capsys):
+    from dataclasses import replace
+
+    from recis.cli import main
+    from recis.config import load_config, model_arguments
+
+    path = tiny_job(tmp_path, **{"log_every_steps = 2": "log_every_steps = 2\nkeep_checkpoints = 0"})
+    sets = [
+        "trainer.epochs=3",
+        "trainer.keep_checkpoints=2",  # set before the check: the file's 0 alone is refused
+        'optimizer.dense="sgd"',
+        "optimizer.sparse=adagrad",
+        'data.train=["part-00000.orc", "more"]',
+        "feature.C2.combiner=mean",
+        "model.hidden=[4, 4]",
+    ]
+    argv = ["train", "--config", path, "--print-config", "--collective-timeout", "45"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # printed, nothing trained
+    printed = tomllib.loads(out)
+    assert printed["trainer"]["epochs"] == 3 and printed["trainer"]["keep_checkpoints"] == 2
+    assert printed["trainer"]["collective_timeout"] == 45
+    assert printed["trainer"]["output_dir"] == str(tmp_path / "out")  # paths absolute
+    assert printed["optimizer"] == {
+        "dense": "sgd",
+        "dense_lr": 0.001,
+        "dense_weight_decay": 0.0,
+        "sparse": "adagrad",
+        "sparse_lr": 0.001,
+        "sparse_weight_decay": 0.0,
+    }
+    assert printed["data"]["train"] == [str(tmp_path / "part-00000.orc"), str(tmp_path / "more")]
+    assert printed["data"]["num_threads"] == 2 and "group" not in printed["data"]  # a default; unset
+    assert "# group: not set" in out
+    assert [f["combiner"] for f in printed["feature"]] == ["sum", "mean"]
+    assert [f["column"] for f in printed["feature"]] == ["C1", "C2"]  # defaults filled in
+    assert printed["model"] == {"name": "deepfm", "dim": 4, "hidden": [4, 4], "coalesce": True}
+    # The printed config, loaded from elsewhere, is the same job.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "job.toml").write_text(out)
+    want, got = load_config(path, sets), load_config(str(other / "job.toml"))
+    want.trainer.collective_timeout = 45
+    want.features = [replace(f, column=f.column or f.name) for f in want.features]
+    assert (got.data, got.features, got.optimizer, got.trainer) == (
+        want.data,
+        want.features,
+        want.optimizer,
+        want.trainer,
+    )
+    assert model_arguments(got.model) == model_arguments(want.model)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("trainr.epochs=3", r"job\.toml: unknown section\(s\) \['trainr'\] \(known: data, feature"),
+        ("trainer.epoch=3", r"job\.toml: \[trainer\]: unknown field\(s\) \['epoch'\] \(known: "),
+        ("trainer.epochs=three", r"job\.toml: \[trainer\]\.epochs: expected int, got 'three'"),
+        ("data.train=a.orc", r"job\.toml: \[data\]\.train: expected list\[str\], got 'a\.orc'"),
+        ("optimizer.dense=sgdd", r"\[optimizer\]\.dense: 'sgdd' is not one of"),
+        ("model.hiden=[3]", r"\[model\] unknown field\(s\) \['hiden'\] for deepfm"),
+        (
+            "feature.C9.hash=true",
+            r"job\.toml: --set feature\.C9\.hash: no \[\[feature\]\] is named 'C9' \(known: \['C1', 'C2'\]\)",
+        ),
+        ("feature.C1.colour=1", r"\[\[feature\]\] #1 \(C1\): unknown field\(s\) \['colour'\]"),
+        ("feature.hash=true", r"--set 'feature\.hash=true': a feature's field is set as feature\.NAME\.key=value"),
+        ("epochs=3", r"--set 'epochs=3': expected section\.key=value"),
+        ("trainer.epochs", r"--set 'trainer\.epochs': expected section\.key=value"),
+        ("trainer.a.b=1", r"\[trainer\]'s fields are one level deep"),
+    ],
+)
+def test_a_bad_set_is_the_usage_error_the_file_would_get(tmp_path, capsys, setting, message):
+    path = tiny_job(tmp_path)
+    for cmd in ("train", "eval"):
+        code, err = run_main(capsys, cmd, "--config", path, "--set", setting, "--print-config")
+        assert code == 2, (cmd, err)
+        assert err.startswith(f"recis {cmd}: ") and err.count("\n") == 1, err
+        assert re.search(message, err), err
+
+
+def test_set_reaches_the_training_run(tmp_path, capsys):
+    path = tiny_job(tmp_path)
+    code, err = run_main(capsys, "train", "--config", path, "--set", "trainer.max_steps=2", "--set", "data.seed=3")
+    assert code == 0, err
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "ckpt-2"

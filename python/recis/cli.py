@@ -140,12 +140,15 @@ def join_process_group(timeout: float | None) -> None:
 
 
 def train_cmd(args) -> int:
-    from recis.config import Job, load_config
+    from recis.config import Job, dump_config, load_config
 
     set_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set or ())
     if args.collective_timeout is not None:
         cfg.trainer.collective_timeout = args.collective_timeout
+    if args.print_config:
+        print(dump_config(cfg, args.set or ()), end="")
+        return 0
     # Under torchrun: join the process group; tables are sharded over the
     # ranks, each reads its share of the files, rank 0 writes the logs.
     join_process_group(cfg.trainer.collective_timeout or None)
@@ -169,12 +172,15 @@ def train_cmd(args) -> int:
 
 
 def eval_cmd(args) -> int:
-    from recis.config import ConfigError, Job, load_config
+    from recis.config import ConfigError, Job, dump_config, load_config
     from recis.framework import CheckpointError
     from recis.framework.checkpoint import resolve_checkpoint
 
     set_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set or ())
+    if args.print_config:
+        print(dump_config(cfg, args.set or ()), end="")
+        return 0
     join_process_group(args.collective_timeout or cfg.trainer.collective_timeout or None)
     job = Job(cfg, for_training=False)
     if job.eval_dataset is None:
@@ -288,6 +294,12 @@ def schema_spec(text: str) -> str:
 
 D = " (default: %(default)s)"  # help text's end: argparse fills in the option's default
 THREADS_HELP = "torch threads (default: 2; under torchrun the machine's cores / its local ranks)"
+SET_HELP = (
+    "set a config field after the file loads, as if the file held it (repeatable): the value is TOML "
+    '(trainer.epochs=3, optimizer.dense="sgd", data.train=["a.orc"]; a bare word is a string); '
+    "feature.NAME.key=value sets a field of the [[feature]] named NAME (default: none)"
+)
+PRINT_HELP = "print the config as resolved (after --set, defaults filled in) as TOML, and exit (default: off)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,11 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
     t.add_argument("--config", required=True, help="the job's TOML file (required)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    t.add_argument("--print-config", action="store_true", help=PRINT_HELP)
     t.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     t.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
     e.add_argument("--config", required=True, help="the job's TOML file (required)")
+    e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    e.add_argument("--print-config", action="store_true", help=PRINT_HELP)
     e.add_argument("--checkpoint", help="checkpoint directory (default: the job's newest that verifies)")
     e.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)

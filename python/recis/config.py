@@ -75,6 +75,20 @@ collective_timeout = 0        # under torchrun: seconds a rank may go silent (or
 ```
 
 Paths are relative to the config file's directory.
+
+Numbers are checked when the config loads: batch_size, num_threads (at most
+256), gradient_accumulation_steps, log_every_steps and keep_checkpoints are
+>= 1; prefetch, seed and the other step counts >= 0; [model] dim >= 1.
+
+`recis train` / `recis eval` take ``--set section.key=value`` (repeatable),
+which sets a field after the file loads and before it is checked, as if the
+file held it: the value is read as a TOML value (``trainer.epochs=3``,
+``optimizer.dense="sgd"``, ``data.train=["a.orc"]``), and a bare word that
+is not one (``optimizer.dense=sgd``) as a string. ``feature.NAME.key=value``
+sets a field of the [[feature]] named NAME. Paths set so are, like the
+file's, relative to the config file's directory. ``recis train
+--print-config`` prints the config so resolved (every field, defaults
+filled in, paths absolute) as TOML, and trains nothing.
 """
 
 from __future__ import annotations
@@ -213,8 +227,53 @@ def _at_least(obj, names, low, where):
             raise ConfigError(f"{where}.{k}: must be >= {low}, got {getattr(obj, k)}")
 
 
-def load_config(path: str) -> JobConfig:
-    """Parses and checks a job config (see the module docstring)."""
+def _toml_value(text: str):
+    """``text`` read as a TOML value; a bare word that is not one (``sgd``,
+    ``runs/x``) is the string itself."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if list(parsed) == ["v"] else text
+
+
+def apply_overrides(raw: dict, overrides, path: str) -> None:
+    """Sets each ``section.key=value`` (``feature.NAME.key=value``) of
+    ``overrides`` in ``raw``, a config's TOML as parsed, before it is checked:
+    an unknown section or field is then the error the file would get."""
+    for text in overrides:
+        key, eq, value = text.partition("=")
+        section, _, rest = key.strip().partition(".")
+        if not eq or not section or not rest:
+            raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. trainer.epochs=3)")
+        value = _toml_value(value.strip())
+        if section == "feature":
+            name, _, name_key = rest.rpartition(".")
+            if not name or not name_key:
+                raise ConfigError(f"--set {text!r}: a feature's field is set as feature.NAME.key=value")
+            tables = raw.get("feature") if isinstance(raw.get("feature"), list) else []
+            tables = [t for t in tables if isinstance(t, dict)]
+            chosen = [t for t in tables if t.get("name") == name]
+            if not chosen:
+                known = [t.get("name") for t in tables]
+                raise ConfigError(f"{path}: --set {key.strip()}: no [[feature]] is named {name!r} (known: {known})")
+            for t in chosen:  # names are unique, or the check after says so
+                t[name_key] = value
+        else:
+            if "." in rest:
+                raise ConfigError(
+                    f"--set {text!r}: [{section}]'s fields are one level deep: {section}.{rest.split('.')[0]}=value"
+                )
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: --set {key.strip()}: [{section}] is not a table")
+            table[rest] = value
+
+
+def load_config(path: str, overrides=()) -> JobConfig:
+    """Parses and checks a job config (see the module docstring).
+    ``overrides``: ``section.key=value`` strings (``recis train --set``), set
+    after the file is read and before it is checked."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -222,6 +281,7 @@ def load_config(path: str) -> JobConfig:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    apply_overrides(raw, overrides, path)
     unknown = sorted(set(raw) - {"data", "model", "feature", "optimizer", "trainer"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown} (known: data, feature, model, optimizer, trainer)")
@@ -305,6 +365,78 @@ def load_config(path: str) -> JobConfig:
             f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
         )
     return JobConfig(path, data, features, model, optimizer, trainer)
+
+
+def model_arguments(model: dict) -> dict:
+    """``[model]`` with the model's own defaults filled in (tuples as lists;
+    a ``None`` default, e.g. dcnv2's rank, stays None: unset)."""
+    from recis.models import MODELS
+
+    out = dict(model)
+    for name, p in inspect.signature(MODELS[model["name"]]).parameters.items():
+        if name in ("sparse_fields", "num_dense", "option", "seed") or p.default is inspect.Parameter.empty:
+            continue
+        if name not in out:
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def _toml(value) -> str:
+    """``value`` (a config's: str, bool, int, float, list, table) as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's float repr (1e-05, inf, nan) is TOML's
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ch in "\n\t":
+                out.append("\\n" if ch == "\n" else "\\t")
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):  # a TOML date or time read from the file
+        return value.isoformat()
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in key)
+    return key if bare else _toml(key)
+
+
+def dump_config(cfg: JobConfig, overrides=()) -> str:
+    """``cfg`` as a TOML config (``recis train --print-config``): every field,
+    defaults filled in, paths absolute; loading it gives ``cfg`` again. A
+    field that is unset (no default value) is a comment."""
+
+    def table(header, pairs):
+        lines = [header]
+        for k, v in pairs:
+            lines.append(f"# {k}: not set" if v is None else f"{_toml_key(k)} = {_toml(v)}")
+        return lines
+
+    def of(obj):
+        return [(f.name, getattr(obj, f.name)) for f in fields(obj)]
+
+    head = f"# {cfg.path}" + (f", with --set {' '.join(overrides)}" if overrides else "") + ": resolved"
+    lines = [head, ""]
+    lines += table("[data]", of(cfg.data)) + [""]
+    lines += table("[model]", model_arguments(cfg.model).items()) + [""]
+    for f in cfg.features:
+        pairs = [(k, (f.name if k == "column" and v is None else v)) for k, v in of(f)]
+        lines += table("[[feature]]", pairs) + [""]
+    lines += table("[optimizer]", of(cfg.optimizer)) + [""]
+    lines += table("[trainer]", of(cfg.trainer))
+    return "\n".join(lines) + "\n"
 
 
 DENSE_OPTIMIZERS = {
