@@ -442,3 +442,41 @@ def test_set_reaches_the_training_run(tmp_path, capsys):
     code, err = run_main(capsys, "train", "--config", path, "--set", "trainer.max_steps=2", "--set", "data.seed=3")
     assert code == 0, err
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "ckpt-2"
+
+
+# ---------------------------------------------------------------------------
+# recis demo --workdir: its own outputs only
+
+TINY_DEMO = ["--rows", "2000", "--vocab", "200", "--batch-size", "256", "--log-every", "3", "--eval-every", "3"]
+
+
+def test_demo_marks_its_workdir_and_a_rerun_replaces_its_outputs(tmp_path, capsys):
+    workdir = tmp_path / "fresh"
+    code, err = run_main(capsys, "demo", "--workdir", str(workdir), *TINY_DEMO)
+    assert code == 0, err
+    assert (workdir / ".recis-demo").is_file() and (workdir / "checkpoints" / "latest").exists()
+    # A later run: the marker is there, so the previous outputs go and the data stays.
+    from recis.cli import prepare_demo_workdir
+
+    data = sorted(p.name for p in (workdir / "data").iterdir())
+    (workdir / "checkpoints" / "mine").write_text("x")
+    prepare_demo_workdir(str(workdir))
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock", ".recis-demo", "data"]
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == data
+    # An empty directory becomes the demo's.
+    (tmp_path / "empty").mkdir()
+    prepare_demo_workdir(str(tmp_path / "empty"))
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [".recis-demo"]
+
+
+def test_demo_refuses_a_workdir_with_outputs_it_did_not_write(tmp_path, capsys):
+    for name, make in [("checkpoints", lambda p: (p.mkdir(), (p / "ckpt-7").mkdir())), ("log.jsonl", Path.touch)]:
+        workdir = tmp_path / name.replace(".", "-")
+        workdir.mkdir()
+        make(workdir / name)
+        before = sorted(str(p) for p in workdir.rglob("*"))
+        code, err = run_main(capsys, "demo", "--workdir", str(workdir), *TINY_DEMO)
+        assert code == 2, err
+        assert err.startswith(f"recis demo: {workdir} holds {name} but no .recis-demo"), err
+        assert "pick another --workdir, or remove that directory" in err and err.count("\n") == 1, err
+        assert sorted(str(p) for p in workdir.rglob("*")) == before  # untouched

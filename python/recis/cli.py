@@ -52,6 +52,34 @@ def handled_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return (UsageError, ConfigError), (recis.DataError, CheckpointError, TrainingError, ConvertError)
 
 
+DEMO_MARKER = ".recis-demo"
+DEMO_OUTPUTS = ("checkpoints", "log.jsonl", "tensorboard", "curves.png")
+
+
+def prepare_demo_workdir(workdir: str) -> None:
+    """Each demo run trains afresh: the previous run's outputs
+    (``DEMO_OUTPUTS``) go, the generated data stays for reuse. Only a demo's
+    own outputs go: a directory the demo wrote holds ``DEMO_MARKER``, and one
+    that holds such outputs without it (another job's run, say) is refused,
+    untouched. A new or empty directory becomes the demo's."""
+    marker = os.path.join(workdir, DEMO_MARKER)
+    found = [name for name in DEMO_OUTPUTS if os.path.lexists(os.path.join(workdir, name))]
+    if found and not os.path.isfile(marker):
+        raise UsageError(
+            f"{workdir} holds {', '.join(found)} but no {DEMO_MARKER}: they are not a demo's, and a demo run would "
+            "replace them; pick another --workdir, or remove that directory"
+        )
+    for name in found:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("recis demo works here: a later demo run replaces its checkpoints, log and curves\n")
+
+
 def demo(args) -> int:
     from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate, to_model_input
     from recis.framework import Trainer, TrainingArguments
@@ -61,13 +89,7 @@ def demo(args) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    # Each demo run trains afresh: the previous run's checkpoints and log go
-    # (the generated data is kept and reused).
-    shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
-    shutil.rmtree(os.path.join(args.workdir, "tensorboard"), ignore_errors=True)
-    for name in ("log.jsonl", "curves.png"):
-        if os.path.exists(os.path.join(args.workdir, name)):
-            os.remove(os.path.join(args.workdir, name))
+    prepare_demo_workdir(args.workdir)
     data_dir = os.path.join(args.workdir, "data")
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
     if len(files) != 4:
