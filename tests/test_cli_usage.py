@@ -480,3 +480,38 @@ def test_demo_refuses_a_workdir_with_outputs_it_did_not_write(tmp_path, capsys):
         assert err.startswith(f"recis demo: {workdir} holds {name} but no .recis-demo"), err
         assert "pick another --workdir, or remove that directory" in err and err.count("\n") == 1, err
         assert sorted(str(p) for p in workdir.rglob("*")) == before  # untouched
+
+
+# ---------------------------------------------------------------------------
+# A feature's column: integer ids, or strings it hashes
+
+
+@pytest.mark.parametrize(
+    "column, kind, fix",
+    [
+        ("S1", "string", "set hash = true to hash the strings to ids"),
+        ("F1", "float32", "write the column as int64 (or as strings, with hash = true), or read it as a [data] dense"),
+    ],
+)
+def test_a_feature_on_a_string_or_float_column_without_hash_is_refused_before_training(
+    tmp_path, capsys, column, kind, fix
+):
+    path = tiny_job(tmp_path, feature=f'[[feature]]\nname = "{column}"\n')
+    for cmd in ("train", "eval"):
+        argv = [cmd, "--config", path] + (["--set", 'data.eval=["part-00000.orc"]'] if cmd == "eval" else [])
+        code, err = run_main(capsys, *argv)
+        assert code == 2, err
+        want = f"{path}: [[feature]] '{column}': column '{column}' of {tmp_path / 'part-00000.orc'} is {kind}, "
+        assert err.startswith(f"recis {cmd}: {want}and a feature takes integer ids: {fix}"), err
+        assert err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()  # before the trainer, before any step
+
+
+def test_hash_true_reads_a_string_column_and_bucket_needs_it(tmp_path, capsys):
+    path = tiny_job(tmp_path, feature='[[feature]]\nname = "S1"\nhash = true\nbucket = 1000\n')
+    code, err = run_main(capsys, "train", "--config", path)
+    assert code == 0, err
+    code, err = run_main(capsys, "train", "--config", path, "--set", "feature.S1.hash=false")
+    assert code == 2, err
+    assert f"{path}: [[feature]] #3 (S1).bucket: 1000 without hash = true" in err, err
+    assert "set hash = true, or remove bucket" in err, err

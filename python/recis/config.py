@@ -32,8 +32,9 @@ dim = 16                      # embedding width
 [[feature]]                   # one per sparse field (at least one)
 name = "C1"                   # the model's name for it
 column = "C1"                 # ORC column (default: name): int64, list<int64>, or strings with hash = true
-hash = false                  # hash strings to ids at read time (FarmHash Fingerprint64)
-bucket = 0                    # with hash: ids modulo bucket (0: none)
+hash = false                  # hash strings to ids at read time (FarmHash Fingerprint64); a string column
+                              # without it (or a float column) is refused when the job opens its data
+bucket = 0                    # with hash: ids modulo bucket (0: none); bucket without hash is an error
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
 init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (seed, id)
@@ -321,6 +322,11 @@ def load_config(path: str, overrides=()) -> JobConfig:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
         if f.admit_after < 1:
             raise ConfigError(f"{where}.admit_after: must be >= 1, got {f.admit_after}")
+        if f.bucket and not f.hash:
+            raise ConfigError(
+                f"{where}.bucket: {f.bucket} without hash = true (bucket bounds the ids hashed from strings; "
+                "integer ids are used as they are): set hash = true, or remove bucket"
+            )
     model = dict(raw.get("model", {}))
     from recis.models import MODELS
 
@@ -480,6 +486,9 @@ class Job:
         )
         self.train_dataset = OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, **kw) if for_training else None
         self.eval_dataset = OrcDataset(d.eval, **kw) if d.eval else None
+        for ds in (self.train_dataset, self.eval_dataset):
+            if ds is not None:
+                self._check_feature_columns(ds)
         cls = MODELS[cfg.model["name"]]
         dim = cfg.model["dim"]
         width = dim + getattr(cls, "extra_width", 0)
@@ -551,6 +560,28 @@ class Job:
             sparse_optimizer=self.sparse_optimizer,
             input_fn=self.input_fn,
         )
+
+    def _check_feature_columns(self, ds) -> None:
+        """Every feature's column holds integer ids (or strings it hashes), so
+        that a string or float column is refused here, naming the feature,
+        before any step, rather than by the model at the first one. The
+        reader has checked that every file gives a column one type."""
+        types = {name: (dtype, is_list) for name, dtype, is_list, _ in ds.types}
+        for f in self.cfg.features:
+            col = f.column or f.name
+            dtype, is_list = types[col]
+            if dtype == "int64":
+                continue
+            kind = f"list<{dtype}>" if is_list else dtype
+            where = f"{self.cfg.path}: [[feature]] {f.name!r}: column {col!r} of {ds.files[0]} is {kind}"
+            if dtype == "string":
+                raise ConfigError(
+                    f"{where}, and a feature takes integer ids: set hash = true to hash the strings to ids"
+                )
+            raise ConfigError(
+                f"{where}, and a feature takes integer ids: write the column as int64 (or as strings, with "
+                "hash = true), or read it as a [data] dense column"
+            )
 
     def input_fn(self, batch: dict) -> dict:
         """A reader batch as model input: each feature's ids (a scalar int
