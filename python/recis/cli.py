@@ -3,14 +3,17 @@
 ``recis demo``: the main job — generates synthetic Criteo-layout ORC data
 with a hidden click model (once), trains DeepFM on it through the ORC reader,
 prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
-log loss, calibration) and saves a checkpoint.
+log loss, calibration) and saves a checkpoint, in a ``--workdir`` it marks
+as its own (``DEMO_MARKER``; it replaces only its own earlier outputs).
 ``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
 ``recis train --config FILE.toml``: a job described in TOML (``recis.config``
-documents every field); resumes from the job's latest checkpoint. Under
-``torchrun`` (``torchrun --nproc_per_node N -m recis.cli train ...``) the
-tables are sharded over the ranks (``recis.distributed``).
+documents every field; ``--set section.key=value`` changes one,
+``--print-config`` shows the result); resumes from the job's latest
+checkpoint. Under ``torchrun`` (``torchrun --nproc_per_node N -m recis.cli
+train ...``) the tables are sharded over the ranks (``recis.distributed``).
 ``recis eval --config FILE.toml [--checkpoint DIR]``: evaluates a checkpoint
 on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
+``python -m recis`` is the same command.
 
 Exit status: 0 done; 1 a failure the command reports in one line on stderr
 (bad or unreadable data, a checkpoint that does not load, training that
