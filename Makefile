@@ -12,7 +12,8 @@ TORCH  ?= torch==2.13.*
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "maturin>=1.5,<2" numpy safetensors pytest hypothesis "ruff==0.17.6" pyarrow scikit-learn pyfarmhash matplotlib tensorboard waitress
+	$(PY) -m pip install -q "$(TORCH)" "maturin>=1.5,<2" numpy safetensors pytest hypothesis "ruff==0.17.6" pyarrow scikit-learn pyfarmhash matplotlib tensorboard waitress \
+		'tomli>=2; python_version < "3.11"'
 	touch $@
 
 setup: $(VENV)/.deps build

@@ -79,7 +79,7 @@ def test_bad_inputs_name_the_file(tmp_path):
         convert([str(bad)], str(tmp_path / "o"), "criteo")
     with pytest.raises(ConvertError, match="must be name:type"):
         convert([str(bad)], str(tmp_path / "o"), "csv", schema="x:decimal")
-    assert main(["convert", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o"), "--format", "csv"]) == 2
+    assert main(["convert", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o"), "--format", "csv"]) == 1
 
 
 @pytest.mark.skipif(not (SHARED / "criteo").is_dir(), reason="../shared/data (real Criteo/Avazu slices) not present")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from recis import RaggedTensor
-from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption, NormalInit
+from recis.nn import DynamicEmbedding, EmbeddingEngine, EmbeddingOption, NormalInit, UniformInit
 from recis.optim import SparseAdam
 
 DIM = 4
@@ -151,7 +151,7 @@ def test_tables_of_one_config_are_coalesced_and_others_are_not():
             "x": EmbeddingOption(dim=3, initializer=init, seed=1),
             "y": EmbeddingOption(dim=3, initializer=init, seed=2, combiner="mean"),  # pooling differs: same table
             "z": EmbeddingOption(dim=4, initializer=init),  # another dim
-            "w": EmbeddingOption(dim=3),  # another initializer
+            "w": EmbeddingOption(dim=3, initializer=UniformInit()),  # another initializer
             "v": EmbeddingOption(dim=3, initializer=init, seed=1, shared_name="x"),  # x's table
         }
     )

@@ -3,14 +3,26 @@
 ``recis demo``: the main job — generates synthetic Criteo-layout ORC data
 with a hidden click model (once), trains DeepFM on it through the ORC reader,
 prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
-log loss, calibration) and saves a checkpoint.
+log loss, calibration) and saves a checkpoint, in a ``--workdir`` it marks
+as its own (``DEMO_MARKER``; it replaces only its own earlier outputs).
 ``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
 ``recis train --config FILE.toml``: a job described in TOML (``recis.config``
-documents every field); resumes from the job's latest checkpoint. Under
-``torchrun`` (``torchrun --nproc_per_node N -m recis.cli train ...``) the
-tables are sharded over the ranks (``recis.distributed``).
+documents every field; ``--set section.key=value`` changes one,
+``--print-config`` shows the result); resumes from the job's latest
+checkpoint. Under ``torchrun`` (``torchrun --nproc_per_node N -m recis.cli
+train ...``) the tables are sharded over the ranks (``recis.distributed``).
 ``recis eval --config FILE.toml [--checkpoint DIR]``: evaluates a checkpoint
 on the config's eval data. ``recis inspect CKPT``: what a checkpoint holds.
+``recis export CKPT -o DIR [--delta PARENT]``: a serving export (or a delta
+of one); ``recis predict --export DIR --data FILES -o out.parquet`` scores
+files with it; ``recis serve --export DIR``: an HTTP scoring endpoint
+(``recis.serving``). ``python -m recis`` is the same command.
+
+Exit status: 0 done; 1 a failure the command reports in one line on stderr
+(bad or unreadable data, a checkpoint that does not load, training that
+cannot go on); 2 a usage error (bad arguments, a bad config); 3 under
+torchrun, a rank that hung (``recis.distributed.watchdog``). Any other
+exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +39,54 @@ import torch
 import recis
 from recis import distributed
 
+EXIT_FAILED = 1  # a failure the command handled: data, checkpoint, training (one line on stderr)
+EXIT_USAGE = 2  # bad arguments or a bad config (argparse's own status for bad arguments)
+# 3: recis.distributed.watchdog.EXIT_HUNG, a hung rank under torchrun.
+
+
+class UsageError(Exception):
+    """A bad argument the parser cannot judge alone (it depends on the
+    environment or the file system); exits EXIT_USAGE."""
+
+
+def handled_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, failures): what ``main`` reports in one line, with
+    EXIT_USAGE or EXIT_FAILED. Anything else is a bug and is not caught."""
+    from recis.config import ConfigError
+    from recis.framework import CheckpointError, TrainingError
+    from recis.io.convert import ConvertError
+    from recis.serving import ExportError
+
+    return (UsageError, ConfigError), (recis.DataError, CheckpointError, TrainingError, ConvertError, ExportError)
+
+
+DEMO_MARKER = ".recis-demo"
+DEMO_OUTPUTS = ("checkpoints", "log.jsonl", "tensorboard", "curves.png")
+
+
+def prepare_demo_workdir(workdir: str) -> None:
+    """Each demo run trains afresh: the previous run's outputs
+    (``DEMO_OUTPUTS``) go, the generated data stays for reuse. Only a demo's
+    own outputs go: a directory the demo wrote holds ``DEMO_MARKER``, and one
+    that holds such outputs without it (another job's run, say) is refused,
+    untouched. A new or empty directory becomes the demo's."""
+    marker = os.path.join(workdir, DEMO_MARKER)
+    found = [name for name in DEMO_OUTPUTS if os.path.lexists(os.path.join(workdir, name))]
+    if found and not os.path.isfile(marker):
+        raise UsageError(
+            f"{workdir} holds {', '.join(found)} but no {DEMO_MARKER}: they are not a demo's, and a demo run would "
+            "replace them; pick another --workdir, or remove that directory"
+        )
+    for name in found:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("recis demo works here: a later demo run replaces its checkpoints, log and curves\n")
+
 
 def demo(args) -> int:
     from recis.datagen import DENSE_COLUMNS, SPARSE_FIELDS, generate, to_model_input
@@ -37,13 +97,7 @@ def demo(args) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    # Each demo run trains afresh: the previous run's checkpoints and log go
-    # (the generated data is kept and reused).
-    shutil.rmtree(os.path.join(args.workdir, "checkpoints"), ignore_errors=True)
-    shutil.rmtree(os.path.join(args.workdir, "tensorboard"), ignore_errors=True)
-    for name in ("log.jsonl", "curves.png"):
-        if os.path.exists(os.path.join(args.workdir, name)):
-            os.remove(os.path.join(args.workdir, name))
+    prepare_demo_workdir(args.workdir)
     data_dir = os.path.join(args.workdir, "data")
     files = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir)) if os.path.isdir(data_dir) else []
     if len(files) != 4:
@@ -103,30 +157,40 @@ def set_threads(threads: int | None) -> None:
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
 
 
+def join_process_group(timeout: float | None) -> None:
+    """Under torchrun, joins the process group (``timeout``: the collective
+    timeout, None: ``$RECIS_COLLECTIVE_TIMEOUT`` or the default); a bad
+    ``$RECIS_COLLECTIVE_TIMEOUT`` is a usage error."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        try:
+            distributed.collective_timeout(timeout)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    distributed.init_from_env(timeout=timeout)
+
+
 def train_cmd(args) -> int:
-    from recis.config import ConfigError, Job, load_config
-    from recis.framework import CheckpointError, TrainingError
+    from recis.config import Job, dump_config, load_config
 
     set_threads(args.threads)
-    try:
-        cfg = load_config(args.config)
-        if args.collective_timeout is not None:
-            cfg.trainer.collective_timeout = args.collective_timeout
-        # Under torchrun: join the process group; tables are sharded over the
-        # ranks, each reads its share of the files, rank 0 writes the logs.
-        distributed.init_from_env(timeout=cfg.trainer.collective_timeout or None)
-        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-        job = Job(cfg)
-        say(
-            f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
-            f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
-            f"output {cfg.trainer.output_dir}; {distributed.world()} process(es)"
-        )
-        t0 = time.perf_counter()
-        logs = job.trainer.train()
-    except (ConfigError, CheckpointError, TrainingError, ValueError, KeyError) as e:
-        print(f"recis train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set or ())
+    if args.collective_timeout is not None:
+        cfg.trainer.collective_timeout = args.collective_timeout
+    if args.print_config:
+        print(dump_config(cfg, args.set or ()), end="")
+        return 0
+    # Under torchrun: join the process group; tables are sharded over the
+    # ranks, each reads its share of the files, rank 0 writes the logs.
+    join_process_group(cfg.trainer.collective_timeout or None)
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+    job = Job(cfg)
+    say(
+        f"recis {recis.__version__}: {cfg.model['name']} on {len(cfg.features)} sparse fields, "
+        f"{len(cfg.data.dense)} dense; {job.train_dataset.total_rows():,} training rows; "
+        f"output {cfg.trainer.output_dir}; {distributed.world()} process(es)"
+    )
+    t0 = time.perf_counter()
+    logs = job.trainer.train()
     elapsed = time.perf_counter() - t0
     ev = logs.get("eval")
     if ev:
@@ -138,42 +202,37 @@ def train_cmd(args) -> int:
 
 
 def eval_cmd(args) -> int:
-    from recis.config import ConfigError, Job, load_config
+    from recis.config import ConfigError, Job, dump_config, load_config
     from recis.framework import CheckpointError
     from recis.framework.checkpoint import resolve_checkpoint
 
     set_threads(args.threads)
-    try:
-        cfg = load_config(args.config)
-        distributed.init_from_env(timeout=args.collective_timeout or cfg.trainer.collective_timeout or None)
-        job = Job(cfg, for_training=False)
-        if job.eval_dataset is None:
-            raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
-        ckpt = job.trainer.checkpoints
-        if args.checkpoint is None and not ckpt.checkpoints(complete=False):
-            raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
-        # None: the job's newest checkpoint that verifies.
-        path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
-        step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
-        path = ckpt.loaded
-        job.trainer.global_step = step
-        if distributed.rank() == 0:
-            print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
-        job.trainer.evaluate()
-    except (ConfigError, CheckpointError, ValueError, KeyError) as e:
-        print(f"recis eval: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.set or ())
+    if args.print_config:
+        print(dump_config(cfg, args.set or ()), end="")
+        return 0
+    join_process_group(args.collective_timeout or cfg.trainer.collective_timeout or None)
+    job = Job(cfg, for_training=False)
+    if job.eval_dataset is None:
+        raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
+    ckpt = job.trainer.checkpoints
+    if args.checkpoint is None and not ckpt.checkpoints(complete=False):
+        raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
+    # None: the job's newest checkpoint that verifies.
+    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
+    path = ckpt.loaded
+    job.trainer.global_step = step
+    if distributed.rank() == 0:
+        print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
+    job.trainer.evaluate()
     return 0
 
 
 def inspect_cmd(args) -> int:
-    from recis.framework import CheckpointError, inspect_checkpoint
+    from recis.framework import inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        print(f"recis inspect: {e}", file=sys.stderr)
-        return 2
+    info = inspect_checkpoint(args.checkpoint)
     print(f"{info['path']}: step {info['step']}")
     print("verified: checksums match" if info["verified"] else "unverified: written without checksums")
     for why in info["suspect"]:
@@ -198,20 +257,14 @@ def inspect_cmd(args) -> int:
 
 
 def export_cmd(args) -> int:
-    from recis.framework import CheckpointError
-    from recis.serving import ExportError, export_checkpoint
+    from recis.serving import export_checkpoint
 
-    try:
-        if args.delta:
-            if args.force or args.precision != "fp32":
-                print("recis export: --delta takes its parent's precision and never replaces", file=sys.stderr)
-                return 2
-            out = export_checkpoint(args.checkpoint, args.output, delta_of=args.delta)
-        else:
-            out = export_checkpoint(args.checkpoint, args.output, precision=args.precision, overwrite=args.force)
-    except (CheckpointError, ExportError) as e:
-        print(f"recis export: {e}", file=sys.stderr)
-        return 1
+    if args.delta:
+        if args.force or args.precision != "fp32":
+            raise UsageError("--delta takes its parent's precision and never replaces a directory")
+        out = export_checkpoint(args.checkpoint, args.output, delta_of=args.delta)
+    else:
+        out = export_checkpoint(args.checkpoint, args.output, precision=args.precision, overwrite=args.force)
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)
     print(
@@ -226,24 +279,19 @@ def predict_cmd(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recis.io.dataset import DataError
-    from recis.serving import ExportError, Predictor
+    from recis.serving import Predictor
 
     set_threads(args.threads)
-    try:
-        predictor = Predictor(args.export)
-        t0 = time.perf_counter()
-        out = predictor.predict_files(args.data, batch_size=args.batch_size, num_threads=args.threads or 2)
-        elapsed = time.perf_counter() - t0
-    except (ExportError, DataError) as e:
-        print(f"recis predict: {e}", file=sys.stderr)
-        return 1
+    predictor = Predictor(args.export)
+    t0 = time.perf_counter()
+    out = predictor.predict_files(args.data, batch_size=args.batch_size, num_threads=args.threads or 2)
+    elapsed = time.perf_counter() - t0
     table = pa.table({k: np.asarray(v) for k, v in out.items()})
     tmp = args.output + ".tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, args.output)
     n = len(out["score"])
-    line = f"{args.output}: {n:,} scores ({n / max(elapsed, 1e-9):,.0f} rows/s)"
+    line = f"{args.output}: {n:,} scores ({n / max(elapsed, 1e-9):,.0f} rows/s, generation {predictor.generation})"
     if "label" in out and n:
         from recis.metrics import AUROC
 
@@ -255,16 +303,16 @@ def predict_cmd(args) -> int:
 
 
 def serve_cmd(args) -> int:
-    from recis.serving import ExportError, Predictor
+    from recis.serving import Predictor
     from recis.serving.server import Refresher, make_server
 
     set_threads(1)  # each request thread runs its own forward
+    predictor = Predictor(args.export)
     try:
-        predictor = Predictor(args.export)
         server = make_server(predictor, host=args.host, port=args.port, threads=args.threads, max_rows=args.max_rows)
-    except (ExportError, ValueError, OSError) as e:
-        print(f"recis serve: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # the address is taken, or not ours
+        print(f"recis serve: {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
     print(
         f"recis serve: {args.export} (generation {predictor.generation}, step {predictor.step}) on "
         f"http://{args.host}:{server.effective_port}/predict",
@@ -285,11 +333,7 @@ def serve_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    try:
-        paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
-    except ValueError as e:
-        print(f"recis datagen: {e}", file=sys.stderr)
-        return 2
+    paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
     for p in paths:
         print(p)
     return 0
@@ -311,49 +355,131 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def main(argv=None) -> int:
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def schema_spec(text: str) -> str:
+    """``--schema`` checked as it is parsed (a bad one is a usage error)."""
+    from recis.io.convert import ConvertError, parse_schema
+
+    try:
+        parse_schema(text)
+    except ConvertError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--schema: ")) from None
+    return text
+
+
+D = " (default: %(default)s)"  # help text's end: argparse fills in the option's default
+THREADS_HELP = "torch threads (default: 2; under torchrun the machine's cores / its local ranks)"
+SET_HELP = (
+    "set a config field after the file loads, as if the file held it (repeatable): the value is TOML "
+    '(trainer.epochs=3, optimizer.dense="sgd", data.train=["a.orc"]; a bare word is a string); '
+    "feature.NAME.key=value sets a field of the [[feature]] named NAME (default: none)"
+)
+EXPORT_HELP = "the export directory, or a lineage directory of gen-N exports (required)"
+PRINT_HELP = "print the config as resolved (after --set, defaults filled in) as TOML, and exit (default: off)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``recis`` command's parser. Every option's help states its default
+    (tests/test_cli_usage.py checks it)."""
     parser = argparse.ArgumentParser(prog="recis", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"recis {recis.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="datagen → ORC → train DeepFM → evaluate → checkpoint")
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--rows", type=int, default=400_000, help="rows generated (3/4 train, 1/4 held out)")
-    d.add_argument("--epochs", type=int, default=1)
-    d.add_argument("--batch-size", type=int, default=4096)
-    d.add_argument("--vocab", type=int, default=1_000_000)
-    d.add_argument("--dim", type=int, default=16)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--log-every", type=int, default=10)
-    d.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (for the AUC curve)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workdir", default="runs/demo", help="data, checkpoints, log and curves go here" + D)
+    d.add_argument("--rows", type=positive_int, default=400_000, help="rows generated (3/4 train, 1/4 held out)" + D)
+    d.add_argument("--epochs", type=positive_int, default=1, help="passes over the training files" + D)
+    d.add_argument("--batch-size", type=positive_int, default=4096, help="rows a step" + D)
+    d.add_argument("--vocab", type=positive_int, default=1_000_000, help="distinct ids a sparse field draws from" + D)
+    d.add_argument("--dim", type=positive_int, default=16, help="embedding width" + D)
+    d.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate of both Adams (sparse, dense)" + D)
+    d.add_argument("--threads", type=positive_int, default=2, help="torch and ORC decoder threads" + D)
+    d.add_argument("--log-every", type=positive_int, default=10, help="print the loss every N steps" + D)
+    d.add_argument("--eval-every", type=positive_int, default=25, help="evaluate every N steps (the AUC curve)" + D)
+    d.add_argument("--seed", type=seed_int, default=0, help="seed of the data, the shuffle and the model" + D)
     d.set_defaults(func=demo)
     g = sub.add_parser("datagen", help="synthetic Criteo-layout ORC files with a hidden click model")
-    g.add_argument("--output", "-o", required=True)
-    g.add_argument("--rows", type=int, default=1_000_000)
-    g.add_argument("--files", type=int, default=4)
-    g.add_argument("--vocab", type=int, default=1_000_000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", "-o", required=True, help="directory for part-NNNNN.orc (required)")
+    g.add_argument("--rows", type=positive_int, default=1_000_000, help="rows in all" + D)
+    g.add_argument("--files", type=positive_int, default=4, help="files the rows are split into" + D)
+    g.add_argument("--vocab", type=positive_int, default=1_000_000, help="distinct ids a sparse field draws from" + D)
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the ids and the click model" + D)
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")
-    c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")
-    c.add_argument("--format", required=True, choices=["criteo", "avazu", "csv", "tsv", "parquet"])
-    c.add_argument("--rows-per-file", type=int, default=1_000_000)
-    c.add_argument("--compression", default="zstd", choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"])
-    c.add_argument("--no-header", action="store_true", help="the CSV has no header line (avazu dev/test)")
-    c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
-    c.add_argument("--schema", help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool)")
+    c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc (required)")
+    c.add_argument(
+        "--format",
+        required=True,
+        choices=["criteo", "avazu", "csv", "tsv", "parquet"],
+        help="the inputs' layout: criteo (TSV, 40 columns), avazu (CSV), csv or tsv (header and --schema), parquet "
+        "(required)",
+    )
+    c.add_argument("--rows-per-file", type=positive_int, default=1_000_000, help="rows of each ORC file" + D)
+    c.add_argument(
+        "--compression",
+        default="zstd",
+        choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"],
+        help="ORC compression" + D,
+    )
+    c.add_argument(
+        "--no-header",
+        action="store_true",
+        help="the CSV has no header line (avazu dev/test) (default: off, the first line names the columns)",
+    )
+    c.add_argument(
+        "--no-label",
+        action="store_true",
+        help="the file has no label column (criteo/avazu test) (default: off, it has one)",
+    )
+    c.add_argument(
+        "--schema",
+        type=schema_spec,
+        help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool) "
+        "(default: none, pyarrow infers each column's type)",
+    )
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
-    t.add_argument("--config", required=True)
-    t.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    t.add_argument("--config", required=True, help="the job's TOML file (required)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    t.add_argument("--print-config", action="store_true", help=PRINT_HELP)
+    t.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     t.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     t.set_defaults(func=train_cmd)
     e = sub.add_parser("eval", help="evaluate a checkpoint of a config's job on its eval data")
-    e.add_argument("--config", required=True)
-    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's latest)")
-    e.add_argument("--threads", type=int, help="torch threads (default 2; under torchrun the cores / local ranks)")
+    e.add_argument("--config", required=True, help="the job's TOML file (required)")
+    e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    e.add_argument("--print-config", action="store_true", help=PRINT_HELP)
+    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's newest that verifies)")
+    e.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     e.set_defaults(func=eval_cmd)
     i = sub.add_parser("inspect", help="list a checkpoint's tables, row counts and dense tensors")
@@ -361,12 +487,12 @@ def main(argv=None) -> int:
     i.set_defaults(func=inspect_cmd)
     x = sub.add_parser("export", help="a checkpoint as a lookup-only serving export (recis.serving)")
     x.add_argument("checkpoint", help="a ckpt-N directory, or a checkpoints directory (its newest that verifies)")
-    x.add_argument("--output", "-o", required=True, help="the export directory to write")
+    x.add_argument("--output", "-o", required=True, help="the export directory to write (required)")
     x.add_argument(
         "--precision",
         default="fp32",
         choices=["fp32", "fp16", "int8"],
-        help="the tables' rows: fp32, fp16, or row-wise int8 with a scale a row (default: fp32)",
+        help="the tables' rows: fp32, fp16, or row-wise int8 with a scale a row" + D,
     )
     x.add_argument("--force", action="store_true", help="replace an export already there (default: refuse)")
     x.add_argument(
@@ -376,46 +502,55 @@ def main(argv=None) -> int:
     )
     x.set_defaults(func=export_cmd)
     p = sub.add_parser("predict", help="score ORC files with a serving export, into a Parquet file")
-    p.add_argument("--export", required=True, help="the export directory (recis export)")
-    p.add_argument("--data", required=True, nargs="+", help="ORC files or directories of *.orc to score")
-    p.add_argument("--output", "-o", required=True, help="the Parquet file to write (score, and label if read)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows a batch (default: 4096)")
-    p.add_argument("--threads", type=int, help="torch and reader threads (default: 2)")
+    p.add_argument("--export", required=True, help=EXPORT_HELP)
+    p.add_argument("--data", required=True, nargs="+", help="ORC files or directories of *.orc to score (required)")
+    p.add_argument("--output", "-o", required=True, help="the Parquet file: score, and label if read (required)")
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="rows a batch" + D)
+    p.add_argument("--threads", type=positive_int, help="torch and reader threads (default: 2)")
     p.set_defaults(func=predict_cmd)
     v = sub.add_parser("serve", help="an HTTP scoring endpoint over a serving export (JSON rows in, scores out)")
-    v.add_argument("--export", required=True, help="the export directory (recis export)")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    v.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
-    v.add_argument("--threads", type=int, default=4, help="request threads (default: 4)")
-    v.add_argument("--max-rows", type=int, default=65536, help="rows a request may hold (default: 65536)")
+    v.add_argument("--export", required=True, help=EXPORT_HELP)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on" + D)
+    v.add_argument("--port", type=positive_int, default=8080, help="port to listen on" + D)
+    v.add_argument("--threads", type=positive_int, default=4, help="request threads" + D)
+    v.add_argument("--max-rows", type=positive_int, default=65536, help="rows a request may hold" + D)
     v.add_argument(
         "--poll-seconds",
         type=positive_seconds,
         default=10.0,
-        help="served from a lineage directory: how often to apply new deltas (default: 10)",
+        help="served from a lineage directory: seconds between looks for new deltas to apply" + D,
     )
     v.set_defaults(func=serve_cmd)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    usage, failures = handled_errors()
+    try:
+        return args.func(args)
+    except usage as e:
+        print(f"recis {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except failures as e:
+        print(f"recis {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def convert_cmd(args) -> int:
-    from recis.io.convert import ConvertError, convert
+    from recis.io.convert import convert
 
-    try:
-        files = convert(
-            args.inputs,
-            args.output,
-            args.format,
-            rows_per_file=args.rows_per_file,
-            compression=args.compression,
-            header=not args.no_header,
-            label=not args.no_label,
-            schema=args.schema,
-        )
-    except ConvertError as e:
-        print(f"recis convert: {e}", file=sys.stderr)
-        return 2
+    files = convert(
+        args.inputs,
+        args.output,
+        args.format,
+        rows_per_file=args.rows_per_file,
+        compression=args.compression,
+        header=not args.no_header,
+        label=not args.no_label,
+        schema=args.schema,
+    )
     for f in files:
         print(f)
     return 0

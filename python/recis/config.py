@@ -32,11 +32,13 @@ dim = 16                      # embedding width
 [[feature]]                   # one per sparse field (at least one)
 name = "C1"                   # the model's name for it
 column = "C1"                 # ORC column (default: name): int64, list<int64>, or strings with hash = true
-hash = false                  # hash strings to ids at read time (FarmHash Fingerprint64)
-bucket = 0                    # with hash: ids modulo bucket (0: none)
+hash = false                  # hash strings to ids at read time (FarmHash Fingerprint64); a string column
+                              # without it (or a float column) is refused when the job opens its data
+bucket = 0                    # with hash: ids modulo bucket (0: none); bucket without hash is an error
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
 init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (seed, id)
+                              # (the default is recis.nn.DEFAULT_INITIALIZER's, as in the Python API)
 admit_after = 1               # an id gets a row at its k-th sighting (1: at once)
 ttl_steps = 0                 # eviction: ids unseen for this many steps (0: never)
 min_frequency = 0             # eviction: ids seen fewer times (0: none)
@@ -74,6 +76,20 @@ collective_timeout = 0        # under torchrun: seconds a rank may go silent (or
 ```
 
 Paths are relative to the config file's directory.
+
+Numbers are checked when the config loads: batch_size, num_threads (at most
+256), gradient_accumulation_steps, log_every_steps and keep_checkpoints are
+>= 1; prefetch, seed and the other step counts >= 0; [model] dim >= 1.
+
+`recis train` / `recis eval` take ``--set section.key=value`` (repeatable),
+which sets a field after the file loads and before it is checked, as if the
+file held it: the value is read as a TOML value (``trainer.epochs=3``,
+``optimizer.dense="sgd"``, ``data.train=["a.orc"]``), and a bare word that
+is not one (``optimizer.dense=sgd``) as a string. ``feature.NAME.key=value``
+sets a field of the [[feature]] named NAME. Paths set so are, like the
+file's, relative to the config file's directory. ``recis train
+--print-config`` prints the config so resolved (every field, defaults
+filled in, paths absolute) as TOML, and trains nothing.
 """
 
 from __future__ import annotations
@@ -82,10 +98,15 @@ import inspect
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
-import tomllib
 import torch
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
+    import tomli as tomllib
+
 from recis.io.dataset import NON_FINITE
+from recis.nn.options import DEFAULT_INITIALIZER
 
 
 class ConfigError(ValueError):
@@ -116,7 +137,7 @@ class FeatureConfig:
     bucket: int = 0
     combiner: str = "sum"
     shared: str | None = None
-    init_std: float = 0.01
+    init_std: float = DEFAULT_INITIALIZER.std
     admit_after: int = 1
     ttl_steps: int = 0
     min_frequency: int = 0
@@ -199,8 +220,61 @@ def _one_of(value, allowed, where):
         raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
 
 
-def load_config(path: str) -> JobConfig:
-    """Parses and checks a job config (see the module docstring)."""
+def _at_least(obj, names, low, where):
+    """Each field of ``names`` of ``obj`` is >= ``low`` (the classes the job
+    builds would refuse it later, in their own words)."""
+    for k in names:
+        if getattr(obj, k) < low:
+            raise ConfigError(f"{where}.{k}: must be >= {low}, got {getattr(obj, k)}")
+
+
+def _toml_value(text: str):
+    """``text`` read as a TOML value; a bare word that is not one (``sgd``,
+    ``runs/x``) is the string itself."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if list(parsed) == ["v"] else text
+
+
+def apply_overrides(raw: dict, overrides, path: str) -> None:
+    """Sets each ``section.key=value`` (``feature.NAME.key=value``) of
+    ``overrides`` in ``raw``, a config's TOML as parsed, before it is checked:
+    an unknown section or field is then the error the file would get."""
+    for text in overrides:
+        key, eq, value = text.partition("=")
+        section, _, rest = key.strip().partition(".")
+        if not eq or not section or not rest:
+            raise ConfigError(f"--set {text!r}: expected section.key=value (e.g. trainer.epochs=3)")
+        value = _toml_value(value.strip())
+        if section == "feature":
+            name, _, name_key = rest.rpartition(".")
+            if not name or not name_key:
+                raise ConfigError(f"--set {text!r}: a feature's field is set as feature.NAME.key=value")
+            tables = raw.get("feature") if isinstance(raw.get("feature"), list) else []
+            tables = [t for t in tables if isinstance(t, dict)]
+            chosen = [t for t in tables if t.get("name") == name]
+            if not chosen:
+                known = [t.get("name") for t in tables]
+                raise ConfigError(f"{path}: --set {key.strip()}: no [[feature]] is named {name!r} (known: {known})")
+            for t in chosen:  # names are unique, or the check after says so
+                t[name_key] = value
+        else:
+            if "." in rest:
+                raise ConfigError(
+                    f"--set {text!r}: [{section}]'s fields are one level deep: {section}.{rest.split('.')[0]}=value"
+                )
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: --set {key.strip()}: [{section}] is not a table")
+            table[rest] = value
+
+
+def load_config(path: str, overrides=()) -> JobConfig:
+    """Parses and checks a job config (see the module docstring).
+    ``overrides``: ``section.key=value`` strings (``recis train --set``), set
+    after the file is read and before it is checked."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -208,6 +282,7 @@ def load_config(path: str) -> JobConfig:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    apply_overrides(raw, overrides, path)
     unknown = sorted(set(raw) - {"data", "model", "feature", "optimizer", "trainer"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown} (known: data, feature, model, optimizer, trainer)")
@@ -224,6 +299,10 @@ def load_config(path: str) -> JobConfig:
         raise ConfigError(f"{path}: [data].train names no files")
     _one_of(data.dense_transform, ("none", "log1p"), f"{path}: [data].dense_transform")
     _one_of(data.non_finite, NON_FINITE, f"{path}: [data].non_finite")
+    _at_least(data, ("batch_size", "num_threads"), 1, f"{path}: [data]")
+    _at_least(data, ("prefetch", "seed"), 0, f"{path}: [data]")
+    if data.num_threads > 256:
+        raise ConfigError(f"{path}: [data].num_threads: must be <= 256, got {data.num_threads}")
     if not isinstance(raw["feature"], list):
         raise ConfigError(f"{path}: features are [[feature]] tables (an array), not one [feature] table")
     features = []
@@ -243,12 +322,20 @@ def load_config(path: str) -> JobConfig:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
         if f.admit_after < 1:
             raise ConfigError(f"{where}.admit_after: must be >= 1, got {f.admit_after}")
+        if f.bucket and not f.hash:
+            raise ConfigError(
+                f"{where}.bucket: {f.bucket} without hash = true (bucket bounds the ids hashed from strings; "
+                "integer ids are used as they are): set hash = true, or remove bucket"
+            )
     model = dict(raw.get("model", {}))
     from recis.models import MODELS
 
     model.setdefault("name", "deepfm")
     model.setdefault("dim", 16)
     _one_of(model["name"], sorted(MODELS), f"{path}: [model].name")
+    dim = model["dim"]
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
     params = inspect.signature(MODELS[model["name"]]).parameters
     allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed"}
     unknown = sorted(set(model) - allowed - {"name"})
@@ -265,11 +352,97 @@ def load_config(path: str) -> JobConfig:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
     _one_of(trainer.sparse_update, ("auto", "in_backward", "deferred"), f"{path}: [trainer].sparse_update")
+    _at_least(trainer, ("gradient_accumulation_steps", "log_every_steps", "keep_checkpoints"), 1, f"{path}: [trainer]")
+    _at_least(
+        trainer,
+        ("epochs", "max_steps", "eval_every_steps", "save_every_steps", "evict_every_steps"),
+        0,
+        f"{path}: [trainer]",
+    )
+    if trainer.sparse_update == "in_backward" and (
+        trainer.gradient_accumulation_steps > 1 or trainer.mixed_precision == "fp16"
+    ):
+        raise ConfigError(
+            f'{path}: [trainer].sparse_update: "in_backward" does not go with gradient_accumulation_steps > 1 or '
+            'mixed_precision = "fp16" (they need the sparse gradient at the optimizer step): "auto" or "deferred"'
+        )
     if trainer.collective_timeout < 0:
         raise ConfigError(
             f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
         )
     return JobConfig(path, data, features, model, optimizer, trainer)
+
+
+def model_arguments(model: dict) -> dict:
+    """``[model]`` with the model's own defaults filled in (tuples as lists;
+    a ``None`` default, e.g. dcnv2's rank, stays None: unset)."""
+    from recis.models import MODELS
+
+    out = dict(model)
+    for name, p in inspect.signature(MODELS[model["name"]]).parameters.items():
+        if name in ("sparse_fields", "num_dense", "option", "seed") or p.default is inspect.Parameter.empty:
+            continue
+        if name not in out:
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def _toml(value) -> str:
+    """``value`` (a config's: str, bool, int, float, list, table) as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # Python's float repr (1e-05, inf, nan) is TOML's
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ch in "\n\t":
+                out.append("\\n" if ch == "\n" else "\\t")
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):  # a TOML date or time read from the file
+        return value.isoformat()
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in key)
+    return key if bare else _toml(key)
+
+
+def dump_config(cfg: JobConfig, overrides=()) -> str:
+    """``cfg`` as a TOML config (``recis train --print-config``): every field,
+    defaults filled in, paths absolute; loading it gives ``cfg`` again. A
+    field that is unset (no default value) is a comment."""
+
+    def table(header, pairs):
+        lines = [header]
+        for k, v in pairs:
+            lines.append(f"# {k}: not set" if v is None else f"{_toml_key(k)} = {_toml(v)}")
+        return lines
+
+    def of(obj):
+        return [(f.name, getattr(obj, f.name)) for f in fields(obj)]
+
+    head = f"# {cfg.path}" + (f", with --set {' '.join(overrides)}" if overrides else "") + ": resolved"
+    lines = [head, ""]
+    lines += table("[data]", of(cfg.data)) + [""]
+    lines += table("[model]", model_arguments(cfg.model).items()) + [""]
+    for f in cfg.features:
+        pairs = [(k, (f.name if k == "column" and v is None else v)) for k, v in of(f)]
+        lines += table("[[feature]]", pairs) + [""]
+    lines += table("[optimizer]", of(cfg.optimizer)) + [""]
+    lines += table("[trainer]", of(cfg.trainer))
+    return "\n".join(lines) + "\n"
 
 
 DENSE_OPTIMIZERS = {
@@ -316,6 +489,9 @@ class Job:
         )
         self.train_dataset = OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, **kw) if for_training else None
         self.eval_dataset = OrcDataset(d.eval, **kw) if d.eval else None
+        for ds in (self.train_dataset, self.eval_dataset):
+            if ds is not None:
+                self._check_feature_columns(ds)
         cls = MODELS[cfg.model["name"]]
         dim = cfg.model["dim"]
         width = dim + getattr(cls, "extra_width", 0)
@@ -328,7 +504,7 @@ class Job:
                 )
             options[f.name] = EmbeddingOption(
                 dim=width,
-                initializer=NormalInit(0.0, f.init_std),
+                initializer=NormalInit(DEFAULT_INITIALIZER.mean, f.init_std),
                 combiner=f.combiner,
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),
                 eviction=eviction,
@@ -341,7 +517,12 @@ class Job:
             if isinstance(v, list):
                 kwargs[k] = tuple(v)
         torch.manual_seed(d.seed)
-        self.model = cls(options, num_dense=len(d.dense), seed=d.seed, **kwargs)
+        try:
+            self.model = cls(options, num_dense=len(d.dense), seed=d.seed, **kwargs)
+        except (TypeError, ValueError) as e:
+            # [model]'s fields beyond name and dim are the model's own
+            # arguments, checked by it alone.
+            raise ConfigError(f"{cfg.path}: [model] ({cfg.model['name']}): {e}") from e
         self.dense_optimizer = DENSE_OPTIMIZERS[o.dense](
             self.model.parameters(), lr=o.dense_lr, weight_decay=o.dense_weight_decay
         )
@@ -382,6 +563,28 @@ class Job:
             sparse_optimizer=self.sparse_optimizer,
             input_fn=self.pipeline,
         )
+
+    def _check_feature_columns(self, ds) -> None:
+        """Every feature's column holds integer ids (or strings it hashes), so
+        that a string or float column is refused here, naming the feature,
+        before any step, rather than by the model at the first one. The
+        reader has checked that every file gives a column one type."""
+        types = {name: (dtype, is_list) for name, dtype, is_list, _ in ds.types}
+        for f in self.cfg.features:
+            col = f.column or f.name
+            dtype, is_list = types[col]
+            if dtype == "int64":
+                continue
+            kind = f"list<{dtype}>" if is_list else dtype
+            where = f"{self.cfg.path}: [[feature]] {f.name!r}: column {col!r} of {ds.files[0]} is {kind}"
+            if dtype == "string":
+                raise ConfigError(
+                    f"{where}, and a feature takes integer ids: set hash = true to hash the strings to ids"
+                )
+            raise ConfigError(
+                f"{where}, and a feature takes integer ids: write the column as int64 (or as strings, with "
+                "hash = true), or read it as a [data] dense column"
+            )
 
     def input_fn(self, batch: dict) -> dict:
         """A reader batch as model input (``recis.io.pipeline.InputPipeline``)."""

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from recis.nn import EmbeddingEngine, EmbeddingOption, NormalInit
+from recis.nn import DEFAULT_INITIALIZER, EmbeddingEngine, EmbeddingOption
 from recis.nn.options import option_to_json
 
 
@@ -60,9 +60,9 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
     """(field names, an EmbeddingEngine with a logical table per field; fields
     of one config are coalesced into one physical table).
 
-    ``fields``: a list of names (each gets ``EmbeddingOption(dim=width,
-    initializer=NormalInit(0, 0.01))``, seeded apart per field so equal ids of
-    two fields start from different rows), or a dict {name: EmbeddingOption}
+    ``fields``: a list of names (each gets ``EmbeddingOption(dim=width)``,
+    with ``recis.nn.DEFAULT_INITIALIZER``, seeded apart per field so equal ids
+    of two fields start from different rows), or a dict {name: EmbeddingOption}
     of options whose ``dim`` must be ``width``. ``coalesce=False``: a
     physical table per field (the layout of checkpoints written before
     tables were coalesced)."""
@@ -74,7 +74,7 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
         if bad:
             raise ValueError(f"sparse field options must have dim={width} for this model, got {bad}")
     else:
-        base = EmbeddingOption(dim=width, initializer=NormalInit(0.0, 0.01), seed=seed)
+        base = EmbeddingOption(dim=width, initializer=DEFAULT_INITIALIZER, seed=seed)
         options = {f: replace(base, seed=(seed + i) % 2**64) for i, f in enumerate(fields)}
     pooled = [f for f, o in options.items() if o.combiner == "tuple"]
     if pooled:

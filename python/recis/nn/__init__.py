@@ -4,6 +4,7 @@ from recis.nn.dynamic_embedding import DynamicEmbedding
 from recis.nn.engine import EmbeddingEngine
 from recis.nn.hash_table import NO_ROW, HashTable
 from recis.nn.options import (
+    DEFAULT_INITIALIZER,
     AlwaysAdmit,
     ConstantInit,
     CountAdmit,
@@ -20,6 +21,7 @@ from recis.nn.options import (
 )
 
 __all__ = [
+    "DEFAULT_INITIALIZER",
     "NO_ROW",
     "AlwaysAdmit",
     "ConstantInit",

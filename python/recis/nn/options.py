@@ -42,6 +42,13 @@ class NormalInit:
         return "normal", [self.mean, self.std]
 
 
+DEFAULT_INITIALIZER = NormalInit(0.0, 0.01)
+"""A new row's value unless an option says otherwise: ``EmbeddingOption``'s
+default, the model zoo's (``recis.models``) and a config's (``[[feature]]
+init_std``), so that a table built in Python, by a model or from a config
+starts alike."""
+
+
 @dataclass(frozen=True)
 class TruncatedNormalInit:
     """Normal(mean, std) restricted to [low, high] (absolute bounds, like
@@ -175,7 +182,8 @@ class EmbeddingOption:
     Fields:
         dim: embedding width (>= 1).
         dtype: storage type of the rows; float32.
-        initializer: value of a new row (default uniform ±0.05).
+        initializer: value of a new row (default ``DEFAULT_INITIALIZER``,
+            Normal(0, 0.01)).
         combiner: pooling of a bag of ids: "sum" or "mean" (with weights,
             "mean" divides by the sum of the weights); "tuple" (in an
             ``EmbeddingEngine``): no pooling, a sequence [B, L, dim].
@@ -194,7 +202,7 @@ class EmbeddingOption:
 
     dim: int
     dtype: torch.dtype = torch.float32
-    initializer: object = field(default_factory=UniformInit)
+    initializer: object = DEFAULT_INITIALIZER
     combiner: str = "sum"
     admission: object = field(default_factory=AlwaysAdmit)
     eviction: EvictionOption | None = None
