@@ -99,11 +99,19 @@ def main() -> None:
     from recis.serving import Predictor
 
     predictor = Predictor(export_dir)
+    from recis.config import Job, load_config
+
+    job = Job(load_config(os.path.join(wd, "job.toml")), for_training=False)
+    job.trainer.checkpoints.load(None, tables=job.trainer.tables, model=job.model)
+    train_tables = job.model.embedding.tables()
+    train_bytes = sum(t.stats()["total_bytes"] for t in train_tables) / sum(len(t) for t in train_tables)
+    del job, train_tables
     held_out = os.path.join(data, "part-00003.orc")
     rows = po.read_table(held_out, columns=[*SPARSE_FIELDS, *DENSE_COLUMNS]).slice(0, 256).to_pylist()
     print(
         f"DeepFM, 26 sparse fields + 13 dense, dim 16; tables hold {predictor.stats()['ids']:,} ids "
-        f"({predictor.stats()['bytes_per_id']:.0f} bytes an id); {os.cpu_count()} cores; server threads "
+        f"({predictor.stats()['bytes_per_id']:.0f} bytes an id served, {train_bytes:.0f} in training with Adam); "
+        f"{os.cpu_count()} cores; server threads "
         f"{args.server_threads}; {args.seconds:g} s a setting"
     )
     cols = predictor.pipeline.columns(label=False)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from recis import distributed
 from recis.framework import Trainer, TrainingArguments
 from recis.models import DeepFM
-from recis.nn import EmbeddingOption, EvictionOption, NormalInit
+from recis.nn import EmbeddingOption, EvictionOption, NormalInit, dense_only
 from recis.nn.hash_table import HashTable
 from recis.optim import SparseAdam
 from recis.ragged import RaggedTensor, batch_rows
@@ -71,7 +71,8 @@ def build():
 
 
 def dump(model, tables: dict, path: str) -> None:
-    tensors = {f"dense.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    with dense_only():  # the dense parameters (the tables are dumped below, namespace by namespace)
+        tensors = {f"dense.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     for name, t in tables.items():
         state = t.state_dict()
         ns = state.get("namespace", torch.zeros_like(state["ids"]))

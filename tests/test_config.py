@@ -130,9 +130,15 @@ def test_missing_column_bad_labels_and_foreign_checkpoint(data_dir, tmp_path, ca
     ckpt_dir = job / "out" / "checkpoints"
     before = sorted(p.name for p in ckpt_dir.iterdir())
     meta = json.loads((ckpt_dir / before[0] / "meta.json").read_text()) if before[0].startswith("ckpt") else None
-    other = write(job, text.replace('name = "C2"', 'name = "C5"'), "other.toml")
-    assert main(["train", "--config", other]) == 1
-    assert "holds tables" in capsys.readouterr().err
+    # A config whose features are all others: refused, nothing touched.
+    foreign = text
+    for k in (1, 2, 3, 4):
+        foreign = foreign.replace(f'name = "C{k}"', f'name = "C{k}"\ncolumn = "C{k + 4}"').replace(
+            f'name = "C{k}"', f'name = "X{k}"'
+        )
+    foreign = foreign.replace('shared = "c34"', 'shared = "x34"')
+    assert main(["train", "--config", write(job, foreign, "foreign.toml")]) == 1
+    assert "none of them: a checkpoint of another model?" in capsys.readouterr().err
     assert sorted(p.name for p in ckpt_dir.iterdir()) == before
     if meta is not None:
         assert json.loads((ckpt_dir / before[0] / "meta.json").read_text()) == meta

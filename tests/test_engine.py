@@ -202,12 +202,20 @@ def test_coalesced_table_checkpoint_eviction_and_a_foreign_feature_set(tmp_path)
     for f in "ab":
         assert torch.equal(again.table(f).embeddings(u), engine.table(f).embeddings(u)), f
     assert t2.state_dict()["values"].shape == table.state_dict()["values"].shape
-    # Another feature set in a table of the same name: refused, named.
+    # Another feature set: tables match by name — a loads, c starts fresh,
+    # b's rows are dropped, and the load says which.
     other = make(["a", "c"])
     (t3,) = other.tables()
-    with pytest.raises(CheckpointError, match=r"holds tables \['a', 'b'\].*has \['a', 'c'\]"):
-        manager.load(tables={t3.name: t3}, parts=("sparse",))
-    assert len(t3) == 0
+    manager.load(tables={t3.name: t3}, parts=("sparse",))
+    assert manager.load_report == {"added": ["c"], "dropped": ["b"]}
+    assert torch.equal(other.table("a").embeddings(u), engine.table("a").embeddings(u))
+    assert len(other.table("c")) == 0 and len(t3) == 6
+    # None of the model's tables in the checkpoint: refused, named.
+    stranger = make(["x", "y"])
+    (t4,) = stranger.tables()
+    with pytest.raises(CheckpointError, match=r"holds tables \['a', 'b'\] but the model has \['x', 'y'\], none"):
+        manager.load(tables={t4.name: t4}, parts=("sparse",))
+    assert len(t4) == 0
     # max_rows=3 a feature: the coalesced table keeps 6, ranked together
     # (ids last seen at step 0 go first, in either namespace).
     gone = table.evict(by_namespace=True)

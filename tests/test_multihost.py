@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from recis.datagen import generate
+from recis.nn import dense_only
 
 PY = sys.executable
 TIMEOUT = 10  # collective_timeout of the cut run
@@ -168,7 +169,8 @@ def trained_state(config: str, checkpoint) -> dict:
     CheckpointManager.reading(os.path.dirname(checkpoint)).load(
         str(checkpoint), tables=tables, model=job.model, parts=("sparse", "dense")
     )
-    out = {f"dense.{k}": v for k, v in job.model.state_dict().items()}
+    with dense_only():
+        out = {f"dense.{k}": v for k, v in job.model.state_dict().items()}
     for name, t in tables.items():
         s = t.state_dict()
         ns = s.get("namespace", torch.zeros_like(s["ids"]))

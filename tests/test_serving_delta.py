@@ -296,3 +296,18 @@ def test_a_delta_holds_only_the_rows_touched_since_its_parent(tmp_path):
     chained = Predictor(str(tmp_path))
     export(model, str(tmp_path / "full"))
     assert_same_tables(served(chained), served(Predictor(str(tmp_path / "full"))))
+
+
+def test_a_job_config_writes_a_lineage_that_serves(run, tmp_path):
+    d, _ = run
+    (tmp_path / "data").symlink_to(d / "data")
+    text = CONFIG.replace("max_steps = 300", "max_steps = 100").replace(
+        "keep_checkpoints = 5", 'keep_checkpoints = 5\nexport_every_steps = 50\nexport_precision = "fp16"'
+    )
+    (tmp_path / "job.toml").write_text(text)
+    assert main(["train", "--config", str(tmp_path / "job.toml")]) == 0
+    root = tmp_path / "out" / "serving"
+    assert sorted(os.listdir(root)) == ["gen-000001", "gen-000002"]
+    p = Predictor(str(root))
+    assert (p.generation, p.step, p.meta["precision"]) == (2, 100, "fp16")
+    assert len(p.predict_files([eval_file(tmp_path)])["score"]) == 3000

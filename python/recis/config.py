@@ -37,7 +37,9 @@ hash = false                  # hash strings to ids at read time (FarmHash Finge
 bucket = 0                    # with hash: ids modulo bucket (0: none); bucket without hash is an error
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
-init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (seed, id)
+init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (the table's seed, id); a
+                              # table's seed is [data] seed + a hash of its name (its feature's, or its
+                              # shared name), so adding or reordering features changes no other table's
                               # (the default is recis.nn.DEFAULT_INITIALIZER's, as in the Python API)
 admit_after = 1               # an id gets a row at its k-th sighting (1: at once)
 ttl_steps = 0                 # eviction: ids unseen for this many steps (0: never)
@@ -73,6 +75,10 @@ warm_start_parts = ["sparse", "dense"]  # its parts to load: "sparse", "dense", 
 collective_timeout = 0        # under torchrun: seconds a rank may go silent (or a collective wait) before every
                               # rank exits, status 3, naming it; 0: $RECIS_COLLECTIVE_TIMEOUT, else 300;
                               # `recis train --collective-timeout` overrides; it must exceed a checkpoint save
+export_every_steps = 0        # serving exports every N steps into export_dir, a lineage (recis.serving): a
+                              # full export first in each run, then deltas; `recis serve --export` follows it
+export_dir = "runs/job/serving"  # default: output_dir/serving
+export_precision = "fp32"     # the exported rows: "fp32", "fp16" or "int8"
 ```
 
 Paths are relative to the config file's directory.
@@ -173,6 +179,9 @@ class TrainerConfig:
     warm_start: str = ""
     warm_start_parts: list[str] = field(default_factory=lambda: ["sparse", "dense"])
     collective_timeout: float = 0.0
+    export_every_steps: int = 0
+    export_dir: str = ""
+    export_precision: str = "fp32"
 
 
 @dataclass
@@ -348,6 +357,9 @@ def load_config(path: str, overrides=()) -> JobConfig:
     trainer.output_dir = rel(trainer.output_dir)
     if trainer.warm_start:
         trainer.warm_start = rel(trainer.warm_start)
+    _one_of(trainer.export_precision, ("fp32", "fp16", "int8"), f"{path}: [trainer].export_precision")
+    if trainer.export_every_steps:
+        trainer.export_dir = rel(trainer.export_dir or os.path.join(trainer.output_dir, "serving"))
     for part in trainer.warm_start_parts:
         _one_of(part, ("sparse", "dense", "optimizer"), f"{path}: [trainer].warm_start_parts")
     _one_of(trainer.mixed_precision, ("none", "bf16", "fp16"), f"{path}: [trainer].mixed_precision")
@@ -355,7 +367,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     _at_least(trainer, ("gradient_accumulation_steps", "log_every_steps", "keep_checkpoints"), 1, f"{path}: [trainer]")
     _at_least(
         trainer,
-        ("epochs", "max_steps", "eval_every_steps", "save_every_steps", "evict_every_steps"),
+        ("epochs", "max_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "export_every_steps"),
         0,
         f"{path}: [trainer]",
     )
@@ -464,6 +476,7 @@ class Job:
         from recis.io.pipeline import FeatureInput, InputPipeline
         from recis.models import MODELS
         from recis.nn import AlwaysAdmit, CountAdmit, EmbeddingOption, EvictionOption, NormalInit
+        from recis.nn.options import name_seed
 
         self.cfg = cfg
         d, t, o = cfg.data, cfg.trainer, cfg.optimizer
@@ -496,7 +509,7 @@ class Job:
         dim = cfg.model["dim"]
         width = dim + getattr(cls, "extra_width", 0)
         options = {}
-        for i, f in enumerate(cfg.features):
+        for f in cfg.features:
             eviction = None
             if f.ttl_steps or f.min_frequency or f.max_rows:
                 eviction = EvictionOption(
@@ -509,7 +522,7 @@ class Job:
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),
                 eviction=eviction,
                 shared_name=f.shared,
-                seed=d.seed + (i if f.shared is None else sum(map(ord, f.shared))),
+                seed=name_seed(d.seed, f.shared or f.name),
                 eval_missing=f.eval_missing,
             )
         kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
@@ -563,6 +576,12 @@ class Job:
             sparse_optimizer=self.sparse_optimizer,
             input_fn=self.pipeline,
         )
+        if t.export_every_steps:
+            from recis.serving import ServingExportHook
+
+            self.trainer.hooks.append(
+                ServingExportHook(t.export_dir, t.export_every_steps, precision=t.export_precision)
+            )
 
     def _check_feature_columns(self, ds) -> None:
         """Every feature's column holds integer ids (or strings it hashes), so

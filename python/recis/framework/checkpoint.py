@@ -57,6 +57,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recis import _native, distributed
+from recis.nn.engine import dense_only
 
 FORMAT = 1
 LATEST = "latest"
@@ -216,6 +217,8 @@ class CheckpointManager:
         self.loaded: str | None = None  # by load: the path loaded, its meta,
         self.loaded_meta: dict | None = None
         self.skipped: list[tuple[str, str]] = []  # and the damaged ones skipped
+        # Logical tables the model has and the checkpoint lacks, and the reverse.
+        self.load_report: dict[str, list[str]] = {"added": [], "dropped": []}
         os.makedirs(directory, exist_ok=True)
 
     # -- saving ---------------------------------------------------------------
@@ -336,7 +339,8 @@ class CheckpointManager:
             if len(ranks) > 1:
                 meta["tables"][name]["shards"] = shards
         if model is not None:
-            state = model.state_dict()
+            with dense_only():
+                state = model.state_dict()
             _save_tensors(state, os.path.join(tmp, "dense.safetensors"))
             meta["dense_keys"] = sorted(state)
             sums.update(_checksums(tmp, ["dense.safetensors"]))
@@ -505,7 +509,7 @@ class CheckpointManager:
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         m = cls.__new__(cls)
         m.directory, m.keep_last, m.table_chunk_rows = directory, 1, 1 << 20
-        m.loaded, m.loaded_meta, m.skipped = None, None, []
+        m.loaded, m.loaded_meta, m.skipped, m.load_report = None, None, [], {"added": [], "dropped": []}
         return m
 
     # -- loading --------------------------------------------------------------
@@ -571,28 +575,9 @@ class CheckpointManager:
                 "states are per rank, so it cannot resume exactly here; load it with "
                 "parts=('sparse', 'dense', 'optimizer') (tables are re-sharded to any world size)"
             )
+        plan = None
         if "sparse" in parts:
-            saved = set(meta["tables"])
-            if set(tables) != saved:
-                raise CheckpointError(f"{path}: holds tables {sorted(saved)} but the model has {sorted(tables)}")
-            for name, table in tables.items():
-                mine, theirs = table.table_config(), meta["tables"][name]["config"]
-                ns_mine = [n for n, _ in mine.get("namespaces", [])]
-                ns_theirs = [n for n, _ in theirs.get("namespaces", [])]
-                if ns_mine != ns_theirs:
-                    raise CheckpointError(
-                        f"{path}: holds tables {ns_theirs or [name]} in table {name!r} but the model has "
-                        f"{ns_mine or [name]} there"
-                    )
-                if mine != theirs:
-                    diff = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-                    raise CheckpointError(f"{path}: table {name!r} was saved with another config (differs in {diff})")
-                width = meta["tables"][name]["slot_width"]
-                if "optimizer" in parts and width != table.native.slot_width:
-                    raise CheckpointError(
-                        f"{path}: table {name!r} was saved with {width} optimizer slot values a row, this table has "
-                        f"{table.native.slot_width} (another sparse optimizer?)"
-                    )
+            plan = _table_plan(path, meta, tables, "optimizer" in parts, sparse_optimizer)
         if "optimizer" in parts and dense_optimizer is not None and "dense_optimizer" in meta:
             _check_dense_optimizer(meta_path, meta["dense_optimizer"], dense_optimizer)
         dense_state = None
@@ -600,41 +585,70 @@ class CheckpointManager:
             dense_file = os.path.join(path, "dense.safetensors")
             if not os.path.isfile(dense_file):
                 raise CheckpointError(f"{path}: has no dense model")
+            _check_feature_order(path, meta, model)
             dense_state = _load_tensors(dense_file)
-            mine = set(model.state_dict())
+            with dense_only():
+                mine_state = model.state_dict()
+            mine = set(mine_state)
             if set(dense_state) != mine:
                 missing, unexpected = sorted(mine - set(dense_state)), sorted(set(dense_state) - mine)
                 raise CheckpointError(
                     f"{dense_file}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+                    + _DENSE_HINT
                 )
-            for k, v in model.state_dict().items():
+            for k, v in mine_state.items():
                 if dense_state[k].shape != v.shape:
                     raise CheckpointError(
                         f"{dense_file}: {k} has shape {tuple(dense_state[k].shape)}, the model's is {tuple(v.shape)}"
+                        + _DENSE_HINT
                     )
         # Checked: now restore.
-        if "sparse" in parts:
+        if plan is not None:
+            self.load_report = {"added": plan.added, "dropped": plan.dropped}
+            if plan.dropped and rank == 0:
+                log.warning("%s: tables %s are not in the model: their rows are dropped", path, ", ".join(plan.dropped))
+            if plan.added and rank == 0:
+                log.warning("%s: holds no tables %s: they start fresh", path, ", ".join(plan.added))
             for name, table in tables.items():
-                saved_table = meta["tables"][name]
-                files = saved_table.get("files")
-                if files is None:  # a checkpoint of one file a table
-                    state = _load_tensors(os.path.join(path, f"table-{name}.safetensors"))
-                    table.load_state_dict(state, embeddings_only="optimizer" not in parts)
+                sources = plan.sources[name]
+                if not sources:
+                    table.native.clear()
+                    table.step = 0
                     continue
-                shards = saved_table.get("shards", [files])
-                try:
-                    if len(shards) == n:  # the same sharding: this rank's files
-                        table.load(path, shards[rank], embeddings_only="optimizer" not in parts)
-                    else:  # re-sharded: the ids this rank owns, from every file
-                        table.load(
-                            path,
-                            [f for fs in shards for f in fs],
+                for k, (saved_name, ns_map, same_layout) in enumerate(sources):
+                    saved_table = meta["tables"][saved_name]
+                    files = saved_table.get("files")
+                    try:
+                        if files is None:  # a checkpoint of one file a table
+                            state = _load_tensors(os.path.join(path, f"table-{saved_name}.safetensors"))
+                            if ns_map is not None:
+                                state = table._renumber(state, ns_map, path)
+                            if not same_layout:
+                                state.pop("admission_counters", None)
+                            if k == 0:
+                                table.load_state_dict(state, embeddings_only="optimizer" not in parts)
+                            else:
+                                table._import(state, "optimizer" not in parts, clear=False, first=True)
+                            continue
+                        shards = saved_table.get("shards", [files])
+                        common = dict(
                             embeddings_only="optimizer" not in parts,
-                            keep=(lambda ids: distributed.owner_of(ids, n) == rank) if n > 1 else None,
-                            merged=len(shards),
+                            namespaces=ns_map,
+                            clear=k == 0,
+                            admission=same_layout,
                         )
-                except ValueError as e:  # the message names the table and the file
-                    raise CheckpointError(str(e)) from None
+                        if len(shards) == n:  # the same sharding: this rank's files
+                            table.load(path, shards[rank], **common)
+                        else:  # re-sharded: the ids this rank owns, from every file
+                            table.load(
+                                path,
+                                [f for fs in shards for f in fs],
+                                keep=(lambda ids: distributed.owner_of(ids, n) == rank) if n > 1 else None,
+                                merged=len(shards),
+                                **common,
+                            )
+                    except ValueError as e:  # the message names the table and the file
+                        raise CheckpointError(str(e)) from None
         if dense_state is not None:
             model.load_state_dict(dense_state)
         if "optimizer" in parts:
@@ -647,7 +661,11 @@ class CheckpointManager:
                 except (ValueError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{opt_file}: does not fit this dense optimizer ({e!r})") from None
             if sparse_optimizer is not None and "sparse_optimizer" in meta:
-                sparse_optimizer.load_state_dict(meta["sparse_optimizer"])
+                renamed = plan.renamed if plan is not None else None
+                try:
+                    sparse_optimizer.load_state_dict(meta["sparse_optimizer"], renamed=renamed)
+                except ValueError as e:
+                    raise CheckpointError(f"{meta_path}: {e}") from None
             if lr_scheduler is not None and "lr_scheduler" in meta:
                 lr_scheduler.load_state_dict(meta["lr_scheduler"])
         if "data" in parts and dataset is not None:
@@ -663,6 +681,111 @@ class CheckpointManager:
             p = rng["python"]
             random.setstate((p[0], tuple(p[1]), p[2]))
         return int(meta["step"])
+
+
+_DENSE_HINT = (
+    "; a feature added or removed changes the dense layers' inputs: warm-start the tables alone "
+    '(warm_start_parts = ["sparse"]) into a new output_dir'
+)
+
+
+def _check_feature_order(path: str, meta: dict, model) -> None:
+    """A zoo model's dense layers take its features' embeddings in order:
+    dense weights trained on other features, or on the same in another
+    order, would fit by shape and mean something else. Refused, naming both
+    lists (checkpoints record the model's spec since serving exports)."""
+    from recis.models import model_spec
+
+    saved = ((meta.get("extra") or {}).get("model_spec") or {}).get("features")
+    spec = model_spec(getattr(model, "module", model))
+    if saved is None or spec is None:
+        return
+    theirs, mine = [f for f, _ in saved], [f for f, _ in spec["features"]]
+    if theirs != mine:
+        raise CheckpointError(
+            f"{path}: its dense layers were trained on the features {theirs}, in that order, and the model has "
+            f"{mine}: they would read other inputs{_DENSE_HINT}"
+        )
+
+
+class _TablePlan:
+    """Where each of the model's physical tables finds its rows in a
+    checkpoint, logical table by logical table (see ``_table_plan``)."""
+
+    def __init__(self):
+        self.sources: dict[str, list[tuple[str, dict[int, int] | None, bool]]] = {}
+        self.added: list[str] = []
+        self.dropped: list[str] = []
+        self.renamed: dict[str, list[str]] = {}  # a model table -> the saved tables its rows come from
+
+
+def _saved_logical(meta: dict) -> dict[str, tuple[str, int]]:
+    """{logical table: (saved physical table, its namespace index there)}."""
+    out = {}
+    for saved_name, t in meta["tables"].items():
+        nss = [n for n, _ in (t.get("config") or {}).get("namespaces", [])]
+        for k, logical in enumerate(nss or [saved_name]):
+            out[logical] = (saved_name, k)
+    return out
+
+
+def _table_plan(path: str, meta: dict, tables: dict, with_optimizer: bool, sparse_optimizer) -> _TablePlan:
+    """Matches the model's tables to the checkpoint's by logical table (a
+    feature's, or a shared name's), whatever physical table either side
+    holds it in: added tables start fresh, removed ones are dropped (both
+    reported), reordered or re-coalesced ones load, and admission,
+    eviction, initializer or seed changes are runtime policy and load. A
+    changed dim is refused, and with ``with_optimizer`` a changed number of
+    optimizer slot values, each naming the table and both values."""
+    saved = _saved_logical(meta)
+    plan = _TablePlan()
+    mine = [(logical, name, k) for name, t in tables.items() for k, logical in enumerate(t.namespaces)]
+    for logical, name, _k in mine:
+        if logical not in saved:
+            plan.added.append(logical)
+            continue
+        saved_name, _ = saved[logical]
+        entry, table = meta["tables"][saved_name], tables[name]
+        dim = (entry.get("config") or {}).get("dim")
+        if dim != table.dim:
+            raise CheckpointError(
+                f"{path}: table {logical!r} was saved with dim {dim}, the model's has dim {table.dim}: a changed "
+                "dim cannot load (give the table another name to start it afresh)"
+            )
+        width = entry.get("slot_width")
+        if with_optimizer and width != table.native.slot_width:
+            saved_kind = (meta.get("sparse_optimizer") or {}).get("kind", "?")
+            kind = getattr(sparse_optimizer, "kind", "?")
+            raise CheckpointError(
+                f"{path}: table {logical!r} was saved by a {saved_kind!r} sparse optimizer ({width} slot values a "
+                f"row) and this run's is {kind!r} ({table.native.slot_width}): load it without the optimizer "
+                '(warm_start_parts = ["sparse", "dense"]) to start the slots afresh'
+            )
+    held = {logical for logical, _, _ in mine}
+    plan.dropped = sorted(logical for logical in saved if logical not in held)
+    if mine and saved and len(plan.added) == len(mine):
+        raise CheckpointError(
+            f"{path}: holds tables {sorted(saved)} but the model has {sorted(held)}, none of them: "
+            "a checkpoint of another model?"
+        )
+    for name, table in tables.items():
+        by_source: dict[str, dict[int, int]] = {}
+        for k, logical in enumerate(table.namespaces):
+            if logical in saved:
+                saved_name, theirs = saved[logical]
+                by_source.setdefault(saved_name, {})[theirs] = k
+        sources = []
+        for saved_name, ns_map in by_source.items():
+            cfg = meta["tables"][saved_name].get("config") or {}
+            saved_nss = [n for n, _ in cfg.get("namespaces", [])] or [saved_name]
+            same = saved_nss == list(table.namespaces)
+            # The admission sketch is keyed by namespace: it carries over only
+            # to the same namespaces under the same admission policy.
+            counters = same and cfg.get("admission") == table.table_config().get("admission")
+            sources.append((saved_name, None if same else ns_map, counters))
+        plan.sources[name] = sources
+        plan.renamed[name] = list(by_source)
+    return plan
 
 
 def _step(path: str) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from recis.nn import DEFAULT_INITIALIZER, EmbeddingEngine, EmbeddingOption
-from recis.nn.options import option_to_json
+from recis.nn.options import name_seed, option_to_json
 
 
 def zoo_model(name: str):
@@ -61,7 +61,7 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
     of one config are coalesced into one physical table).
 
     ``fields``: a list of names (each gets ``EmbeddingOption(dim=width)``,
-    with ``recis.nn.DEFAULT_INITIALIZER``, seeded apart per field so equal ids
+    with ``recis.nn.DEFAULT_INITIALIZER``, seeded by its name (``name_seed``) so equal ids
     of two fields start from different rows), or a dict {name: EmbeddingOption}
     of options whose ``dim`` must be ``width``. ``coalesce=False``: a
     physical table per field (the layout of checkpoints written before
@@ -75,7 +75,7 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
             raise ValueError(f"sparse field options must have dim={width} for this model, got {bad}")
     else:
         base = EmbeddingOption(dim=width, initializer=DEFAULT_INITIALIZER, seed=seed)
-        options = {f: replace(base, seed=(seed + i) % 2**64) for i, f in enumerate(fields)}
+        options = {f: replace(base, seed=name_seed(seed, f)) for f in fields}
     pooled = [f for f, o in options.items() if o.combiner == "tuple"]
     if pooled:
         raise ValueError(f"sparse fields {pooled}: zoo models pool every field (combiner 'sum' or 'mean')")

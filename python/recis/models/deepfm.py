@@ -17,6 +17,7 @@ from torch import nn
 
 from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
 from recis.nn import EmbeddingOption
+from recis.nn.options import name_seed
 
 
 @zoo_model("deepfm")
@@ -35,12 +36,12 @@ class DeepFM(nn.Module):
     ):
         """``sparse_fields``: names, or {name: EmbeddingOption} with
         ``dim + 1`` each; ``option``: one option for every named field
-        (seeded apart per field)."""
+        (each seeded by its name: ``recis.nn.options.name_seed``)."""
         super().__init__()
         if option is not None:
             if option.dim != dim + 1:
                 raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
-            sparse_fields = {f: replace(option, seed=(option.seed + i) % 2**64) for i, f in enumerate(sparse_fields)}
+            sparse_fields = {f: replace(option, seed=name_seed(option.seed, f)) for f in sparse_fields}
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense = num_dense
         self.dim = dim

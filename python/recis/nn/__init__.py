@@ -1,7 +1,7 @@
 """Dynamic embedding modules: hash tables, their options, pooled lookups."""
 
 from recis.nn.dynamic_embedding import DynamicEmbedding
-from recis.nn.engine import EmbeddingEngine
+from recis.nn.engine import EmbeddingEngine, dense_only
 from recis.nn.hash_table import NO_ROW, HashTable
 from recis.nn.options import (
     DEFAULT_INITIALIZER,
@@ -39,4 +39,5 @@ __all__ = [
     "UniformInit",
     "XavierNormalInit",
     "XavierUniformInit",
+    "dense_only",
 ]

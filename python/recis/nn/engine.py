@@ -33,10 +33,25 @@ the update directly and ``W`` gets no gradient.
 Sequence features (``combiner="tuple"``) return ``[B, L, D]``: the ids of
 each row in order, zero-padded to the longest row of the batch (cut them to
 a fixed length upstream with ``features.SequenceTruncate``).
+
+The tables appear in ``state_dict()``, so that torch tooling that walks a
+state dict sees them: each logical table ``L`` as ``tables.L.ids`` (int64,
+ascending) and ``tables.L.weight`` ([N, dim] float32, the embeddings; no
+optimizer slots, no metadata; under ``torchrun`` the rows this rank holds).
+``load_state_dict`` replaces a logical table's rows with the ones given
+(new rows' optimizer slots start afresh) and leaves a table the dict does
+not name as it is, so a dict of the dense weights alone still loads.
+``CheckpointManager`` stays the streaming path for huge tables (this one
+holds a table's rows twice while it runs); inside ``dense_only()``,
+``state_dict`` leaves the tables out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +61,20 @@ from recis.nn.dynamic_embedding import as_ragged, concat_ragged, pool, pool_stac
 from recis.nn.hash_table import HashTable, TableView, ids_to_numpy
 from recis.nn.options import EmbeddingOption
 from recis.ragged import RaggedTensor
+
+_TABLES_IN_STATE_DICT = contextvars.ContextVar("recis_tables_in_state_dict", default=True)
+
+
+@contextlib.contextmanager
+def dense_only():
+    """Inside it, ``state_dict()`` of a module holding ``EmbeddingEngine``s
+    leaves their tables out (checkpoints and serving exports write the
+    tables their own way, a chunk at a time)."""
+    token = _TABLES_IN_STATE_DICT.set(False)
+    try:
+        yield
+    finally:
+        _TABLES_IN_STATE_DICT.reset(token)
 
 
 class EmbeddingEngine(nn.Module):
@@ -122,6 +151,66 @@ class EmbeddingEngine(nn.Module):
             self._tables[table.name] = table
             for n in names:
                 self._views[n] = table.view(n)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not _TABLES_IN_STATE_DICT.get():
+            return
+        for name, view in self._views.items():
+            table, ns = view.table, view.ns
+            ids, rows, nss = table.native.export_keys()
+            if len(table.namespaces) > 1:
+                sel = np.flatnonzero(nss == ns)
+                ids, rows = ids[sel], rows[sel]
+            order = np.argsort(ids, kind="stable")
+            ids, rows = ids[order], rows[order]
+            v, _f, _s = table.native.read_rows(rows)
+            width = table.dim + table.native.slot_width
+            weight = np.ascontiguousarray(v.reshape(len(ids), width)[:, : table.dim])
+            destination[f"{prefix}tables.{name}.ids"] = torch.from_numpy(ids)
+            destination[f"{prefix}tables.{name}.weight"] = torch.from_numpy(weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        given = {}
+        for name in self._views:
+            keys = (f"{prefix}tables.{name}.ids", f"{prefix}tables.{name}.weight")
+            if keys[0] in state_dict or keys[1] in state_dict:
+                given[name] = keys
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(f"{prefix}tables.")}
+        stray = sorted(k for k in state_dict if k.startswith(f"{prefix}tables.") and k not in rest)
+        known = {k for keys in given.values() for k in keys}
+        unexpected_keys.extend(k for k in stray if k not in known)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        checked = []
+        for name, (k_ids, k_weight) in given.items():
+            view = self._views[name]
+            if k_ids not in state_dict or k_weight not in state_dict:
+                errors.append(f"table {name!r}: needs both {k_ids} and {k_weight}")
+                continue
+            ids, weight = state_dict[k_ids], state_dict[k_weight]
+            if ids.dtype != torch.int64 or ids.dim() != 1:
+                errors.append(f"{k_ids}: must be 1-D int64, got {ids.dtype} {tuple(ids.shape)}")
+                continue
+            if weight.dim() != 2 or tuple(weight.shape) != (len(ids), view.dim):
+                errors.append(f"{k_weight}: must be [{len(ids)}, {view.dim}], got {tuple(weight.shape)}")
+                continue
+            if len(torch.unique(ids)) != len(ids):
+                errors.append(f"{k_ids}: ids repeat")
+                continue
+            checked.append((view, ids, weight))
+        if errors:
+            return
+        for view, ids, weight in checked:
+            table, ns = view.table, view.ns
+            held, _rows, nss = table.native.export_keys()
+            if len(table.namespaces) > 1:
+                held = held[nss == ns]
+            table.native.remove_ids(np.ascontiguousarray(held), ns)
+            n = len(ids)
+            slots = np.full((n, table.native.slot_width), table._slot_init, dtype=np.float32)
+            values = np.ascontiguousarray(np.concatenate([weight.detach().cpu().float().numpy(), slots], axis=1))
+            zeros = np.zeros(n, dtype=np.uint32)
+            table.native.import_rows(ids.cpu().numpy(), values, zeros, np.full(n, table.step, np.uint32), ns)
 
     def tables(self) -> list[HashTable]:
         """The physical tables (what the sparse optimizer and checkpoints see)."""

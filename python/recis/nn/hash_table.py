@@ -386,13 +386,30 @@ class HashTable:
             saved.files.append(name)
         return saved
 
-    def load(self, directory: str, names: list[str], embeddings_only: bool = False, keep=None, merged: int = 1) -> None:
+    def load(
+        self,
+        directory: str,
+        names: list[str],
+        embeddings_only: bool = False,
+        keep=None,
+        merged: int = 1,
+        namespaces: dict[int, int] | None = None,
+        clear: bool = True,
+        admission: bool = True,
+    ) -> None:
         """Reads what ``save`` wrote, a chunk at a time. Every file's header
         is checked (present, complete, the right widths) before the table
         changes. ``keep(ids) -> bool mask``: import only those ids (a
         checkpoint re-sharded to another world size). ``merged``: the files
         are the shards of that many tables; their admission counters are
-        summed (each id was counted only by its owner's)."""
+        summed (each id was counted only by its owner's). ``namespaces``:
+        {the saved table's namespace index: this table's} (a table of one
+        namespace saved none: its index is 0): rows of other namespaces are
+        left out (None: the saved namespaces are this table's). ``clear``:
+        empty the table first (False: add to it, several saved tables
+        loading into one). ``admission``: restore the admission counters
+        (only meaningful when the saved table holds this table's namespaces,
+        in order). The table's clock becomes the latest of the loaded ones."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -413,10 +430,17 @@ class HashTable:
                     f"table {self.name!r}: {path}: rows are {shape[1:]} wide but this table's are {width} "
                     f"(dim {self.dim} + {self.native.slot_width} optimizer slots); another dim or optimizer?"
                 )
-        self.native.clear()
+        if clear:
+            self.native.clear()
+            self.step = 0
         counters, epoch = None, 0
         for k, name in enumerate(names):
             state = load_file(os.path.join(directory, name))
+            if not admission:
+                state.pop("admission_counters", None)
+                state.pop("admission_epoch", None)
+            if namespaces is not None:
+                state = self._renumber(state, namespaces, os.path.join(directory, name))
             if merged > 1 and "admission_counters" in state:
                 c = state.pop("admission_counters")
                 counters = c if counters is None else counters + c
@@ -427,7 +451,7 @@ class HashTable:
                     if key in state:
                         state[key] = state[key][mask]
             self._import(state, embeddings_only, clear=False, first=k == 0 or "step" in state)
-        if counters is not None:
+        if counters is not None and admission:
             self.native.set_admission_state(np.minimum(counters.numpy(), 2**32 - 1).astype(np.uint32), epoch)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], embeddings_only: bool = False) -> None:
@@ -487,7 +511,32 @@ class HashTable:
                 state["admission_counters"].numpy().astype(np.uint32), int(state["admission_epoch"][0])
             )
         if first and "step" in state:
-            self.step = int(state["step"][0])
+            self.step = int(state["step"][0]) if clear else max(self.step, int(state["step"][0]))
+
+    def _renumber(self, state: dict, namespaces: dict[int, int], path: str) -> dict:
+        """``state``'s rows of the saved namespaces ``namespaces`` maps, given
+        this table's namespace indices; the others dropped."""
+        n = len(state["ids"])
+        saved = state.get("namespace")
+        saved = torch.zeros(n, dtype=torch.int64) if saved is None else saved.to(torch.int64)
+        if n and int(saved.min()) < 0:
+            raise ValueError(f"table {self.name!r}: {path}: names namespace {int(saved.min())}")
+        lut = torch.full((int(saved.max()) + 1 if n else 1,), -1, dtype=torch.int64)
+        for theirs, mine in namespaces.items():
+            if theirs < len(lut):
+                lut[theirs] = mine
+        mapped = lut[saved] if n else saved
+        keep = mapped >= 0
+        out = dict(state)
+        for key in ("ids", "values", "frequency", "last_step"):
+            out[key] = state[key][keep]
+        if len(self.namespaces) > 1:
+            out["namespace"] = mapped[keep]
+        else:
+            out.pop("namespace", None)
+            if not bool((mapped[keep] == 0).all()):
+                raise ValueError(f"table {self.name!r}: {path}: maps rows to a namespace this table lacks")
+        return out
 
 
 def lookup_gather(views: list, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]):

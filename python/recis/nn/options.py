@@ -7,6 +7,7 @@ pooled. Defaults are documented on each field.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -323,3 +324,12 @@ def option_from_json(obj: dict, where: str = "option") -> EmbeddingOption:
         return EmbeddingOption(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def name_seed(seed: int, name: str) -> int:
+    """The seed of the table named ``name`` in a model seeded ``seed``: a
+    function of the name, never of its position, so that adding, removing or
+    reordering features leaves every other table's initial rows as they were
+    (BLAKE2b of the UTF-8 name, 64 bits, added to ``seed`` modulo 2**64)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return (int(seed) + int.from_bytes(digest, "little")) % 2**64

@@ -310,7 +310,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         }
         return {"kind": self.kind, "param_groups": groups, "state": state}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, renamed: dict[str, list[str]] | None = None) -> None:
+        """Restores ``state_dict``. ``renamed``: {this optimizer's table: the
+        saved tables its rows came from} when the tables changed (features
+        added, removed or coalesced otherwise: ``CheckpointManager.load``
+        passes it): the groups then match by position, and a table's step
+        count is the largest of its sources' (0 for a table with none)."""
         if state_dict.get("kind") != self.kind:
             raise ValueError(
                 f"{type(self).__name__}: state is from a {state_dict.get('kind')!r} optimizer, not {self.kind!r}"
@@ -322,7 +327,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             )
         for saved, group in zip(groups, self.param_groups, strict=True):
             names = [self.tables[id(p)].name for p in group["params"]]
-            if saved.get("tables") != names:
+            if saved.get("tables") != names and renamed is None:
                 raise ValueError(
                     f"{type(self).__name__}: state is for tables {saved.get('tables')}, optimizer has {names}"
                 )
@@ -331,7 +336,9 @@ class SparseOptimizer(torch.optim.Optimizer):
                     group[k] = v
             for p in group["params"]:
                 name = self.tables[id(p)].name
-                self.state[p]["step"] = int(state_dict["state"].get(name, {}).get("step", 0))
+                sources = [name] if renamed is None else renamed.get(name, [name])
+                steps = [int(state_dict["state"][s].get("step", 0)) for s in sources if s in state_dict["state"]]
+                self.state[p]["step"] = max(steps, default=0)
 
 
 def _check_lr(lr):

@@ -63,6 +63,7 @@ from safetensors.torch import save_file
 
 from recis import _native
 from recis.models import model_spec
+from recis.nn.engine import dense_only
 
 FORMAT = "recis-serving-export"
 VERSION = 1
@@ -189,7 +190,8 @@ def _zoo(model) -> tuple[torch.nn.Module, dict]:
 
 
 def _dense_state(model) -> dict[str, torch.Tensor]:
-    dense = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with dense_only():
+        dense = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     bad = [k for k, v in dense.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ExportError(f"export: dense tensors {bad} hold a NaN or an infinity: serving would score NaN")

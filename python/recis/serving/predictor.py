@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from recis import _native
+from recis.nn.engine import dense_only
 from recis.nn.hash_table import NO_ROW
 from recis.serving.export import DENSE, FORMAT, MANIFEST, META, PRECISIONS, VERSION, ExportError, model_identity
 
@@ -253,7 +254,8 @@ class Predictor:
     def _read_dense(self, directory: str) -> dict[str, torch.Tensor]:
         path = os.path.join(directory, DENSE)
         state = _read_tensors(path)
-        mine = self.model.state_dict()
+        with dense_only():
+            mine = self.model.state_dict()
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
         if missing or unexpected:
             raise ExportError(f"{path}: dense weights do not fit the model (missing {missing}, extra {unexpected})")
@@ -346,7 +348,8 @@ class Predictor:
                             f"{delta}: table {name!r} should hold {rows} rows after it, but holds {len(view)}: "
                             "the delta does not continue what this predictor serves"
                         )
-                old_dense = {k: v.clone() for k, v in self.model.state_dict().items()}
+                with dense_only():
+                    old_dense = {k: v.clone() for k, v in self.model.state_dict().items()}
                 self.model.load_state_dict(dense)
             except BaseException:
                 for view, added, kept_ids, kept_values in reversed(undo):
