@@ -42,3 +42,12 @@ def test_demo_trains_evaluates_and_checkpoints(tmp_path, capsys):
     m = DeepFM(SPARSE_FIELDS, num_dense=13, dim=16, hidden=(400, 400, 400))
     ckpt.load(tables={t.name: t for t in m.tables()}, model=m, parts=("sparse", "dense"))
     assert all(len(t) > 0 for t in m.tables())
+    # "Serve a model" (README): export the demo's checkpoint, score its
+    # held-out file; the AUC printed is the demo's held-out AUC.
+    export = workdir / "serving" / "gen-000001"
+    assert main(["export", str(workdir / "checkpoints"), "-o", str(export)]) == 0
+    held_out = sorted((workdir / "data").iterdir())[-1]
+    pred = workdir / "scores.parquet"
+    assert main(["predict", "--export", str(export), "--data", str(held_out), "-o", str(pred)]) == 0
+    line = capsys.readouterr().out
+    assert abs(float(re.search(r"AUC (\d\.\d+)", line).group(1)) - auc) <= 1e-4, (line, auc)

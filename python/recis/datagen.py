@@ -12,20 +12,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.orc as po
 
+from recis.io.pipeline import FeatureInput, InputPipeline
 from recis.synthetic import SyntheticCTR
 
 SPARSE_FIELDS = [f"C{i}" for i in range(1, 27)]
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
 
 
-def to_model_input(batch: dict) -> dict:
-    """A reader batch of this layout as DeepFM input: the sparse fields, and
-    the 13 dense columns stacked into ``dense``."""
-    import torch
-
-    out = {f: batch[f] for f in SPARSE_FIELDS}
-    out["dense"] = torch.stack([batch[c] for c in DENSE_COLUMNS], dim=1).float()
-    return out
+# A reader batch of this layout as DeepFM input: the sparse fields, and the
+# 13 dense columns stacked into ``dense``. An ``InputPipeline`` (callable on a
+# batch), so that checkpoints of models trained on it (``recis demo``) record
+# it and their serving exports can score ORC files.
+to_model_input = InputPipeline(
+    features=[FeatureInput(f, f) for f in SPARSE_FIELDS],
+    label="label",
+    dense=list(DENSE_COLUMNS),
+    where="recis.datagen layout",
+)
 
 
 def generate(
