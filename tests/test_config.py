@@ -194,6 +194,23 @@ def test_bad_non_finite_option_names_the_field(tmp_path):
         load_config(path)
 
 
+def test_shuffle_buffer_reaches_the_dataset(tmp_path):
+    from recis.config import Job
+
+    generate(str(tmp_path / "data"), 600, files=3, vocab=100, seed=0)
+    path = write(tmp_path, CONFIG.format(model="deepfm"))
+    assert load_config(path).data.shuffle_buffer == 1 << 20
+    assert Job(load_config(path)).train_dataset.shuffle_buffer == 1 << 20
+    path = write(
+        tmp_path, CONFIG.format(model="deepfm").replace("batch_size = 512", "batch_size = 8\nshuffle_buffer = 64")
+    )
+    ds = Job(load_config(path)).train_dataset
+    assert ds.shuffle_buffer == 64 and ds.state_dict()["shuffle_buffer"] == 64
+    bad = write(tmp_path, CONFIG.format(model="deepfm").replace("batch_size = 512", "shuffle_buffer = -1"))
+    with pytest.raises(ConfigError, match=r"\[data\].shuffle_buffer: must be >= 0 rows, got -1"):
+        load_config(bad)
+
+
 def test_collective_timeout_reaches_the_trainer(tmp_path):
     from recis.config import Job
 
