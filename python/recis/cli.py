@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     c.add_argument("--output", "-o", required=True, help="output directory for part-NNNNN.orc")
     c.add_argument("--format", required=True, choices=["criteo", "avazu", "csv", "tsv", "parquet"])
     c.add_argument("--rows-per-file", type=int, default=1_000_000)
+    c.add_argument("--rows-per-stripe", type=int, default=1 << 16)
     c.add_argument("--compression", default="zstd", choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"])
     c.add_argument("--no-header", action="store_true", help="the CSV has no header line (avazu dev/test)")
     c.add_argument("--no-label", action="store_true", help="the file has no label column (criteo/avazu test)")
@@ -286,6 +287,7 @@ def convert_cmd(args) -> int:
             args.output,
             args.format,
             rows_per_file=args.rows_per_file,
+            rows_per_stripe=args.rows_per_stripe,
             compression=args.compression,
             header=not args.no_header,
             label=not args.no_label,
