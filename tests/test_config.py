@@ -184,7 +184,8 @@ def test_inf_in_a_dense_column_stops_training_naming_file_column_and_row(data_di
     i3[10] = 1e39
     t = t.set_column(t.column_names.index("I3"), "I3", pa.array(i3, pa.float64()))
     (tmp_path / "wide").mkdir()
-    assert main(["train", "--config", one_file_job(tmp_path / "wide", t)]) == 1
+    # Unshuffled, so that the row of the file is the row of the first batch.
+    assert main(["train", "--config", one_file_job(tmp_path / "wide", t, "shuffle = false")]) == 1
     err = capsys.readouterr().err
     assert "[data].dense column 'I3', row 10 of a batch: 1e+39 is beyond float32's range" in err, err
     (tmp_path / "zero").mkdir()
@@ -197,6 +198,23 @@ def test_bad_non_finite_option_names_the_field(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"\[data\].non_finite: 'nan' is not one of \['error', 'clamp', 'zero'\]"):
         load_config(path)
+
+
+def test_shuffle_buffer_reaches_the_dataset(tmp_path):
+    from recis.config import Job
+
+    generate(str(tmp_path / "data"), 600, files=3, vocab=100, seed=0)
+    path = write(tmp_path, CONFIG.format(model="deepfm"))
+    assert load_config(path).data.shuffle_buffer == 1 << 20
+    assert Job(load_config(path)).train_dataset.shuffle_buffer == 1 << 20
+    path = write(
+        tmp_path, CONFIG.format(model="deepfm").replace("batch_size = 512", "batch_size = 8\nshuffle_buffer = 64")
+    )
+    ds = Job(load_config(path)).train_dataset
+    assert ds.shuffle_buffer == 64 and ds.state_dict()["shuffle_buffer"] == 64
+    bad = write(tmp_path, CONFIG.format(model="deepfm").replace("batch_size = 512", "shuffle_buffer = -1"))
+    with pytest.raises(ConfigError, match=r"\[data\].shuffle_buffer: must be >= 0 rows, got -1"):
+        load_config(bad)
 
 
 def test_collective_timeout_reaches_the_trainer(tmp_path):

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.orc as po
@@ -39,6 +40,34 @@ def test_criteo_layout_splits_into_files_of_the_chosen_size(tmp_path):
     assert t["I4"][7].as_py() == (int(row7[4]) if row7[4] else None)
     ds = OrcDataset(str(tmp_path / "out"), 64, ["label", "I1", Column("C1", hash=True)])
     assert sum(b["label"].numel() for b in ds) == 250
+
+
+def stripe_rows(path):
+    f = po.ORCFile(path)
+    return [f.read_stripe(i).num_rows for i in range(f.nstripes)]
+
+
+def test_rows_per_stripe(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(criteo_lines(30000)) + "\n")
+    files = convert([str(src)], str(tmp_path / "z"), "criteo", rows_per_file=25000, rows_per_stripe=12000)
+    assert [stripe_rows(f) for f in files] == [[12000, 12000, 1000], [5000]]
+    # Exact at any size uncompressed; through the command line.
+    out = tmp_path / "u"
+    args = ["convert", "--format", "criteo", str(src), "-o", str(out), "--rows-per-file", "250"]
+    assert main([*args, "--rows-per-stripe", "100", "--compression", "uncompressed"]) == 0
+    files = sorted(out.glob("*.orc"))
+    assert len(files) == 120 and stripe_rows(files[0]) == [100, 100, 50]
+    # The default: 65536 rows a stripe (of rows that do not compress to
+    # nothing: see recis.io.convert).
+    x = np.random.default_rng(0).integers(0, 2**62, 70000)
+    pq.write_table(pa.table({"x": pa.array(x, pa.int64())}), tmp_path / "x.parquet")
+    files = convert([str(tmp_path / "x.parquet")], str(tmp_path / "d"), "parquet")
+    assert stripe_rows(files[0]) == [65536, 4464]
+    ds = OrcDataset(str(tmp_path / "z"), 4096, ["label", "I2"], shuffle=True, shuffle_buffer=15000)
+    assert sum(b["label"].numel() for b in ds) == 30000
+    with pytest.raises(ConvertError, match="rows_per_stripe must be >= 1, got 0"):
+        convert([str(src)], str(tmp_path / "o"), "criteo", rows_per_stripe=0)
 
 
 def test_avazu_layout_with_and_without_header(tmp_path):

@@ -445,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--rows-per-file", type=positive_int, default=1_000_000, help="rows of each ORC file" + D)
     c.add_argument(
+        "--rows-per-stripe",
+        type=positive_int,
+        default=1 << 16,
+        help="rows of each ORC stripe, the unit that is shuffled and sharded" + D,
+    )
+    c.add_argument(
         "--compression",
         default="zstd",
         choices=["uncompressed", "zlib", "snappy", "lz4", "zstd"],
@@ -546,6 +552,7 @@ def convert_cmd(args) -> int:
         args.output,
         args.format,
         rows_per_file=args.rows_per_file,
+        rows_per_stripe=args.rows_per_stripe,
         compression=args.compression,
         header=not args.no_header,
         label=not args.no_label,

@@ -16,8 +16,12 @@ non_finite = "error"          # ±inf in a float column (or a float64 dense valu
                               # one) and reads as 0
 group = "user_id"             # integer column to group GAUC by (default: no GAUC)
 batch_size = 4096
-shuffle = true                # seeded shuffle of stripes, per epoch
+shuffle = true                # seeded shuffle, per epoch, of the stripes and (shuffle_buffer) the rows
 seed = 0
+shuffle_buffer = 1048576      # with shuffle: rows are shuffled in windows of at least this many rows (whole
+                              # stripes), across stripes and files; memory: one window of decoded rows (2^20 rows
+                              # of 40 int64 columns: 336 MB); 0: shuffle the stripes only (with one stripe a file,
+                              # every epoch sees the same batches). A checkpoint resumes only the same value
 num_threads = 2               # ORC decoder threads
 prefetch = 4                  # stripes decoded ahead
 
@@ -111,7 +115,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
-from recis.io.dataset import NON_FINITE
+from recis.io.dataset import NON_FINITE, SHUFFLE_BUFFER
 from recis.nn.options import DEFAULT_INITIALIZER
 
 
@@ -131,6 +135,7 @@ class DataConfig:
     batch_size: int = 4096
     shuffle: bool = True
     seed: int = 0
+    shuffle_buffer: int = SHUFFLE_BUFFER
     num_threads: int = 2
     prefetch: int = 4
 
@@ -312,6 +317,8 @@ def load_config(path: str, overrides=()) -> JobConfig:
     _at_least(data, ("prefetch", "seed"), 0, f"{path}: [data]")
     if data.num_threads > 256:
         raise ConfigError(f"{path}: [data].num_threads: must be <= 256, got {data.num_threads}")
+    if data.shuffle_buffer < 0:
+        raise ConfigError(f"{path}: [data].shuffle_buffer: must be >= 0 rows, got {data.shuffle_buffer}")
     if not isinstance(raw["feature"], list):
         raise ConfigError(f"{path}: features are [[feature]] tables (an array), not one [feature] table")
     features = []
@@ -500,7 +507,11 @@ class Job:
             prefetch=d.prefetch,
             non_finite=d.non_finite,
         )
-        self.train_dataset = OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, **kw) if for_training else None
+        self.train_dataset = (
+            OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, shuffle_buffer=d.shuffle_buffer, **kw)
+            if for_training
+            else None
+        )
         self.eval_dataset = OrcDataset(d.eval, **kw) if d.eval else None
         for ds in (self.train_dataset, self.eval_dataset):
             if ds is not None:
