@@ -208,3 +208,42 @@ def test_checkpoints_of_one_file_a_table_still_load(tmp_path):
     b = make()
     assert CheckpointManager(str(tmp_path)).load(path, **parts(*b)) == 2
     assert torch.equal(snapshot(a[0])[2], snapshot(b[0])[2])
+
+
+def test_the_best_pointer_keeps_its_checkpoint_whatever_keep_last_says(tmp_path):
+    import json
+
+    from recis.framework.checkpoint import read_best, resolve_checkpoint
+
+    a = make()
+    ckpt = CheckpointManager(str(tmp_path), keep_last=1)
+    ckpt.save(1, **parts(*a))
+    ckpt.save(2, **parts(*a), best={"metric": "auc", "value": 0.75})
+    for step in (3, 4, 5):
+        ckpt.save(step, **parts(*a))
+    names = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt-"))
+    assert names == ["ckpt-2", "ckpt-5"]  # the last, and the best
+    assert json.loads((tmp_path / "best").read_text()) == {
+        "checkpoint": "ckpt-2",
+        "step": 2,
+        "metric": "auc",
+        "value": 0.75,
+    }
+    assert ckpt.best() == str(tmp_path / "ckpt-2") == resolve_checkpoint(str(tmp_path / "best"))
+    # A newer best takes over; the old one is pruned like any other.
+    ckpt.mark_best(str(tmp_path / "ckpt-5"), "auc", 0.8)
+    ckpt.save(6, **parts(*a))
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt-")) == ["ckpt-5", "ckpt-6"]
+    assert read_best(str(tmp_path))["value"] == 0.8
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ckpt.mark_best(str(tmp_path / "ckpt-9"), "auc", 0.9)
+    # A pointer that names nothing (damaged, or its checkpoint gone) protects nothing.
+    for text in ("not json", '{"checkpoint": "../ckpt-5"}', '{"checkpoint": "ckpt-2"}'):
+        (tmp_path / "best").write_text(text)
+        assert ckpt.best() is None
+    with pytest.raises(CheckpointError, match="names no complete checkpoint"):
+        resolve_checkpoint(str(tmp_path / "best"))
+    ckpt.clear_best()
+    assert not (tmp_path / "best").exists()
+    ckpt.save(7, **parts(*a))
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt-")) == ["ckpt-7"]

@@ -1,5 +1,8 @@
 """Trainer: gradient accumulation, exact resume through the ORC reader, NaN stop."""
 
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +287,227 @@ def test_sparse_update_is_in_backward_only_where_nothing_needs_the_gradient(tmp_
     assert chosen(opt=reused, gradient_accumulation_steps=2) is False
     with pytest.raises(ValueError, match="sparse_update"):
         TrainingArguments(str(tmp_path), sparse_update="later")
+
+
+# ---------------------------------------------------------------------------
+# Validation: periodic, early stopping, the best checkpoint
+
+
+class Batches:
+    """A list of batches with a resumable cursor, as ``OrcDataset``'s: the
+    state is the position after the last batch handed out."""
+
+    def __init__(self, items):
+        self.items, self.epoch, self.pos = items, 0, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        while self.pos < len(self.items):
+            self.pos += 1
+            yield self.items[self.pos - 1]
+        self.epoch, self.pos = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def id_batches(n, seed, flip=False):
+    """Batches of 32 rows of 2 ids in [0, 40), clicked when the first id is
+    odd; ``flip``: the opposite labels, so that the better the model learns
+    the training batches, the worse it does on these (a validation set
+    whose log loss stops improving after the first validation)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 40, (32, 2), generator=g)
+        y = (ids[:, 0] % 2).float()
+        out.append({"ids": ids, "label": 1 - y if flip else y})
+    return out
+
+
+QUIET = dict(tensorboard=False, plot=False, progress=False)
+
+
+def records(out_dir, key):
+    lines = (out_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+def validated(out_dir, **kw):
+    """A Small model trained on 4 batches an epoch, validated on the flipped
+    batches, tested on fresh ones; returns the trainer, after train()."""
+    m, sp, de = small_parts()
+    args = TrainingArguments(str(out_dir), **{**QUIET, **kw})
+    t = Trainer(
+        m,
+        args,
+        Batches(id_batches(4, 0)),
+        id_batches(2, 2),
+        dense_optimizer=de,
+        sparse_optimizer=sp,
+        valid_dataset=id_batches(2, 1, flip=True),
+    )
+    t.train()
+    return t
+
+
+def test_validation_runs_at_the_configured_steps_or_each_epoch_and_eval_at_the_end(tmp_path):
+    validated(tmp_path / "steps", epochs=2, eval_every=3)
+    assert [r["valid"]["step"] for r in records(tmp_path / "steps", "valid")] == [3, 6, 8]  # and at the end
+    assert [r["eval"]["step"] for r in records(tmp_path / "steps", "eval")] == [8]  # the test set: at the end only
+    validated(tmp_path / "alias", epochs=2, eval_every_steps=3)  # the older name
+    assert [r["valid"]["step"] for r in records(tmp_path / "alias", "valid")] == [3, 6, 8]
+    validated(tmp_path / "epoch", epochs=3, eval_every="epoch")
+    assert [r["valid"]["step"] for r in records(tmp_path / "epoch", "valid")] == [4, 8, 12]
+    validated(tmp_path / "end", epochs=1)  # no eval_every: at the end only
+    assert [r["valid"]["step"] for r in records(tmp_path / "end", "valid")] == [4]
+    # Without a validation set, as before: periodic evaluation on the eval data.
+    m, sp, de = small_parts()
+    args = TrainingArguments(str(tmp_path / "none"), epochs=2, eval_every=3, **QUIET)
+    Trainer(m, args, id_batches(4, 0), id_batches(2, 2), dense_optimizer=de, sparse_optimizer=sp).train()
+    assert [r["eval"]["step"] for r in records(tmp_path / "none", "eval")] == [3, 6, 8]
+    assert not records(tmp_path / "none", "valid")
+    assert not os.path.exists(tmp_path / "none" / "checkpoints" / "best")
+
+
+def expected_stop(values, patience, higher_is_better):
+    """(the index of the validation that stops training, the best's index)
+    from the logged metric values."""
+    best, bad = None, 0
+    for i, v in enumerate(values):
+        if best is None or (v > values[best] if higher_is_better else v < values[best]):
+            best, bad = i, 0
+        else:
+            bad += 1
+        if bad >= patience:
+            return i, best
+    return None, best
+
+
+def test_early_stopping_stops_when_the_metric_stops_improving(tmp_path, capsys):
+    t = validated(tmp_path, epochs=10, eval_every=2, metric_for_best="log_loss", early_stopping_patience=2)
+    valid = records(tmp_path, "valid")
+    steps, values = [r["valid"]["step"] for r in valid], [r["valid"]["log_loss"] for r in valid]
+    stop, best = expected_stop(values, 2, higher_is_better=False)
+    assert stop is not None and steps[stop] < 40  # before the 10 epochs' 40 steps
+    assert t.global_step == steps[stop] and steps[-1] == steps[stop] and t.stopped_early
+    assert t.best == {"metric": "log_loss", "value": values[best], "step": steps[best]}
+    assert [r["bad_validations"] for r in valid][-1] == 2
+    (record,) = records(tmp_path, "early_stopping")
+    assert record["early_stopping"] == {
+        "step": steps[stop],
+        "metric": "log_loss",
+        "patience": 2,
+        "best_step": steps[best],
+        "best_value": values[best],
+    }
+    out = capsys.readouterr().out
+    assert f"early stopping at step {steps[stop]}: valid log_loss has not improved for 2 validations" in out
+    # Run again: it resumes from the end, stopped, and trains no further.
+    t2 = validated(tmp_path, epochs=10, eval_every=2, metric_for_best="log_loss", early_stopping_patience=2)
+    assert t2.global_step == steps[stop] and t2.stopped_early
+    assert "nothing more to train" in capsys.readouterr().out
+    assert len(records(tmp_path, "valid")) == len(valid)  # no validation again
+
+
+def test_the_best_checkpoint_survives_keep_checkpoints_1_and_loads_at_the_end(tmp_path):
+    from safetensors.torch import load_file
+
+    from recis.framework import evaluate_model
+
+    kw = dict(eval_every=2, save_every_steps=1, keep_checkpoints=1, metric_for_best="log_loss", load_best_at_end=True)
+    t = validated(tmp_path, epochs=3, **kw)
+    valid = records(tmp_path, "valid")
+    values = {r["valid"]["step"]: r["valid"]["log_loss"] for r in valid}
+    best_step = min(values, key=values.get)
+    assert best_step < t.global_step == 12
+    ckpt = tmp_path / "checkpoints"
+    # keep_checkpoints = 1 kept the last, and the best.
+    assert {p.name for p in ckpt.iterdir() if p.name.startswith("ckpt-")} == {f"ckpt-{best_step}", "ckpt-12"}
+    pointer = json.loads((ckpt / "best").read_text())
+    assert pointer == {
+        "checkpoint": f"ckpt-{best_step}",
+        "step": best_step,
+        "metric": "log_loss",
+        "value": values[best_step],
+    }
+    assert t.checkpoints.best() == str(ckpt / f"ckpt-{best_step}")
+    # load_best_at_end: the model is the best checkpoint's, dense and sparse.
+    dense = load_file(ckpt / f"ckpt-{best_step}" / "dense.safetensors")
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, dense[k]), k
+    fresh, _, _ = small_parts()
+    t.checkpoints.load(str(ckpt / f"ckpt-{best_step}"), tables={"emb": fresh.emb.table}, parts=("sparse",))
+    ids = torch.arange(40)
+    assert torch.equal(t.model.emb.table.embeddings(ids), fresh.emb.table.embeddings(ids))
+    # The final evaluation, on the test set, is the best model's.
+    (final,) = records(tmp_path, "eval")
+    assert final["model_step"] == best_step and final["eval"]["step"] == 12
+    fresh.load_state_dict(dense)
+    again = evaluate_model(fresh, id_batches(2, 2))
+    assert final["eval"]["log_loss"] == pytest.approx(again["log_loss"], rel=1e-6)
+    # The last checkpoint is still the exact resume point: the last step's.
+    last = load_file(ckpt / "ckpt-12" / "dense.safetensors")
+    assert not all(torch.equal(last[k], dense[k]) for k in dense)
+
+
+def test_resume_keeps_the_best_and_the_patience_count(tmp_path):
+    kw = dict(epochs=10, eval_every=2, metric_for_best="log_loss", early_stopping_patience=3)
+    whole = validated(tmp_path / "whole", **kw)
+    valid = records(tmp_path / "whole", "valid")
+    assert whole.stopped_early and whole.global_step == valid[-1]["valid"]["step"]
+    cut = valid[-2]["valid"]["step"]  # interrupted one validation before the stop: its patience count is 2
+    assert valid[-2]["bad_validations"] == 2
+    part = validated(tmp_path / "cut", max_steps=cut, **kw)
+    assert part.global_step == cut and not part.stopped_early
+    resumed = validated(tmp_path / "cut", **kw)
+    assert resumed.global_step == whole.global_step and resumed.stopped_early
+    assert resumed.best == whole.best and resumed.bad_validations == whole.bad_validations == 3
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    ids = torch.arange(40)
+    assert torch.equal(whole.model.emb.table.embeddings(ids), resumed.model.emb.table.embeddings(ids))
+    again = records(tmp_path / "cut", "valid")
+    assert [r["valid"] for r in again] == [r["valid"] for r in valid]
+    assert [r["bad_validations"] for r in again] == [r["bad_validations"] for r in valid]
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "best").read_text()) == json.loads(
+        (tmp_path / "whole" / "checkpoints" / "best").read_text()
+    )
+
+
+def test_a_checkpoint_from_before_validation_resumes_with_a_validation_set(tmp_path):
+    m, sp, de = small_parts()
+    args = TrainingArguments(str(tmp_path), max_steps=2, **QUIET)
+    Trainer(m, args, Batches(id_batches(4, 0)), dense_optimizer=de, sparse_optimizer=sp).train()
+    meta = json.loads((tmp_path / "checkpoints" / "ckpt-2" / "meta.json").read_text())
+    assert "validation" not in meta["extra"]  # as one written before validation sets existed
+    t = validated(tmp_path, max_steps=4, eval_every=2)
+    assert [r["valid"]["step"] for r in records(tmp_path, "valid")] == [4]
+    assert t.best["step"] == 4 and t.checkpoints.best().endswith("ckpt-4")
+
+
+def test_bad_validation_arguments_are_refused_before_training(tmp_path):
+    m, sp, de = small_parts()
+    with pytest.raises(ValueError, match=r"metric_for_best must be one of \['auc', 'gauc', 'log_loss'\], got 'acc'"):
+        TrainingArguments(str(tmp_path), metric_for_best="acc")
+    with pytest.raises(ValueError, match="metric_for_best='gauc' needs group_key"):
+        TrainingArguments(str(tmp_path), metric_for_best="gauc")
+    TrainingArguments(str(tmp_path), metric_for_best="gauc", group_key="user")
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1, 'epoch' or None, got 'epochs'"):
+        TrainingArguments(str(tmp_path), eval_every="epochs")
+    with pytest.raises(ValueError, match="eval_every=5 and eval_every_steps=3 disagree"):
+        TrainingArguments(str(tmp_path), eval_every=5, eval_every_steps=3)
+    assert TrainingArguments(str(tmp_path), eval_every_steps=3).eval_every == 3
+    assert TrainingArguments(str(tmp_path), eval_every="epoch").eval_every_steps is None
+    with pytest.raises(ValueError, match="early_stopping_patience needs a periodic validation: set eval_every"):
+        TrainingArguments(str(tmp_path), early_stopping_patience=2)
+    for kw in ({"early_stopping_patience": 2, "eval_every": 2}, {"load_best_at_end": True}):
+        args = TrainingArguments(str(tmp_path / "x"), **kw)
+        with pytest.raises(ValueError, match="need\\(s\\) a valid_dataset"):
+            Trainer(m, args, id_batches(2, 0), id_batches(2, 1), dense_optimizer=de, sparse_optimizer=sp)
+    assert not (tmp_path / "x").exists()

@@ -1,7 +1,7 @@
 """Training framework: Trainer, TrainingArguments, checkpoints."""
 
 from recis.framework.checkpoint import CheckpointError, CheckpointManager, inspect_checkpoint
-from recis.framework.trainer import Trainer, TrainingArguments, TrainingError
+from recis.framework.trainer import Trainer, TrainingArguments, TrainingError, evaluate_model
 
 __all__ = [
     "CheckpointError",
@@ -9,5 +9,6 @@ __all__ = [
     "Trainer",
     "TrainingArguments",
     "TrainingError",
+    "evaluate_model",
     "inspect_checkpoint",
 ]

@@ -41,6 +41,13 @@ crash at any point leaves the previous checkpoints intact; a half-written
 temporary directory is ignored and cleaned up by the next save, and the
 newest complete checkpoint is the latest even if the crash came before the
 pointer was replaced (``tests/test_kill.py``).
+
+The ``best`` pointer (``save(..., best=...)`` or ``mark_best``), a small JSON
+file written the same way (temporary name, then rename): ``{"checkpoint":
+"ckpt-<step>", "step", "metric", "value"}``, the checkpoint that scored best
+on the validation data (``recis.framework.Trainer``). Pruning never removes
+the checkpoint it names, whatever ``keep_last`` says. A directory without it
+(checkpoints written before it existed) prunes as before.
 Loading an untrusted checkpoint cannot run code: nothing is unpickled.
 """
 
@@ -61,6 +68,7 @@ from recis.nn.engine import dense_only
 
 FORMAT = 1
 LATEST = "latest"
+BEST = "best"
 META = "meta.json"
 # meta.json's last field: the digest of the bytes before it.
 _META_SUM = b', "meta_checksum": "'
@@ -234,8 +242,12 @@ class CheckpointManager:
         lr_scheduler=None,
         dataset=None,
         extra: dict | None = None,
+        best: dict | None = None,
     ) -> str:
-        """Writes ``ckpt-<step>`` atomically and points ``latest`` at it.
+        """Writes ``ckpt-<step>`` atomically and points ``latest`` at it;
+        with ``best`` ({metric, value}: what it scored on the validation
+        data), the ``best`` pointer too, before older checkpoints are pruned
+        (so that the best one is never pruned between the two).
 
         Under torchrun every rank calls this at the same step: each writes
         its shard of the tables, its reader cursor and RNG state into the
@@ -270,6 +282,8 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.directory)
             self._point_latest(os.path.basename(final))
+            if best is not None:
+                self._point_best(os.path.basename(final), step, best)
             self._prune()
         distributed.barrier()
         return final
@@ -378,6 +392,47 @@ class CheckpointManager:
         os.replace(tmp, os.path.join(self.directory, LATEST))
         _fsync_dir(self.directory)
 
+    def _point_best(self, name: str, step: int, best: dict) -> None:
+        tmp = os.path.join(self.directory, f".{BEST}.tmp")
+        _write_json(
+            {"checkpoint": name, "step": step, "metric": best["metric"], "value": best["value"]},
+            tmp,
+        )
+        os.replace(tmp, os.path.join(self.directory, BEST))
+        _fsync_dir(self.directory)
+
+    def mark_best(self, path: str, metric: str, value: float) -> None:
+        """Points ``best`` at the existing checkpoint ``path`` (of this
+        directory), which scored ``value`` of ``metric`` on the validation
+        data. Rank 0 writes it (the other ranks return)."""
+        if distributed.rank() != 0:
+            return
+        if os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.directory):
+            raise CheckpointError(f"{path}: not a checkpoint of {self.directory}")
+        if not os.path.isfile(os.path.join(path, META)):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
+        self._point_best(os.path.basename(path), _step(path), {"metric": metric, "value": value})
+
+    def clear_best(self) -> None:
+        """Removes the ``best`` pointer (rank 0), e.g. when the checkpoint it
+        names was set aside."""
+        if distributed.rank() == 0:
+            try:
+                os.remove(os.path.join(self.directory, BEST))
+            except FileNotFoundError:
+                pass
+
+    def best_info(self) -> dict | None:
+        """The ``best`` pointer's record ({checkpoint, step, metric,
+        value}, ``checkpoint`` made a path), or None when there is none, it
+        is unreadable, or the checkpoint it names is not complete here."""
+        return read_best(self.directory)
+
+    def best(self) -> str | None:
+        """The checkpoint the ``best`` pointer names (None: see ``best_info``)."""
+        info = self.best_info()
+        return info["checkpoint"] if info else None
+
     def _clean_temporaries(self) -> None:
         for entry in os.listdir(self.directory):
             if entry.startswith(".tmp-ckpt-"):
@@ -409,6 +464,8 @@ class CheckpointManager:
         if doomed and any(suspect(p) for p in found[-self.keep_last :]):
             good = self.last_good()  # kept while newer ones are suspect
             doomed = [p for p in doomed if p != good]
+        best = self.best()  # kept whatever keep_last says
+        doomed = [p for p in doomed if p != best]
         for path in doomed:
             gone = os.path.join(self.directory, f".tmp-ckpt-pruned-{os.path.basename(path)}")
             os.rename(path, gone)
@@ -792,6 +849,26 @@ def _step(path: str) -> int:
     return int(os.path.basename(path)[5:])
 
 
+def read_best(directory: str) -> dict | None:
+    """The ``best`` pointer of the checkpoints ``directory``: {checkpoint
+    (its path), step, metric, value}, or None when there is none, it is not
+    such a record, or the checkpoint it names is not complete there."""
+    try:
+        with open(os.path.join(directory, BEST)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str):
+        return None
+    name = info["checkpoint"]
+    if not name.startswith("ckpt-") or "/" in name or os.sep in name or name in (".", ".."):
+        return None
+    path = os.path.join(directory, name)
+    if not os.path.isfile(os.path.join(path, META)):
+        return None
+    return {**info, "checkpoint": path}
+
+
 def suspect(path: str) -> list[str]:
     """Why the checkpoint ``path`` is suspect (the non-finite values it
     holds, or that its meta.json is unreadable); empty if it is not."""
@@ -962,11 +1039,17 @@ def _check_dense_optimizer(meta_path: str, saved: dict, optimizer) -> None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """``path`` if it is a checkpoint (a ``ckpt-N`` directory), else the
-    newest checkpoint that verifies in the checkpoints directory ``path``
-    (damaged newer ones skipped with a warning)."""
+    """``path`` if it is a checkpoint (a ``ckpt-N`` directory); the
+    checkpoint it names if it is a ``best`` pointer file; else the newest
+    checkpoint that verifies in the checkpoints directory ``path`` (damaged
+    newer ones skipped with a warning)."""
     if os.path.isfile(os.path.join(path, META)):
         return path
+    if os.path.basename(path) == BEST and os.path.isfile(path):
+        info = read_best(os.path.dirname(path) or ".")
+        if info is None:
+            raise CheckpointError(f"{path}: names no complete checkpoint of {os.path.dirname(path) or '.'}")
+        return info["checkpoint"]
     found, _, skipped = CheckpointManager.reading(path).newest_verified()
     if found is None:
         if skipped:

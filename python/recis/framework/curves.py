@@ -1,5 +1,6 @@
 """Training curves: TensorBoard event files while training, and a PNG of
-the loss and evaluation AUC from ``log.jsonl`` at the end.
+the loss and evaluation AUC (the validation AUC, with a validation set) from
+``log.jsonl`` at the end.
 
 Both use optional packages made for the job (``tensorboard`` through
 ``torch.utils.tensorboard``; ``matplotlib``); ``make demo`` / ``make test``
@@ -43,25 +44,28 @@ class TensorBoardLog:
         self.writer.add_scalar("train/table_rows", sum(logs["table_rows"].values()), step)
         self.writer.flush()
 
-    def eval(self, metrics: dict) -> None:
+    def eval(self, metrics: dict, split: str = "eval") -> None:
+        """An evaluation's metrics as ``<split>/<metric>`` ("eval": the
+        eval data, "valid": the validation data)."""
         for k, v in metrics.items():
             if k != "step":
-                self.writer.add_scalar(f"eval/{k}", v, metrics["step"])
+                self.writer.add_scalar(f"{split}/{k}", v, metrics["step"])
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
 
 
-def read_log(path: str) -> tuple[dict[int, float], dict[int, float]]:
-    """(step -> training loss, step -> eval AUC) from a ``log.jsonl``; a step
+def read_log(path: str, split: str = "eval") -> tuple[dict[int, float], dict[int, float]]:
+    """(step -> training loss, step -> AUC on ``split``: "eval", the eval
+    data, or "valid", the validation data) from a ``log.jsonl``; a step
     logged again after a resume keeps its last record."""
     loss, auc = {}, {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            if "eval" in rec:
-                auc[rec["eval"]["step"]] = rec["eval"]["auc"]
+            if split in rec:
+                auc[rec[split]["step"]] = rec[split]["auc"]
             elif "loss" in rec:
                 loss[rec["step"]] = rec["loss"]
     return loss, auc
@@ -75,14 +79,22 @@ def plot_curves(log_path: str, png_path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
 
     loss, auc = read_log(log_path)
+    _, valid = read_log(log_path, "valid")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     steps = sorted(loss)
     ax1.plot(steps, [loss[s] for s in steps], color="tab:blue")
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (log loss)")
     ax1.grid(alpha=0.3)
-    steps = sorted(auc)
-    ax2.plot(steps, [auc[s] for s in steps], marker="o", color="tab:orange")
+    if valid:  # validation curve, and the eval (test) data's AUC at the end
+        steps = sorted(valid)
+        ax2.plot(steps, [valid[s] for s in steps], marker="o", color="tab:orange", label="validation")
+        steps = sorted(auc)
+        ax2.plot(steps, [auc[s] for s in steps], marker="s", linestyle="", color="tab:green", label="eval (test)")
+        ax2.legend()
+    else:
+        steps = sorted(auc)
+        ax2.plot(steps, [auc[s] for s in steps], marker="o", color="tab:orange")
     ax2.set_xlabel("step")
     ax2.set_ylabel("evaluation AUC")
     ax2.grid(alpha=0.3)

@@ -32,6 +32,9 @@ from recis.models.common import model_spec
 from recis.optim.sparse import collect_tables
 from recis.ragged import batch_rows
 
+# metric_for_best's choices: whether higher values are better.
+BEST_METRICS = {"auc": True, "gauc": True, "log_loss": False}
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says why
@@ -55,9 +58,36 @@ class TrainingArguments:
         dense and sparse gradients (``recis.framework.scaler``): a step with
         an inf/NaN gradient is skipped and the scale halves.
     log_every_steps: progress line and log record every this many steps.
-    eval_every_steps: evaluate every this many steps (and at the end).
+    eval_every: evaluate periodically: every this many steps (an int), or
+        ``"epoch"`` (at the end of each epoch); None: only at the end of
+        training. Periodic evaluation runs on the Trainer's
+        ``valid_dataset`` when it has one (a validation: it picks the best
+        checkpoint and drives early stopping; ``eval_dataset``, the
+        held-out test set, is then evaluated at the end only), else on
+        ``eval_dataset`` (as before validation sets existed). Either is
+        evaluated at the end of training too, unless it just was.
+    eval_every_steps: the older name of an int ``eval_every`` (kept). After
+        construction it mirrors ``eval_every`` (None when that is "epoch");
+        given both, they must agree.
+    metric_for_best: the validation metric that picks the best checkpoint
+        and drives early stopping: "auc" (higher is better), "gauc" (higher
+        is better; needs ``group_key``) or "log_loss" (lower is better). A
+        validation improves on the best when strictly better (a NaN never
+        does).
+    early_stopping_patience: stop training when ``metric_for_best`` has not
+        improved for this many validations in a row (0: never stop early).
+        Needs a ``valid_dataset`` and a periodic ``eval_every``. The run
+        prints that it stopped and logs an ``early_stopping`` record; a run
+        resumed after that trains no further (unless given more patience).
+    load_best_at_end: at the end of training (after the last checkpoint is
+        saved, which stays the exact resume point), load the best
+        checkpoint's tables and dense weights into the model, so that the
+        final evaluation on ``eval_dataset`` and the model ``train()``
+        leaves are the best one's (needs a ``valid_dataset``).
     save_every_steps: checkpoint every this many steps (and at the end).
-    keep_checkpoints: keep the last this many.
+    keep_checkpoints: keep the last this many, and, with a
+        ``valid_dataset``, the best one (by ``metric_for_best``) whatever
+        its age: the ``best`` pointer names it (``recis.framework.checkpoint``).
     evict_every_steps: run each table's ``EmbeddingOption.eviction`` policy.
     resume: start from the latest checkpoint in ``output_dir`` if there is one.
     resume_suspect: resume from the newest checkpoint even when it is
@@ -100,7 +130,11 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
     log_every_steps: int = 10
+    eval_every: int | str | None = None
     eval_every_steps: int | None = None
+    metric_for_best: str = "auc"
+    early_stopping_patience: int = 0
+    load_best_at_end: bool = False
     save_every_steps: int | None = None
     keep_checkpoints: int = 3
     evict_every_steps: int | None = None
@@ -134,6 +168,33 @@ class TrainingArguments:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"TrainingArguments.{name} must be >= 1 or None, got {v}")
+        every = self.eval_every
+        steps = isinstance(every, int) and not isinstance(every, bool) and every >= 1
+        ok = every is None or every == "epoch" or steps
+        if not ok:
+            raise ValueError(f"TrainingArguments.eval_every must be an int >= 1, 'epoch' or None, got {every!r}")
+        if self.eval_every_steps is not None:
+            if every is not None and every != self.eval_every_steps:
+                raise ValueError(
+                    f"TrainingArguments: eval_every={every!r} and eval_every_steps={self.eval_every_steps!r} "
+                    "disagree (eval_every_steps is the older name of an int eval_every): give one"
+                )
+            self.eval_every = self.eval_every_steps
+        self.eval_every_steps = self.eval_every if isinstance(self.eval_every, int) else None
+        if self.metric_for_best not in BEST_METRICS:
+            raise ValueError(
+                f"TrainingArguments.metric_for_best must be one of {list(BEST_METRICS)}, got {self.metric_for_best!r}"
+            )
+        if self.metric_for_best == "gauc" and not self.group_key:
+            raise ValueError("TrainingArguments.metric_for_best='gauc' needs group_key (the column GAUC groups by)")
+        p = self.early_stopping_patience
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"TrainingArguments.early_stopping_patience must be an int >= 0, got {p!r}")
+        if p and self.eval_every is None:
+            raise ValueError(
+                "TrainingArguments.early_stopping_patience needs a periodic validation: set eval_every (steps, or "
+                "'epoch')"
+            )
         self.warm_start_parts = tuple(self.warm_start_parts)
         bad = sorted(set(self.warm_start_parts) - {"sparse", "dense", "optimizer"})
         if bad or not self.warm_start_parts:
@@ -143,6 +204,24 @@ class TrainingArguments:
 
 
 class Trainer:
+    """Trains ``model`` on ``train_dataset`` (``train()``).
+
+    ``eval_dataset``: the held-out test set, evaluated at the end of
+    training (and periodically, per ``args.eval_every``, when there is no
+    ``valid_dataset``). ``valid_dataset``: the validation set, evaluated
+    every ``args.eval_every`` and at the end; it picks the best checkpoint
+    (``args.metric_for_best``; ``self.best``), kept whatever
+    ``keep_checkpoints`` says, and drives early stopping
+    (``args.early_stopping_patience``). Datasets are iterables of batches
+    (an ``OrcDataset``, a list of dicts); each pass over one is an epoch.
+
+    ``hooks``: objects with any of ``on_log(trainer, logs)``,
+    ``on_evaluate(trainer, metrics)`` (after an evaluation on
+    ``eval_dataset``), ``on_validate(trainer, metrics)`` (after a validation,
+    once ``trainer.best`` and ``trainer.bad_validations`` are updated) and
+    ``on_step_end(trainer, step)``.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -155,11 +234,29 @@ class Trainer:
         input_fn=None,
         loss_fn=None,
         hooks=(),
+        valid_dataset=None,
     ):
+        if valid_dataset is None:
+            need = [f for f in ("early_stopping_patience", "load_best_at_end") if getattr(args, f)]
+            if need:
+                raise ValueError(
+                    f"Trainer: TrainingArguments.{' and '.join(need)} need(s) a valid_dataset to validate on "
+                    "(the eval_dataset is the held-out test set, not one to choose a model by)"
+                )
         self.model = model
         self.args = args
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
+        self.valid_dataset = valid_dataset
+        # Validation (with valid_dataset): the best so far ({metric, value,
+        # step}), the validations since it without improvement, the last
+        # validation's metrics; saved in every checkpoint and restored.
+        self.best: dict | None = None
+        self.bad_validations = 0
+        self.stopped_early = False
+        self._last_valid: dict | None = None
+        self._saved_step: int | None = None  # the step of the checkpoint last saved (or resumed from)
+        self._model_step: int | None = None  # the step of the checkpoint loaded by load_best
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
@@ -212,8 +309,56 @@ class Trainer:
             extra["pipeline"] = self.input_fn.to_json()
         if self.scaler is not None:
             extra["loss_scaler"] = self.scaler.state_dict()
+        if self.valid_dataset is not None:
+            extra["validation"] = self._validation_state()
+        best = None
+        if self.best is not None and self.best["step"] == self.global_step:
+            best = {"metric": self.best["metric"], "value": self.best["value"]}
         with self._holding_lock():
-            return self.checkpoints.save(self.global_step, **self._state(), extra=extra)
+            path = self.checkpoints.save(self.global_step, **self._state(), extra=extra, best=best)
+        self._saved_step = self.global_step
+        return path
+
+    def _validation_state(self) -> dict:
+        """What a resumed run needs to go on validating as this one would."""
+        b = self.best
+        return {
+            "metric": self.args.metric_for_best,
+            "best_value": None if b is None else b["value"],
+            "best_step": None if b is None else b["step"],
+            "bad_validations": self.bad_validations,
+            "last_step": None if self._last_valid is None else self._last_valid["step"],
+        }
+
+    def _restore_validation(self, saved: dict | None) -> None:
+        """The validation state of the checkpoint resumed from (none in one
+        written before validation sets existed: afresh)."""
+        if not saved:
+            return
+        a = self.args
+        if saved.get("metric") != a.metric_for_best:
+            if self.rank == 0:
+                print(
+                    f"the checkpoint tracked the best by {saved.get('metric')!r}, this run by {a.metric_for_best!r}: "
+                    "the best and the patience count start afresh"
+                )
+            return
+        if saved.get("best_step") is not None:
+            self.best = {"metric": a.metric_for_best, "value": saved["best_value"], "step": saved["best_step"]}
+        self.bad_validations = int(saved.get("bad_validations") or 0)
+        if saved.get("last_step") is not None:
+            self._last_valid = {"step": int(saved["last_step"])}
+        if self.best is None or self.rank != 0:
+            return
+        path = os.path.join(self.checkpoints.directory, f"ckpt-{self.best['step']}")
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            print(
+                f"warning: the best checkpoint so far, {path} ({a.metric_for_best} {self.best['value']:.4f}), is gone; "
+                "a later improvement on it will be kept"
+            )
+            self.checkpoints.clear_best()
+        elif self.checkpoints.best() != path:
+            self.checkpoints.mark_best(path, a.metric_for_best, self.best["value"])
 
     @contextlib.contextmanager
     def _holding_lock(self):
@@ -254,8 +399,7 @@ class Trainer:
                 self._lock.release()
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.mixed_precision)
-        return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        return _autocast(self.args.mixed_precision)
 
     def _log(self, record: dict) -> None:
         if self.rank != 0:
@@ -265,9 +409,10 @@ class Trainer:
         if self._want_tb:
             if self._tb is None:
                 self._tb = TensorBoardLog(os.path.join(self.args.output_dir, "tensorboard"))
-            if "eval" in record:
-                self._tb.eval(record["eval"])
-            else:
+            for split in ("eval", "valid"):
+                if split in record:
+                    self._tb.eval(record[split], split)
+            if "loss" in record:
                 self._tb.train(record)
 
     # -- loops ---------------------------------------------------------------------
@@ -360,12 +505,15 @@ class Trainer:
                 (moved,) = ckpt.set_aside([path], kind)
                 print(f"skipped the {kind} checkpoint {path} ({why}); set aside as {moved}")
             ckpt.mend_pointer()
+        self._saved_step = self.global_step
         if self.scaler is not None:
             saved = ckpt.loaded_meta.get("extra", {}).get("loss_scaler")
             if saved is not None:
                 self.scaler.load_state_dict(saved)
         if self.rank == 0:
             print(f"resumed from {ckpt.loaded} at step {self.global_step}")
+        if self.valid_dataset is not None:
+            self._restore_validation(ckpt.loaded_meta.get("extra", {}).get("validation"))
             why = suspect(ckpt.loaded)
             if why:
                 print(f"warning: {ckpt.loaded} is suspect ({'; '.join(why)}); {ckpt.last_good_note()}")
@@ -388,6 +536,15 @@ class Trainer:
         logs: dict = {}
         start_epoch = getattr(self.train_dataset, "epoch", 0)
         done = a.max_steps is not None and self.global_step >= a.max_steps
+        if a.early_stopping_patience and self.bad_validations >= a.early_stopping_patience:
+            done = self.stopped_early = True  # resumed after it stopped early
+            if self.rank == 0:
+                print(
+                    f"this run stopped early at step {self.global_step} ({a.metric_for_best} had not improved for "
+                    f"{self.bad_validations} validations; early_stopping_patience {a.early_stopping_patience}): "
+                    "nothing more to train"
+                )
+        every = a.eval_every
         for _ in range(start_epoch, a.epochs if a.max_steps is None else 1 << 62):
             if done:
                 break
@@ -439,27 +596,117 @@ class Trainer:
                     for h in self.hooks:
                         if hasattr(h, "on_log"):
                             h.on_log(self, logs)
-                if a.eval_every_steps and step % a.eval_every_steps == 0 and self.eval_dataset is not None:
-                    self.evaluate()
-                if a.save_every_steps and step % a.save_every_steps == 0:
+                if isinstance(every, int) and step % every == 0:
+                    self._periodic_evaluation()
+                if a.save_every_steps and step % a.save_every_steps == 0 and self._saved_step != step:
                     self.save()
                 for h in self.hooks:
                     if hasattr(h, "on_step_end"):
                         h.on_step_end(self, step)
+                if self._should_stop():
+                    done = True
+                    break
                 if a.max_steps is not None and step >= a.max_steps:
                     done = True
                     break
-        if self.eval_dataset is not None:
+            if not done and every == "epoch":
+                self._periodic_evaluation()  # the end of an epoch
+                done = self._should_stop()
+        return self._finish(logs)
+
+    def _periodic_evaluation(self) -> None:
+        """A validation when there is a validation set, else an evaluation
+        on eval_dataset (if any); not twice at one step (an epoch's end
+        reached again on resuming from its last step)."""
+        if self.valid_dataset is not None:
+            if self._last_valid is None or self._last_valid["step"] != self.global_step:
+                self.validate()
+        elif self.eval_dataset is not None:
+            if self._last_eval is None or self._last_eval["step"] != self.global_step:
+                self.evaluate()
+
+    def _should_stop(self) -> bool:
+        """Early stopping: the last validation made ``early_stopping_patience``
+        in a row without improving on the best. Says so (printed, and an
+        ``early_stopping`` log record) the first time."""
+        a = self.args
+        if not a.early_stopping_patience or self.bad_validations < a.early_stopping_patience:
+            return False
+        if not self.stopped_early:
+            self.stopped_early = True
+            b = self.best
+            record = {
+                "step": self.global_step,
+                "metric": a.metric_for_best,
+                "patience": a.early_stopping_patience,
+                "best_step": None if b is None else b["step"],
+                "best_value": None if b is None else b["value"],
+            }
+            if self.rank == 0:
+                best = "no finite value yet" if b is None else f"best {b['value']:.4f} at step {b['step']}"
+                print(
+                    f"early stopping at step {self.global_step}: valid {a.metric_for_best} has not improved for "
+                    f"{self.bad_validations} validations ({best})",
+                    flush=True,
+                )
+            self._log({"early_stopping": record})
+        return True
+
+    def _finish(self, logs: dict) -> dict:
+        """The end of training: a last validation (unless one ran at this
+        step), the last checkpoint (the exact resume point), the best
+        checkpoint loaded (``load_best_at_end``), the final evaluation on
+        ``eval_dataset``, curves."""
+        a = self.args
+        if self.valid_dataset is not None:
+            last = self._last_valid
+            if last is None or last["step"] != self.global_step:
+                self.validate()
+            if self._last_valid is not None and "auc" in self._last_valid:
+                logs["valid"] = self._last_valid
+            logs["best"] = None if self.best is None else dict(self.best)
+        elif self.eval_dataset is not None:  # periodic evaluations were on it: the last one, if at this step
             last = self._last_eval
             logs["eval"] = last if last is not None and last["step"] == self.global_step else self.evaluate()
-        if not self.checkpoints.checkpoints() or not self.checkpoints.latest().endswith(f"ckpt-{self.global_step}"):
+        if self.stopped_early:
+            logs["early_stopped"] = True
+        if self._saved_step != self.global_step:
             self.save()
+        if a.load_best_at_end:
+            self.load_best()
+        if self.valid_dataset is not None and self.eval_dataset is not None:
+            logs["eval"] = self.evaluate()  # the held-out test set, once
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self.curves_png is not None and self.rank == 0 and os.path.exists(self._log_path):
             plot_curves(self._log_path, self.curves_png, title=type(self.model).__name__)
         return logs
+
+    def load_best(self) -> str | None:
+        """Loads the best checkpoint's tables and dense weights (not the
+        optimizers: the tables' optimizer slots start afresh) into the model
+        and returns its path; None, with a warning, when there is no best
+        (no finite validation metric) or its checkpoint is gone. Training
+        state (``global_step``, optimizers, the data cursor) stays the last
+        step's: resume from the latest checkpoint, not from this model."""
+        b = self.best
+        if b is None:
+            if self.rank == 0:
+                print(f"warning: no best checkpoint to load (no validation gave a finite {self.args.metric_for_best})")
+            return None
+        path = os.path.join(self.checkpoints.directory, f"ckpt-{b['step']}")
+        if not distributed.all_true(os.path.isfile(os.path.join(path, "meta.json"))):
+            if self.rank == 0:
+                print(f"warning: the best checkpoint {path} is gone; the model stays the last step's")
+            return None
+        if b["step"] != self.global_step:
+            state = self._state()
+            self.checkpoints.load(path, tables=state["tables"], model=state["model"], parts=("sparse", "dense"))
+            self._model_step = b["step"]
+            if self.rank == 0:
+                print(f"loaded the best checkpoint {path} ({b['metric']} {b['value']:.4f} at step {b['step']})")
+        return path
 
     def _warm_start(self) -> None:
         from recis.framework.checkpoint import CheckpointError, resolve_checkpoint
@@ -477,37 +724,7 @@ class Trainer:
             print(f"warm start from {path} (step {step}): {', '.join(a.warm_start_parts)}")
 
     def _lockstep(self, data, pad: bool):
-        """The batches of ``data``; under torchrun, in step with the other
-        ranks, whose lookups need this one: training stops when the first
-        rank runs out (the rest of that epoch's batches are skipped);
-        evaluation goes on until the last does, a rank out of data passing
-        empty batches."""
-        if not distributed.active():
-            yield from data
-            return
-        it, template, started = iter(data), None, False
-        while True:
-            batch = next(it, None)
-            if template is None:
-                template = batch
-            if distributed.all_true(batch is not None):
-                started = True
-                yield batch
-                continue
-            if distributed.all_true(batch is None):
-                return
-            # Some ranks are out of data, others are not.
-            if not pad and started:
-                return
-            can = batch is not None or (pad and template is not None)
-            if not distributed.all_true(can):
-                flags = distributed.gather_arrays([np.array([can])])[0]
-                raise TrainingError(
-                    f"rank(s) {[r for r, ok in enumerate(flags) if not ok]} have no "
-                    f"{'evaluation' if pad else 'training'} data while the other ranks have: every rank needs a "
-                    "share (the files' ORC stripes are dealt out to the ranks: write more files or smaller stripes)"
-                )
-            yield batch if batch is not None else batch_rows(template, 0, 0)
+        return lockstep(data, pad)
 
     def _progress_line(self, logs: dict) -> str:
         a, step = self.args, logs["step"]
@@ -527,41 +744,187 @@ class Trainer:
             line += f"  scale {logs['loss_scale']:g}"
         return line
 
-    def evaluate(self) -> dict:
-        """AUC, log loss, calibration (and GAUC with ``group_key``) over the
-        evaluation data; inserts nothing into the tables."""
+    def evaluate(self, dataset=None, log: bool = True) -> dict:
+        """AUC, log loss, calibration (and GAUC with ``group_key``) over
+        ``eval_dataset`` (or ``dataset``), at ``global_step``; inserts nothing
+        into the tables. Printed (``eval: ...``); with ``log``, an ``{"eval":
+        metrics}`` record in ``output_dir/log.jsonl`` (and TensorBoard); the
+        ``on_evaluate`` hooks are called."""
+        data = self.eval_dataset if dataset is None else dataset
+        if data is None:
+            raise ValueError("Trainer.evaluate: no eval_dataset, and no dataset given")
+        metrics = {"step": self.global_step, **self._metrics(data)}
+        if self.rank == 0:
+            print("eval: " + _metrics_line(metrics))
+        if log:
+            record = {"eval": metrics}
+            if self._model_step is not None and self._model_step != self.global_step:
+                record["model_step"] = self._model_step  # the best checkpoint's model (load_best_at_end)
+            self._log(record)
+        if data is self.eval_dataset:
+            self._last_eval = metrics
+        for h in self.hooks:
+            if hasattr(h, "on_evaluate"):
+                h.on_evaluate(self, metrics)
+        return metrics
+
+    def validate(self) -> dict:
+        """One validation: the metrics over ``valid_dataset`` at
+        ``global_step``; then the best and the patience count
+        (``bad_validations``) are updated, a new best is checkpointed at
+        this step (or, if this step's checkpoint is saved already, the
+        ``best`` pointer names it), and a ``{"valid": metrics, "best": ...,
+        "bad_validations": N}`` record is logged; the ``on_validate`` hooks
+        are called."""
+        if self.valid_dataset is None:
+            raise ValueError("Trainer.validate: the Trainer has no valid_dataset")
         a = self.args
-        was_training = self.model.training
-        self.model.eval()
-        auroc, ll, cal = AUROC(), LogLoss(), Calibration()
-        gauc = GAUC() if a.group_key else None
+        metrics = {"step": self.global_step, **self._metrics(self.valid_dataset)}
+        value = metrics.get(a.metric_for_best)
+        improved = value is not None and math.isfinite(value)
+        if improved and self.best is not None:
+            improved = value > self.best["value"] if BEST_METRICS[a.metric_for_best] else value < self.best["value"]
+        if improved:
+            self.best = {"metric": a.metric_for_best, "value": value, "step": self.global_step}
+            self.bad_validations = 0
+        else:
+            self.bad_validations += 1
+        self._last_valid = metrics
+        if self.rank == 0:
+            if improved:
+                note = f"new best {a.metric_for_best}"
+            elif self.best is None:
+                note = f"no finite {a.metric_for_best} yet"
+            else:
+                note = (
+                    f"best {a.metric_for_best} {self.best['value']:.4f} at step {self.best['step']}; "
+                    f"{self.bad_validations} validation(s) without improvement"
+                )
+            print(f"valid: {_metrics_line(metrics)}  ({note})", flush=True)
+        if improved:
+            if self._saved_step == self.global_step:
+                path = os.path.join(self.checkpoints.directory, f"ckpt-{self.global_step}")
+                self.checkpoints.mark_best(path, a.metric_for_best, value)
+            else:
+                self.save()  # saves the best pointer with it
+        self._log(
+            {
+                "valid": metrics,
+                "best": None if self.best is None else dict(self.best),
+                "bad_validations": self.bad_validations,
+            }
+        )
+        for h in self.hooks:
+            if hasattr(h, "on_validate"):
+                h.on_validate(self, metrics)
+        return metrics
+
+    def _metrics(self, data) -> dict:
+        return evaluate_model(
+            self.model,
+            data,
+            self.input_fn,
+            group_key=self.args.group_key,
+            mixed_precision=self.args.mixed_precision,
+            labels=self._labels,
+        )
+
+
+def _metrics_line(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+
+
+def _autocast(mixed_precision: str | None):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _check_labels(batch, key: str) -> torch.Tensor:
+    if key not in batch:
+        raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
+    y = batch[key]
+    bad = (y != 0) & (y != 1)
+    if bool(bad.any()):
+        raise TrainingError(
+            f"label column {key!r}: value {y[bad][0].item()!r} is not 0 or 1 (binary cross-entropy needs clicks as 0/1)"
+        )
+    return y.float()
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data,
+    input_fn=None,
+    *,
+    label_key: str = "label",
+    group_key: str | None = None,
+    mixed_precision: str | None = None,
+    labels=None,
+) -> dict:
+    """AUC, log loss, calibration (and GAUC with ``group_key``) of ``model``
+    over the batches of ``data`` (after ``input_fn``), in eval mode and
+    without gradients; inserts nothing into the tables. Under torchrun each
+    rank passes its share and the metrics are every rank's rows (every rank
+    must call it). ``labels(batch)``: the labels as 0/1 floats (default:
+    ``batch[label_key]``, checked to be 0 or 1). Returns {auc, log_loss,
+    calibration[, gauc]}."""
+    input_fn = input_fn or (lambda b: b)
+    labels = labels or (lambda b: _check_labels(b, label_key))
+    was_training = model.training
+    model.eval()
+    auroc, ll, cal = AUROC(), LogLoss(), Calibration()
+    gauc = GAUC() if group_key else None
+    try:
         with torch.no_grad():
-            for batch in self._lockstep(self.eval_dataset, pad=True):
-                with self._autocast():
-                    p = torch.sigmoid(self.model(self.input_fn(batch)).float())
-                y = self._labels(batch)
+            for batch in lockstep(data, pad=True):
+                with _autocast(mixed_precision):
+                    p = torch.sigmoid(model(input_fn(batch)).float())
+                y = labels(batch)
                 auroc.update(y, p)
                 ll.update(y, p)
                 cal.update(y, p)
                 if gauc is not None:
-                    gauc.update(y, p, batch[a.group_key])
-        for m in (auroc, ll, cal, gauc):
-            if m is not None:
-                m.sync()
-        metrics = {
-            "step": self.global_step,
-            "auc": auroc.compute(),
-            "log_loss": ll.compute(),
-            "calibration": cal.compute(),
-        }
-        if gauc is not None:
-            metrics["gauc"] = gauc.compute()
-        if self.rank == 0:
-            print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
-        self._log({"eval": metrics})
-        self._last_eval = metrics
-        for h in self.hooks:
-            if hasattr(h, "on_evaluate"):
-                h.on_evaluate(self, metrics)
-        self.model.train(was_training)
-        return metrics
+                    gauc.update(y, p, batch[group_key])
+    finally:
+        model.train(was_training)
+    for m in (auroc, ll, cal, gauc):
+        if m is not None:
+            m.sync()
+    metrics = {"auc": auroc.compute(), "log_loss": ll.compute(), "calibration": cal.compute()}
+    if gauc is not None:
+        metrics["gauc"] = gauc.compute()
+    return metrics
+
+
+def lockstep(data, pad: bool):
+    """The batches of ``data``; under torchrun, in step with the other
+    ranks, whose lookups need this one: training stops when the first
+    rank runs out (the rest of that epoch's batches are skipped);
+    evaluation goes on until the last does, a rank out of data passing
+    empty batches."""
+    if not distributed.active():
+        yield from data
+        return
+    it, template, started = iter(data), None, False
+    while True:
+        batch = next(it, None)
+        if template is None:
+            template = batch
+        if distributed.all_true(batch is not None):
+            started = True
+            yield batch
+            continue
+        if distributed.all_true(batch is None):
+            return
+        # Some ranks are out of data, others are not.
+        if not pad and started:
+            return
+        can = batch is not None or (pad and template is not None)
+        if not distributed.all_true(can):
+            flags = distributed.gather_arrays([np.array([can])])[0]
+            raise TrainingError(
+                f"rank(s) {[r for r, ok in enumerate(flags) if not ok]} have no "
+                f"{'evaluation' if pad else 'training'} data while the other ranks have: every rank needs a "
+                "share (the files' ORC stripes are dealt out to the ranks: write more files or smaller stripes)"
+            )
+        yield batch if batch is not None else batch_rows(template, 0, 0)
