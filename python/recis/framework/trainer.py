@@ -512,11 +512,11 @@ class Trainer:
                 self.scaler.load_state_dict(saved)
         if self.rank == 0:
             print(f"resumed from {ckpt.loaded} at step {self.global_step}")
-        if self.valid_dataset is not None:
-            self._restore_validation(ckpt.loaded_meta.get("extra", {}).get("validation"))
             why = suspect(ckpt.loaded)
             if why:
                 print(f"warning: {ckpt.loaded} is suspect ({'; '.join(why)}); {ckpt.last_good_note()}")
+        if self.valid_dataset is not None:
+            self._restore_validation(ckpt.loaded_meta.get("extra", {}).get("validation"))
 
     def _train(self) -> dict:
         a = self.args
