@@ -192,9 +192,16 @@ def train_cmd(args) -> int:
     t0 = time.perf_counter()
     logs = job.trainer.train()
     elapsed = time.perf_counter() - t0
+    best = logs.get("best")
+    if best:
+        say(
+            f"best: {job.trainer.checkpoints.best()} (valid {best['metric']} {best['value']:.4f} at step "
+            f"{best['step']}{'; stopped early' if logs.get('early_stopped') else ''})"
+        )
     ev = logs.get("eval")
     if ev:
-        say(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}")
+        of = " (of the best checkpoint)" if cfg.trainer.load_best_at_end and best else ""
+        say(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}{of}")
     say(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
     if job.trainer.curves_png:
         say(f"curves: {job.trainer.curves_png}")
@@ -204,28 +211,62 @@ def train_cmd(args) -> int:
 def eval_cmd(args) -> int:
     from recis.config import ConfigError, Job, dump_config, load_config
     from recis.framework import CheckpointError
-    from recis.framework.checkpoint import resolve_checkpoint
+    from recis.framework.checkpoint import BEST, resolve_checkpoint
 
     set_threads(args.threads)
-    cfg = load_config(args.config, args.set or ())
+    overrides = list(args.set or ())
+    cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(dump_config(cfg, args.set or ()), end="")
+        print(dump_config(cfg, overrides), end="")
         return 0
+    if args.data:
+        cfg.data.eval = [os.path.abspath(p) for p in args.data]
     join_process_group(args.collective_timeout or cfg.trainer.collective_timeout or None)
     job = Job(cfg, for_training=False)
     if job.eval_dataset is None:
-        raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on")
+        raise ConfigError(f"{args.config}: [data].eval names no files to evaluate on (or give --data FILES)")
     ckpt = job.trainer.checkpoints
     if args.checkpoint is None and not ckpt.checkpoints(complete=False):
         raise CheckpointError(f"{ckpt.directory}: no checkpoint to evaluate")
+    chosen = args.checkpoint
+    if chosen == BEST and not os.path.exists(BEST):
+        chosen = os.path.join(ckpt.directory, BEST)
+        if not os.path.isfile(chosen):
+            raise CheckpointError(
+                f"{ckpt.directory}: no best checkpoint (the job has no [data].valid, or no validation has run)"
+            )
     # None: the job's newest checkpoint that verifies.
-    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None
+    path = resolve_checkpoint(chosen) if chosen else None
     step = ckpt.load(path, tables=job.trainer.tables, model=job.model, parts=("sparse", "dense"))
     path = ckpt.loaded
     job.trainer.global_step = step
+    rows = job.eval_dataset.total_rows()
     if distributed.rank() == 0:
-        print(f"{path} (step {step}) on {job.eval_dataset.total_rows():,} rows")
-    job.trainer.evaluate()
+        print(f"{path} (step {step}) on {rows:,} rows")
+    # Its own record, never the training log (log=False): a test result must
+    # not read as one of the run's evaluations.
+    metrics = job.trainer.evaluate(log=False)
+    if distributed.rank() == 0:
+        record = {
+            "checkpoint": os.path.abspath(path),
+            "step": step,
+            "data": list(job.eval_dataset.files),
+            "rows": rows,
+            "metrics": {k: v for k, v in metrics.items() if k != "step"},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        out = args.output or os.path.join(cfg.trainer.output_dir, "eval.jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if args.output:
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, out)
+        else:
+            with open(out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        print(f"metrics written to {out}")
     return 0
 
 
@@ -484,7 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", required=True, help="the job's TOML file (required)")
     e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
     e.add_argument("--print-config", action="store_true", help=PRINT_HELP)
-    e.add_argument("--checkpoint", help="checkpoint directory (default: the job's newest that verifies)")
+    e.add_argument(
+        "--checkpoint",
+        help="a ckpt-N directory, a checkpoints directory (its newest that verifies), or 'best' (the job's best "
+        "by validation) (default: the job's newest that verifies)",
+    )
+    e.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="ORC files or directories to evaluate on (default: the config's [data].eval)",
+    )
+    e.add_argument(
+        "--output",
+        "-o",
+        help="write the metrics record to this JSON file (default: append it to output_dir/eval.jsonl, never to "
+        "the training log)",
+    )
     e.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     e.add_argument("--collective-timeout", type=positive_seconds, metavar="SECONDS", help=TIMEOUT_HELP)
     e.set_defaults(func=eval_cmd)

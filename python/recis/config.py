@@ -6,7 +6,9 @@ error that names it):
 ```toml
 [data]
 train = ["data/train"]        # ORC files or directories of *.orc (required)
-eval = ["data/eval"]          # held-out data for evaluation (default: none)
+eval = ["data/eval"]          # held-out (test) data, evaluated at the end of training (default: none)
+valid = ["data/valid"]        # validation data, evaluated every eval_every (trainer): picks the best checkpoint
+                              # and drives early stopping (default: none; then eval_every evaluates [data].eval)
 label = "label"               # label column: values must be 0 or 1
 dense = ["I1", "I2"]          # numeric columns stacked into the model's dense input (default: none)
 dense_transform = "none"      # "none" or "log1p" (log(1 + max(x, 0)), for counts); NaN/null reads as 0
@@ -68,7 +70,13 @@ gradient_accumulation_steps = 1
 mixed_precision = "none"      # "none", "bf16" or "fp16"
 sparse_update = "auto"        # "auto", "in_backward" or "deferred": when the sparse optimizer updates
 log_every_steps = 10
-eval_every_steps = 0          # 0: only at the end
+eval_every = 0                # validate (or, without [data].valid, evaluate) every N steps, or "epoch" (at
+                              # each epoch's end); 0: only at the end
+eval_every_steps = 0          # eval_every's older name (an int eval_every)
+metric_for_best = "auc"       # the validation metric that picks the best checkpoint: "auc", "gauc" (needs
+                              # [data].group) or "log_loss" (lower is better)
+early_stopping_patience = 0   # stop when metric_for_best has not improved for N validations (0: never)
+load_best_at_end = false      # at the end, load the best checkpoint's model before the final [data].eval
 save_every_steps = 0          # 0: only at the end
 keep_checkpoints = 3
 evict_every_steps = 0         # 0: never
@@ -127,6 +135,7 @@ class ConfigError(ValueError):
 class DataConfig:
     train: list[str]
     eval: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
     label: str = "label"
     dense: list[str] = field(default_factory=list)
     dense_transform: str = "none"
@@ -175,7 +184,11 @@ class TrainerConfig:
     mixed_precision: str = "none"
     sparse_update: str = "auto"
     log_every_steps: int = 10
+    eval_every: int | str = 0
     eval_every_steps: int = 0
+    metric_for_best: str = "auc"
+    early_stopping_patience: int = 0
+    load_best_at_end: bool = False
     save_every_steps: int = 0
     keep_checkpoints: int = 3
     evict_every_steps: int = 0
@@ -215,6 +228,7 @@ def _typed(cls, table, where: str):
             "str": isinstance(value, str),
             "str | None": isinstance(value, str),
             "int": isinstance(value, int) and not isinstance(value, bool),
+            "int | str": isinstance(value, (int, str)) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
@@ -309,6 +323,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     rel = lambda p: os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))  # noqa: E731
     data = _typed(DataConfig, raw["data"], f"{path}: [data]")
     data.train, data.eval = [rel(p) for p in data.train], [rel(p) for p in data.eval]
+    data.valid = [rel(p) for p in data.valid]
     if not data.train:
         raise ConfigError(f"{path}: [data].train names no files")
     _one_of(data.dense_transform, ("none", "log1p"), f"{path}: [data].dense_transform")
@@ -384,6 +399,31 @@ def load_config(path: str, overrides=()) -> JobConfig:
         raise ConfigError(
             f'{path}: [trainer].sparse_update: "in_backward" does not go with gradient_accumulation_steps > 1 or '
             'mixed_precision = "fp16" (they need the sparse gradient at the optimizer step): "auto" or "deferred"'
+        )
+    every = trainer.eval_every
+    if isinstance(every, str) and every != "epoch" or isinstance(every, int) and every < 0:
+        raise ConfigError(f'{path}: [trainer].eval_every: a number of steps >= 0 or "epoch", got {every!r}')
+    if trainer.eval_every_steps:
+        if every not in (0, trainer.eval_every_steps):
+            raise ConfigError(
+                f"{path}: [trainer].eval_every = {every!r} and eval_every_steps = {trainer.eval_every_steps} "
+                "disagree (eval_every_steps is eval_every's older name): give one"
+            )
+        trainer.eval_every = trainer.eval_every_steps
+    trainer.eval_every_steps = 0
+    _one_of(trainer.metric_for_best, ("auc", "gauc", "log_loss"), f"{path}: [trainer].metric_for_best")
+    if trainer.metric_for_best == "gauc" and not data.group:
+        raise ConfigError(f'{path}: [trainer].metric_for_best = "gauc" needs [data].group (the column to group by)')
+    _at_least(trainer, ("early_stopping_patience",), 0, f"{path}: [trainer]")
+    if (trainer.early_stopping_patience or trainer.load_best_at_end) and not data.valid:
+        which = "early_stopping_patience" if trainer.early_stopping_patience else "load_best_at_end"
+        raise ConfigError(
+            f"{path}: [trainer].{which} needs a validation set, [data].valid ([data].eval is the held-out test "
+            "data, not data to choose a model by)"
+        )
+    if trainer.early_stopping_patience and not trainer.eval_every:
+        raise ConfigError(
+            f'{path}: [trainer].early_stopping_patience needs a periodic validation: eval_every (steps, or "epoch")'
         )
     if trainer.collective_timeout < 0:
         raise ConfigError(
@@ -513,7 +553,8 @@ class Job:
             else None
         )
         self.eval_dataset = OrcDataset(d.eval, **kw) if d.eval else None
-        for ds in (self.train_dataset, self.eval_dataset):
+        self.valid_dataset = OrcDataset(d.valid, **kw) if d.valid and for_training else None
+        for ds in (self.train_dataset, self.eval_dataset, self.valid_dataset):
             if ds is not None:
                 self._check_feature_columns(ds)
         cls = MODELS[cfg.model["name"]]
@@ -566,7 +607,11 @@ class Job:
             mixed_precision=None if t.mixed_precision == "none" else t.mixed_precision,
             sparse_update=t.sparse_update,
             log_every_steps=t.log_every_steps,
-            eval_every_steps=t.eval_every_steps or None,
+            eval_every=t.eval_every or None,
+            metric_for_best=t.metric_for_best,
+            # Validation is training's (recis eval has no validation set).
+            early_stopping_patience=t.early_stopping_patience if for_training else 0,
+            load_best_at_end=t.load_best_at_end and for_training,
             save_every_steps=t.save_every_steps or None,
             keep_checkpoints=t.keep_checkpoints,
             evict_every_steps=t.evict_every_steps or None,
@@ -586,6 +631,7 @@ class Job:
             dense_optimizer=self.dense_optimizer,
             sparse_optimizer=self.sparse_optimizer,
             input_fn=self.pipeline,
+            valid_dataset=self.valid_dataset,
         )
         if t.export_every_steps:
             from recis.serving import ServingExportHook
