@@ -61,6 +61,17 @@ dense_weight_decay = 0.0
 sparse = "adam"               # "adam", "adamw", "adagrad", "rowwise_adagrad" or "sgd"
 sparse_lr = 0.001
 sparse_weight_decay = 0.0
+dense_betas = [0.9, 0.999]    # adam/adamw only (default: the optimizer's own, as here)
+dense_eps = 1e-8              # adam/adamw/adagrad only (default: the optimizer's own: 1e-8, adagrad 1e-10)
+dense_momentum = 0.0          # sgd only
+sparse_betas = [0.9, 0.999]   # adam/adamw only (default: as here)
+sparse_eps = 1e-8             # adam/adamw/adagrad/rowwise_adagrad only (default: the optimizer's own: 1e-8,
+                              # adagrad and rowwise_adagrad 1e-10)
+schedule = "constant"         # the LR after warm-up, dense and sparse alike: "constant", "linear" or "cosine"
+                              # (down to min_lr_ratio of the LR at the last step: max_steps, else epochs x the
+                              # steps an epoch of [data].train takes)
+warmup_steps = 0              # the LR rises linearly over the first N steps (step s: (s + 1) / N of it)
+min_lr_ratio = 0.0            # linear/cosine: the LR at the end, a fraction of dense_lr/sparse_lr
 
 [trainer]                     # recis.framework.TrainingArguments
 output_dir = "runs/job"       # required: logs, checkpoints, curves
@@ -69,6 +80,7 @@ max_steps = 0                 # 0: run the epochs
 gradient_accumulation_steps = 1
 mixed_precision = "none"      # "none", "bf16" or "fp16"
 sparse_update = "auto"        # "auto", "in_backward" or "deferred": when the sparse optimizer updates
+max_grad_norm = 0.0           # clip the gradients, dense and table rows together, to this L2 norm (0: never)
 log_every_steps = 10
 eval_every = 0                # validate (or, without [data].valid, evaluate) every N steps, or "epoch" (at
                               # each epoch's end); 0: only at the end
@@ -123,6 +135,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package (a dependency there)
     import tomli as tomllib
 
+from recis import distributed
 from recis.io.dataset import NON_FINITE, SHUFFLE_BUFFER
 from recis.nn.options import DEFAULT_INITIALIZER
 
@@ -173,6 +186,14 @@ class OptimizerConfig:
     sparse: str = "adam"
     sparse_lr: float = 1e-3
     sparse_weight_decay: float = 0.0
+    dense_betas: list[float] | None = None
+    dense_eps: float | None = None
+    dense_momentum: float | None = None
+    sparse_betas: list[float] | None = None
+    sparse_eps: float | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -183,6 +204,7 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "none"
     sparse_update: str = "auto"
+    max_grad_norm: float = 0.0
     log_every_steps: int = 10
     eval_every: int | str = 0
     eval_every_steps: int = 0
@@ -230,6 +252,9 @@ def _typed(cls, table, where: str):
             "int": isinstance(value, int) and not isinstance(value, bool),
             "int | str": isinstance(value, (int, str)) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "float | None": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "list[float] | None": isinstance(value, list)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
             "bool": isinstance(value, bool),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
         }[want]
@@ -375,6 +400,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     optimizer = _typed(OptimizerConfig, raw.get("optimizer", {}), f"{path}: [optimizer]")
     _one_of(optimizer.dense, DENSE_OPTIMIZERS, f"{path}: [optimizer].dense")
     _one_of(optimizer.sparse, SPARSE_OPTIMIZERS, f"{path}: [optimizer].sparse")
+    _check_hyper(optimizer, path)
     trainer = _typed(TrainerConfig, raw["trainer"], f"{path}: [trainer]")
     trainer.output_dir = rel(trainer.output_dir)
     if trainer.warm_start:
@@ -425,11 +451,60 @@ def load_config(path: str, overrides=()) -> JobConfig:
         raise ConfigError(
             f'{path}: [trainer].early_stopping_patience needs a periodic validation: eval_every (steps, or "epoch")'
         )
+    if trainer.max_grad_norm < 0:
+        raise ConfigError(f"{path}: [trainer].max_grad_norm: must be >= 0 (0: none), got {trainer.max_grad_norm}")
+    if trainer.max_grad_norm and trainer.sparse_update == "in_backward":
+        raise ConfigError(
+            f'{path}: [trainer].sparse_update: "in_backward" does not go with max_grad_norm (clipping needs the '
+            'sparse gradient at the optimizer step): "auto" or "deferred"'
+        )
+    if optimizer.schedule != "constant" and not trainer.max_steps and not trainer.epochs:
+        raise ConfigError(f"{path}: [optimizer].schedule {optimizer.schedule!r} needs [trainer].max_steps or epochs")
     if trainer.collective_timeout < 0:
         raise ConfigError(
             f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
         )
     return JobConfig(path, data, features, model, optimizer, trainer)
+
+
+# Which optimizers take which [optimizer] hyper-parameter.
+_HYPER = {
+    "betas": ("adam", "adamw"),
+    "eps": ("adam", "adamw", "adagrad", "rowwise_adagrad"),
+    "momentum": ("sgd",),
+}
+
+
+def _check_hyper(o: OptimizerConfig, path: str) -> None:
+    for side in ("dense", "sparse"):
+        kind = getattr(o, side)
+        for name, takers in _HYPER.items():
+            value = getattr(o, f"{side}_{name}", None)
+            if value is None:
+                continue
+            where = f"{path}: [optimizer].{side}_{name}"
+            if kind not in takers:
+                raise ConfigError(f"{where}: {side} = {kind!r} takes no {name} (only {', '.join(takers)} do)")
+            if name == "betas" and (len(value) != 2 or not all(0.0 <= b < 1.0 for b in value)):
+                raise ConfigError(f"{where}: two numbers in [0, 1), got {value}")
+            if name == "eps" and not value > 0:
+                raise ConfigError(f"{where}: must be > 0, got {value}")
+            if name == "momentum" and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{where}: must be in [0, 1), got {value}")
+    _one_of(o.schedule, ("constant", "linear", "cosine"), f"{path}: [optimizer].schedule")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"{path}: [optimizer].warmup_steps: must be >= 0, got {o.warmup_steps}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{path}: [optimizer].min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+
+
+def _hyper_kwargs(o: OptimizerConfig, side: str) -> dict:
+    out = {}
+    for name in _HYPER:
+        value = getattr(o, f"{side}_{name}", None)
+        if value is not None:
+            out[name] = tuple(value) if name == "betas" else value
+    return out
 
 
 def model_arguments(model: dict) -> dict:
@@ -589,7 +664,7 @@ class Job:
             # arguments, checked by it alone.
             raise ConfigError(f"{cfg.path}: [model] ({cfg.model['name']}): {e}") from e
         self.dense_optimizer = DENSE_OPTIMIZERS[o.dense](
-            self.model.parameters(), lr=o.dense_lr, weight_decay=o.dense_weight_decay
+            self.model.parameters(), lr=o.dense_lr, weight_decay=o.dense_weight_decay, **_hyper_kwargs(o, "dense")
         )
         sparse_cls = {
             "adam": optim.SparseAdam,
@@ -598,7 +673,22 @@ class Job:
             "rowwise_adagrad": optim.SparseRowWiseAdagrad,
             "sgd": optim.SparseSGD,
         }[o.sparse]
-        self.sparse_optimizer = sparse_cls(self.model, lr=o.sparse_lr, weight_decay=o.sparse_weight_decay)
+        self.sparse_optimizer = sparse_cls(
+            self.model, lr=o.sparse_lr, weight_decay=o.sparse_weight_decay, **_hyper_kwargs(o, "sparse")
+        )
+        schedulers = None
+        if o.schedule != "constant" or o.warmup_steps:
+            from recis.optim import warmup_schedule
+
+            total = t.max_steps
+            if not total and self.train_dataset is not None:
+                per_epoch = -(-self.train_dataset.total_rows() // (d.batch_size * distributed.world()))
+                total = t.epochs * max(1, per_epoch // t.gradient_accumulation_steps)
+            total = max(total or 0, o.warmup_steps + 1)
+            schedulers = [
+                warmup_schedule(opt, o.warmup_steps, o.schedule, total, o.min_lr_ratio)
+                for opt in (self.dense_optimizer, self.sparse_optimizer)
+            ]
         self.args = TrainingArguments(
             output_dir=t.output_dir,
             epochs=t.epochs,
@@ -606,6 +696,7 @@ class Job:
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=None if t.mixed_precision == "none" else t.mixed_precision,
             sparse_update=t.sparse_update,
+            max_grad_norm=t.max_grad_norm or None,
             log_every_steps=t.log_every_steps,
             eval_every=t.eval_every or None,
             metric_for_best=t.metric_for_best,
@@ -632,6 +723,7 @@ class Job:
             sparse_optimizer=self.sparse_optimizer,
             input_fn=self.pipeline,
             valid_dataset=self.valid_dataset,
+            lr_scheduler=schedulers,
         )
         if t.export_every_steps:
             from recis.serving import ServingExportHook

@@ -57,6 +57,11 @@ class TrainingArguments:
         and their gradients stay float32). fp16 adds dynamic loss scaling of
         dense and sparse gradients (``recis.framework.scaler``): a step with
         an inf/NaN gradient is skipped and the scale halves.
+    max_grad_norm: clip the gradients before each optimizer step so that
+        their joint L2 norm, dense parameters and table rows together, is at
+        most this (``recis.optim.clip_grad_norm_``; the sparse update then
+        runs at the step, not in backward); the norm before clipping is
+        logged as ``grad_norm``. None: no clipping.
     log_every_steps: progress line and log record every this many steps.
     eval_every: evaluate periodically: every this many steps (an int), or
         ``"epoch"`` (at the end of each epoch); None: only at the end of
@@ -129,6 +134,7 @@ class TrainingArguments:
     max_steps: int | None = None
     gradient_accumulation_steps: int = 1
     mixed_precision: str | None = None
+    max_grad_norm: float | None = None
     log_every_steps: int = 10
     eval_every: int | str | None = None
     eval_every_steps: int | None = None
@@ -162,6 +168,9 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}"
             )
+        m = self.max_grad_norm
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"TrainingArguments.max_grad_norm must be a number > 0 or None, got {m!r}")
         if self.collective_timeout is not None and not self.collective_timeout > 0:
             raise ValueError(f"TrainingArguments.collective_timeout must be > 0 or None, got {self.collective_timeout}")
         for name in ("log_every_steps", "eval_every_steps", "save_every_steps", "evict_every_steps", "max_steps"):
@@ -259,7 +268,12 @@ class Trainer:
         self._model_step: int | None = None  # the step of the checkpoint loaded by load_best
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
+        if isinstance(lr_scheduler, (list, tuple)):
+            from recis.optim import Schedulers
+
+            lr_scheduler = Schedulers(lr_scheduler)  # e.g. the dense optimizer's and the sparse one's
         self.lr_scheduler = lr_scheduler
+        self._grad_norm: float | None = None
         self.input_fn = input_fn or (lambda b: b)
         self.loss_fn = loss_fn
         self.hooks = list(hooks)
@@ -448,6 +462,8 @@ class Trainer:
             needs.append(f"gradient_accumulation_steps = {a.gradient_accumulation_steps}")
         if self.scaler is not None:
             needs.append("fp16 loss scaling")
+        if a.max_grad_norm is not None:
+            needs.append("max_grad_norm (clipping)")
         mode = a.sparse_update
         asked = getattr(opt, "in_backward_requested", None)
         if mode == "auto" and asked is not None:
@@ -474,6 +490,11 @@ class Trainer:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()  # the schedule follows the step count
                 return
+        if self.args.max_grad_norm is not None:
+            from recis.optim import clip_grad_norm_
+
+            sparse = [self.sparse_optimizer] if self.sparse_optimizer is not None else []
+            self._grad_norm = clip_grad_norm_(self.args.max_grad_norm, list(self.model.parameters()), sparse)
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.step()
             self.sparse_optimizer.zero_grad()
@@ -586,6 +607,8 @@ class Trainer:
                         "samples_per_s": window_n / (now - t_window),
                         "table_rows": {n: len(t) for n, t in self.tables.items()},
                     }
+                    if self._grad_norm is not None:
+                        logs["grad_norm"] = self._grad_norm  # this step's, before clipping
                     if self.scaler is not None:
                         logs["loss_scale"] = self.scaler.scale
                         logs["skipped_steps"] = self.scaler.skipped

@@ -8,6 +8,7 @@ from recis.optim.sparse import (
     SparseRowWiseAdagrad,
     SparseSGD,
 )
+from recis.optim.training import Schedulers, clip_grad_norm_, warmup_schedule
 
 __all__ = [
     "SparseAdagrad",
@@ -16,4 +17,7 @@ __all__ = [
     "SparseOptimizer",
     "SparseRowWiseAdagrad",
     "SparseSGD",
+    "Schedulers",
+    "clip_grad_norm_",
+    "warmup_schedule",
 ]
