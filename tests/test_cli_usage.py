@@ -391,7 +391,14 @@ def test_print_config_shows_every_field_after_set_and_reloads_the_same(tmp_path,
     assert "# group: not set" in out
     assert [f["combiner"] for f in printed["feature"]] == ["sum", "mean"]
     assert [f["column"] for f in printed["feature"]] == ["C1", "C2"]  # defaults filled in
-    assert printed["model"] == {"name": "deepfm", "dim": 4, "hidden": [4, 4], "coalesce": True}
+    assert printed["model"] == {
+        "name": "deepfm",
+        "dim": 4,
+        "hidden": [4, 4],
+        "coalesce": True,
+        "dropout": 0.0,
+        "batch_norm": False,
+    }
     # The printed config, loaded from elsewhere, is the same job.
     other = tmp_path / "elsewhere"
     other.mkdir()

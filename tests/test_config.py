@@ -228,3 +228,47 @@ def test_collective_timeout_reaches_the_trainer(tmp_path):
     bad = write(tmp_path, CONFIG.format(model="deepfm").replace("save_every_steps = 20", "collective_timeout = -1"))
     with pytest.raises(ConfigError, match=r"\[trainer\].collective_timeout: must be >= 0 seconds, got -1"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dlrm"])
+def test_model_dropout_and_batch_norm(tmp_path, model, capsys):
+    import torch
+
+    from recis.config import Job
+
+    doc = cfgmod.__doc__.split("[model]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r"^dropout = 0\.0 ", doc, re.M) and re.search(r"^batch_norm = false ", doc, re.M)
+    generate(str(tmp_path / "data"), 600, files=3, vocab=100, seed=0)
+    text = CONFIG.format(model=model).replace("dim = 8", "dim = 8\ndropout = 0.1\nbatch_norm = true")
+    text = text.replace("batch_size = 512", "batch_size = 64").replace("save_every_steps = 20", "max_steps = 4")
+    path = write(tmp_path, text)
+    cfg = load_config(path)
+    assert cfg.model["dropout"] == 0.1 and cfg.model["batch_norm"] is True
+    job = Job(cfg)
+    layers = [m for m in job.model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d))]
+    assert {type(m) for m in layers} == {torch.nn.Dropout, torch.nn.BatchNorm1d}
+    assert all(m.p == 0.1 for m in layers if isinstance(m, torch.nn.Dropout))
+    assert main(["train", "--config", path, "--print-config"]) == 0
+    printed = capsys.readouterr().out.split("[model]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r"^dropout = 0\.1$", printed, re.M) and re.search(r"^batch_norm = true$", printed, re.M)
+    # Trains (the Trainer: model.train()), evaluates (model.eval()) and
+    # records both in the checkpoint's model spec.
+    assert main(["train", "--config", path]) == 0
+    assert re.search(r"eval: AUC 0\.\d+", capsys.readouterr().out)
+    meta = json.loads((tmp_path / "out" / "checkpoints" / "ckpt-4" / "meta.json").read_text())
+    args = meta["extra"]["model_spec"]["args"]
+    assert args["dropout"] == 0.1 and args["batch_norm"] is True
+    assert main(["eval", "--config", path]) == 0
+    # Defaults: the printed config spells them out.
+    plain = write(tmp_path, CONFIG.format(model=model), "plain.toml")
+    assert main(["train", "--config", plain, "--print-config"]) == 0
+    printed = capsys.readouterr().out.split("[model]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r"^dropout = 0\.0$", printed, re.M) and re.search(r"^batch_norm = false$", printed, re.M)
+    # Bad values: the job names [model], the model and the argument.
+    for bad, message in [
+        ("dropout = 1.0", r"dropout must be a number in \[0, 1\), got 1\.0"),
+        ('batch_norm = "yes"', r"batch_norm must be a bool, got 'yes'"),
+    ]:
+        path = write(tmp_path, CONFIG.format(model=model).replace("dim = 8", f"dim = 8\n{bad}"), "bad.toml")
+        with pytest.raises(ConfigError, match=rf"\[model\] \({model}\): \w+: {message}"):
+            Job(load_config(path))

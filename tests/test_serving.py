@@ -144,7 +144,7 @@ def test_serving_holds_embeddings_only(trained, tmp_path):
     assert predictor.stats()["table_bytes"] < train_bytes  # Adam's two slots a value are gone
 
 
-def small_model(name: str, seed: int = 0):
+def small_model(name: str, seed: int = 0, **kw):
     fields = {
         "u": EmbeddingOption(dim=5 if name in ("deepfm", "wide_deep") else 4, initializer=NormalInit(0, 0.1), seed=1),
         "i": EmbeddingOption(
@@ -156,7 +156,7 @@ def small_model(name: str, seed: int = 0):
     }
     torch.manual_seed(seed)
     kwargs = {"bottom": (8, 4), "top": (8,)} if name == "dlrm" else {}
-    return MODELS[name](fields, num_dense=2, dim=4, **kwargs)
+    return MODELS[name](fields, num_dense=2, dim=4, **kwargs, **kw)
 
 
 def batch(ids_u, ids_i, seed=0):
@@ -193,6 +193,37 @@ def test_every_zoo_model_round_trips(name, tmp_path):
         want = torch.sigmoid(model(b))
     torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
     assert len(predictor.model.embedding.tables()[0]) == sum(len(t) for t in model.tables())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dropout_and_batch_norm_serve_the_models_evaluation(name, tmp_path):
+    model = small_model(name, dropout=0.3, batch_norm=True)
+    opt = SparseAdam(model, lr=0.05)
+    dense = torch.optim.Adam(model.parameters(), lr=0.01)
+    for step in range(3):
+        b = batch(list(range(step, step + 64)), [[i, i + 1] for i in range(64)], seed=step)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), torch.rand(64).round())
+        dense.zero_grad()
+        opt.zero_grad()
+        loss.backward()
+        dense.step()
+        opt.step()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(int(m.num_batches_tracked) == 3 for m in norms)
+    export(model, str(tmp_path / "x"))
+    predictor = Predictor(str(tmp_path / "x"))
+    assert predictor.model.state_dict().keys() == model.state_dict().keys()
+    served = [m for m in predictor.model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    for a, b in zip(norms, served, strict=True):  # the running statistics travel with the dense weights
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    b = batch([1, 2, 10**9, 5], [[3, 4], [10**9, 1], [7, 8], [10**9, 10**9 + 1]], seed=9)
+    model.eval()
+    with torch.no_grad():
+        want = torch.sigmoid(model(b))
+    torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
+    one = batch([2], [[10**9, 1]], seed=9)
+    one["dense"] = b["dense"][1:2]
+    torch.testing.assert_close(predictor.predict(one), want[1:2], rtol=0, atol=1e-6)  # a batch of one row
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

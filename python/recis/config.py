@@ -34,6 +34,10 @@ dim = 16                      # embedding width
 # (deepfm, dcnv2, wide_deep), bottom / top (dlrm), cross_layers / rank (dcnv2),
 # coalesce = false (every model: a physical table per feature table instead of
 # one per config)
+dropout = 0.0                 # every model: dropout after each hidden MLP layer's activation (in [0, 1); 0: none;
+                              # dlrm: its bottom and top MLPs; never the output layer); off in evaluation
+batch_norm = false            # every model: BatchNorm1d after each hidden MLP layer's Linear, before its activation
+                              # (evaluation uses the running statistics); a training batch of one row is an error
 
 [[feature]]                   # one per sparse field (at least one)
 name = "C1"                   # the model's name for it

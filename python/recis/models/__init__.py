@@ -1,8 +1,13 @@
 """Model zoo: plain nn.Modules around an EmbeddingEngine. Each takes the
 sparse fields (names, or {name: EmbeddingOption}), ``num_dense`` and
 ``dim``, and maps a batch (the fields, plus ``"dense"`` [B, num_dense]) to
-logits [B]. ``model_spec(model)`` describes a zoo model as JSON and
-``build_model(spec)`` rebuilds it (with fresh tables and weights)."""
+logits [B]. Every model takes ``dropout`` (after each hidden MLP layer's
+activation; 0: none) and ``batch_norm`` (BatchNorm1d after each hidden
+Linear, before its activation) for all its MLPs' hidden layers, never an
+output layer; their defaults build the models as they were before these
+options (the same parameters and ``state_dict`` names).
+``model_spec(model)`` describes a zoo model as JSON and ``build_model(spec)``
+rebuilds it (with fresh tables and weights)."""
 
 from recis.models.common import model_spec
 from recis.models.dcn import DCNv2

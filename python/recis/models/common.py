@@ -82,12 +82,36 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
     return list(options), EmbeddingEngine(options, coalesce=coalesce)
 
 
-def mlp(width: int, hidden, out: int | None = 1) -> tuple[nn.Sequential, int]:
-    """Linear+ReLU layers of ``hidden`` widths, then a Linear to ``out``
-    (None: no output layer). Returns (module, output width)."""
+def check_regularization(dropout, batch_norm, where: str) -> None:
+    """``dropout`` a number in [0, 1) and ``batch_norm`` a bool, else a
+    ValueError naming ``where``, the argument and its value."""
+    if (
+        isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0  # NaN fails too
+    ):
+        raise ValueError(f"{where}: dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(batch_norm, bool):
+        raise ValueError(f"{where}: batch_norm must be a bool, got {batch_norm!r}")
+
+
+def mlp(
+    width: int, hidden, out: int | None = 1, dropout: float = 0.0, batch_norm: bool = False
+) -> tuple[nn.Sequential, int]:
+    """Hidden layers of ``hidden`` widths, each Linear (+ BatchNorm1d with
+    ``batch_norm``) + ReLU (+ Dropout(``dropout``) when it is > 0), then a
+    Linear to ``out`` (None: no output layer), which is never normalized or
+    dropped out. Returns (module, output width).
+
+    The defaults build exactly Linear+ReLU pairs, in the layout (and
+    ``state_dict`` names) of the models before these options existed."""
+    check_regularization(dropout, batch_norm, "mlp")
     layers = []
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers.append(nn.Linear(width, h))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(float(dropout)))
         width = h
     if out is not None:
         layers.append(nn.Linear(width, out))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
 
 
 class CrossLayer(nn.Module):
@@ -35,13 +35,16 @@ class DCNv2(nn.Module):
         hidden: tuple[int, ...] = (400, 400),
         seed: int = 0,
         coalesce: bool = True,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ):
         super().__init__()
+        check_regularization(dropout, batch_norm, "DCNv2")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         width = dim * len(self.sparse_fields) + num_dense
         self.cross = nn.ModuleList(CrossLayer(width, rank) for _ in range(cross_layers))
-        self.deep, _ = mlp(width, hidden)
+        self.deep, _ = mlp(width, hidden, dropout=dropout, batch_norm=batch_norm)
 
     def tables(self):
         return self.embedding.tables()

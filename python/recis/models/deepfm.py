@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
 from recis.nn import EmbeddingOption
 from recis.nn.options import name_seed
 
@@ -33,11 +33,14 @@ class DeepFM(nn.Module):
         option: EmbeddingOption | None = None,
         seed: int = 0,
         coalesce: bool = True,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ):
         """``sparse_fields``: names, or {name: EmbeddingOption} with
         ``dim + 1`` each; ``option``: one option for every named field
         (each seeded by its name: ``recis.nn.options.name_seed``)."""
         super().__init__()
+        check_regularization(dropout, batch_norm, "DeepFM")
         if option is not None:
             if option.dim != dim + 1:
                 raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
@@ -46,7 +49,7 @@ class DeepFM(nn.Module):
         self.num_dense = num_dense
         self.dim = dim
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
-        self.mlp, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden)
+        self.mlp, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
 
     def tables(self):
         return self.embedding.tables()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
 
 
 @zoo_model("dlrm")
@@ -21,17 +21,20 @@ class DLRM(nn.Module):
         top: tuple[int, ...] = (512, 256),
         seed: int = 0,
         coalesce: bool = True,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ):
         super().__init__()
+        check_regularization(dropout, batch_norm, "DLRM")
         if num_dense < 1:
             raise ValueError("DLRM: needs dense features (num_dense >= 1) for its bottom MLP")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
-        self.bottom, _ = mlp(num_dense, bottom, out=dim)
+        self.bottom, _ = mlp(num_dense, bottom, out=dim, dropout=dropout, batch_norm=batch_norm)
         self.bottom.append(nn.ReLU())
         n = len(self.sparse_fields) + 1
         self.register_buffer("_pairs", torch.triu_indices(n, n, offset=1), persistent=False)
-        self.top, _ = mlp(dim + n * (n - 1) // 2, top)
+        self.top, _ = mlp(dim + n * (n - 1) // 2, top, dropout=dropout, batch_norm=batch_norm)
 
     def tables(self):
         return self.embedding.tables()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
 
 
 @zoo_model("wide_deep")
@@ -25,12 +25,15 @@ class WideDeep(nn.Module):
         hidden: tuple[int, ...] = (400, 400, 400),
         seed: int = 0,
         coalesce: bool = True,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ):
         super().__init__()
+        check_regularization(dropout, batch_norm, "WideDeep")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.wide_dense = nn.Linear(num_dense, 1) if num_dense else None
-        self.deep, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden)
+        self.deep, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
 
     def tables(self):
         return self.embedding.tables()
