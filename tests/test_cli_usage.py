@@ -385,7 +385,11 @@ def test_print_config_shows_every_field_after_set_and_reloads_the_same(tmp_path,
         "sparse": "adagrad",
         "sparse_lr": 0.001,
         "sparse_weight_decay": 0.0,
-    }
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.0,
+    }  # the optimizers' own hyper-parameter defaults: not set
+    assert "# dense_betas: not set" in out and "# sparse_eps: not set" in out
     assert printed["data"]["train"] == [str(tmp_path / "part-00000.orc"), str(tmp_path / "more")]
     assert printed["data"]["num_threads"] == 2 and "group" not in printed["data"]  # a default; unset
     assert "# group: not set" in out

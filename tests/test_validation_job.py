@@ -164,3 +164,16 @@ def test_a_validation_set_missing_a_column_is_refused_before_training(data_dir, 
     err = capsys.readouterr().err
     assert "part.orc" in err and "C2" in err, err
     assert not (job / "out" / "checkpoints").exists() or not any((job / "out" / "checkpoints").iterdir())
+
+
+def test_batch_norm_and_a_one_row_last_batch(data_dir, tmp_path, capsys):
+    """2000 rows in batches of 1999: the last batch is one row, which batch
+    norm cannot train on; named, and drop_remainder drops it."""
+    text = JOB.format(epochs=1, patience=0).replace("batch_size = 256", "batch_size = 1999")
+    text = text.replace("hidden = [32]", "hidden = [32]\nbatch_norm = true")
+    text = text.replace("load_best_at_end = true", "")
+    job, path = job_dir(tmp_path, data_dir, text)
+    assert main(["train", "--config", path]) == 1
+    assert "a training batch of one row at step 2" in capsys.readouterr().err
+    (job / "job.toml").write_text(text.replace("batch_size = 1999", "batch_size = 1999\ndrop_remainder = true"))
+    assert main(["train", "--config", path, "--set", "trainer.resume=false"]) == 0

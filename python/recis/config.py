@@ -18,6 +18,8 @@ non_finite = "error"          # ±inf in a float column (or a float64 dense valu
                               # one) and reads as 0
 group = "user_id"             # integer column to group GAUC by (default: no GAUC)
 batch_size = 4096
+drop_remainder = false        # training drops each epoch's last batch when it is short (batch_norm needs a
+                              # training batch of more than one row); evaluation never drops rows
 shuffle = true                # seeded shuffle, per epoch, of the stripes and (shuffle_buffer) the rows
 seed = 0
 shuffle_buffer = 1048576      # with shuffle: rows are shuffled in windows of at least this many rows (whole
@@ -37,7 +39,8 @@ dim = 16                      # embedding width
 dropout = 0.0                 # every model: dropout after each hidden MLP layer's activation (in [0, 1); 0: none;
                               # dlrm: its bottom and top MLPs; never the output layer); off in evaluation
 batch_norm = false            # every model: BatchNorm1d after each hidden MLP layer's Linear, before its activation
-                              # (evaluation uses the running statistics); a training batch of one row is an error
+                              # (evaluation uses the running statistics); a training batch of one row is an error:
+                              # [data] drop_remainder = true drops a short last batch
 
 [[feature]]                   # one per sparse field (at least one)
 name = "C1"                   # the model's name for it
@@ -159,6 +162,7 @@ class DataConfig:
     non_finite: str = "error"
     group: str | None = None
     batch_size: int = 4096
+    drop_remainder: bool = False
     shuffle: bool = True
     seed: int = 0
     shuffle_buffer: int = SHUFFLE_BUFFER
@@ -627,7 +631,14 @@ class Job:
             non_finite=d.non_finite,
         )
         self.train_dataset = (
-            OrcDataset(d.train, shuffle=d.shuffle, seed=d.seed, shuffle_buffer=d.shuffle_buffer, **kw)
+            OrcDataset(
+                d.train,
+                shuffle=d.shuffle,
+                seed=d.seed,
+                shuffle_buffer=d.shuffle_buffer,
+                drop_remainder=d.drop_remainder,
+                **kw,
+            )
             if for_training
             else None
         )

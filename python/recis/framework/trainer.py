@@ -274,6 +274,7 @@ class Trainer:
             lr_scheduler = Schedulers(lr_scheduler)  # e.g. the dense optimizer's and the sparse one's
         self.lr_scheduler = lr_scheduler
         self._grad_norm: float | None = None
+        self._has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.input_fn = input_fn or (lambda b: b)
         self.loss_fn = loss_fn
         self.hooks = list(hooks)
@@ -570,6 +571,12 @@ class Trainer:
             if done:
                 break
             for batch in self._lockstep(self.train_dataset, pad=False):
+                if self._has_batch_norm and int(batch[a.label_key].numel()) == 1:
+                    raise TrainingError(
+                        f"a training batch of one row at step {self.global_step + 1} (the epoch's last): batch "
+                        "norm needs more than one row to normalise by; drop the short last batch "
+                        "(OrcDataset(drop_remainder=True), [data] drop_remainder = true) or change batch_size"
+                    )
                 loss = self._loss(batch)
                 finite = math.isfinite(float(loss.detach()))
                 if not distributed.all_true(finite):
