@@ -48,6 +48,13 @@ column = "C1"                 # ORC column (default: name): int64, list<int64>, 
 hash = false                  # hash strings to ids at read time (FarmHash Fingerprint64); a string column
                               # without it (or a float column) is refused when the job opens its data
 bucket = 0                    # with hash: ids modulo bucket (0: none); bucket without hash is an error
+columns = ["C1", "C2"]        # the columns the feature's ops read instead of column: two, for ops = cross
+ops = [{ op = "fill_missing", value = 0 }, { op = "bucketize", boundaries = [1, 10, 100] }]
+                              # an op chain from the column's values to the feature's ids, run fused over all
+                              # features before the model (recis.features.chain): fill_missing {value},
+                              # bucketize {boundaries}, hash {bucket}, mod {mod}, cross {bucket} (of the two
+                              # columns, the first op), truncate {max_len, side}, multi_hash {buckets}; checked
+                              # against the columns' types when the job opens its data (default: none)
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
 init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (the table's seed, id); a
@@ -176,6 +183,8 @@ class FeatureConfig:
     column: str | None = None
     hash: bool = False
     bucket: int = 0
+    columns: list[str] = field(default_factory=list)
+    ops: list[dict] = field(default_factory=list)
     combiner: str = "sum"
     shared: str | None = None
     init_std: float = DEFAULT_INITIALIZER.std
@@ -265,6 +274,7 @@ def _typed(cls, table, where: str):
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
             "bool": isinstance(value, bool),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "list[dict]": isinstance(value, list) and all(isinstance(v, dict) for v in value),
         }[want]
         if not ok:
             raise ConfigError(f"{where}.{name}: expected {want}, got {value!r}")
@@ -386,6 +396,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
         if f.admit_after < 1:
             raise ConfigError(f"{where}.admit_after: must be >= 1, got {f.admit_after}")
+        _check_ops(f, where)
         if f.bucket and not f.hash:
             raise ConfigError(
                 f"{where}.bucket: {f.bucket} without hash = true (bucket bounds the ids hashed from strings; "
@@ -473,6 +484,31 @@ def load_config(path: str, overrides=()) -> JobConfig:
             f"{path}: [trainer].collective_timeout: must be >= 0 seconds, got {trainer.collective_timeout}"
         )
     return JobConfig(path, data, features, model, optimizer, trainer)
+
+
+def _check_ops(f: FeatureConfig, where: str) -> None:
+    """A feature's ops and columns, checked for shape and arguments (their
+    types are checked against the data when the job opens it)."""
+    from recis.features.chain import build_ops, validate
+    from recis.features.ops import FeatureOpError
+
+    if f.columns and not f.ops:
+        raise ConfigError(f"{where}.columns: given without ops (columns are what the ops read; one column: column)")
+    if f.columns and f.column:
+        raise ConfigError(f"{where}: give column or columns, not both")
+    if len(f.columns) > 2:
+        raise ConfigError(f"{where}.columns: at most two (for cross), got {f.columns}")
+    if f.ops and f.bucket:
+        raise ConfigError(
+            f'{where}.bucket: not with ops: end the chain with {{op = "mod", mod = {f.bucket}}} (or hash\'s bucket)'
+        )
+    if not f.ops:
+        return
+    try:
+        f.ops = validate(f.ops, f.name, len(f.columns) or 1)
+        build_ops(f.ops, f.name)
+    except FeatureOpError as e:
+        raise ConfigError(f"{where}.ops: {e}") from None
 
 
 # Which optimizers take which [optimizer] hyper-parameter.
@@ -611,7 +647,17 @@ class Job:
         self.cfg = cfg
         d, t, o = cfg.data, cfg.trainer, cfg.optimizer
         self.pipeline = InputPipeline(
-            features=[FeatureInput(f.name, f.column or f.name, f.hash, f.bucket) for f in cfg.features],
+            features=[
+                FeatureInput(
+                    f.name,
+                    f.column or (f.columns[0] if f.columns else f.name),
+                    f.hash,
+                    f.bucket,
+                    columns=tuple(f.columns) if len(f.columns) > 1 else (),
+                    ops=tuple(f.ops),
+                )
+                for f in cfg.features
+            ],
             label=d.label,
             dense=list(d.dense),
             dense_transform=d.dense_transform,
@@ -752,8 +798,19 @@ class Job:
         that a string or float column is refused here, naming the feature,
         before any step, rather than by the model at the first one. The
         reader has checked that every file gives a column one type."""
+        from recis.features.chain import check_chain, column_kind
+        from recis.features.ops import FeatureOpError
+
         types = {name: (dtype, is_list) for name, dtype, is_list, _ in ds.types}
         for f in self.cfg.features:
+            if f.ops:
+                cols = f.columns or [f.column or f.name]
+                inputs = [(c, column_kind(*types[c], hashed=f.hash and types[c][0] == "string")) for c in cols]
+                try:
+                    check_chain(f.ops, f.name, inputs)
+                except FeatureOpError as e:
+                    raise ConfigError(f"{self.cfg.path}: [[feature]] {f.name!r}: on {ds.files[0]}: {e}") from None
+                continue
             col = f.column or f.name
             dtype, is_list = types[col]
             if dtype == "int64":

@@ -10,6 +10,11 @@ What it does to a batch of ``OrcDataset``:
 - each feature's column becomes the model's ids under the feature's name: a
   scalar int64 column one id a row ([B, 1]), a list column as it is (hashing
   and ``bucket`` happen in the reader, per ``columns()``);
+- a feature with ``ops`` (``recis.features.chain``: hash, mod, bucketize,
+  cross, truncate, multi_hash, fill_missing) gets its ids from its op chain
+  over its column (or its two ``columns``, for cross); the chains of all
+  the features run in one ``FeatureEngine``, fused (one native call per op
+  type and depth), before the model sees the batch;
 - the dense columns are stacked into ``"dense"`` [B, len(dense)] float32,
   NaN (a null) read as 0, ±inf per ``non_finite``, then ``dense_transform``
   ("none" or "log1p").
@@ -21,19 +26,35 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from recis.features.ops import Hash
+from recis.features.strings import StringColumn
 from recis.io.dataset import NON_FINITE, Column, DataError
+from recis.ragged import RaggedTensor
 
 TRANSFORMS = ("none", "log1p")
 
 
 @dataclass(frozen=True)
 class FeatureInput:
-    """One sparse feature: the model's name for it and the column it reads."""
+    """One sparse feature: the model's name for it and the column it reads
+    (``columns``: the columns its ops read, two for a cross); ``ops``: its op
+    chain, as ``recis.features.chain`` tables (none: the column's ids as
+    they are, hashed at read with ``hash``)."""
 
     name: str
     column: str
     hash: bool = False
     bucket: int = 0
+    columns: tuple = ()
+    ops: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "ops", tuple(dict(o) for o in self.ops))
+
+    def inputs(self) -> tuple:
+        """The columns the feature reads."""
+        return self.columns or (self.column,)
 
 
 @dataclass
@@ -51,33 +72,84 @@ class InputPipeline:
             raise ValueError(f"{self.where}: dense_transform must be one of {TRANSFORMS}, got {self.dense_transform!r}")
         if self.non_finite not in NON_FINITE:
             raise ValueError(f"{self.where}: non_finite must be one of {NON_FINITE}, got {self.non_finite!r}")
+        self._engine = None
+        chained = [f for f in self.features if f.ops]
+        if chained:
+            from recis.features import Feature, FeatureEngine, SelectField, SelectFields
+            from recis.features.chain import build_ops, validate
+
+            feats = []
+            for f in chained:
+                cols = f.inputs()
+                specs = validate(list(f.ops), f.name, len(cols))
+                feat = Feature(f.name).add_op(SelectFields(list(cols)) if len(cols) > 1 else SelectField(cols[0]))
+                for op in build_ops(specs, f.name):
+                    feat.add_op(op)
+                feats.append(feat)
+            self._engine = FeatureEngine(feats)
+            # hash = true with ops: the feature's string columns are hashed
+            # to ids (Fingerprint64, as the reader's hash) before its chain.
+            self._prehash = sorted({c for f in chained if f.hash for c in f.inputs()})
+            plain = {c for f in chained if not f.hash for c in f.inputs()}
+            both = sorted(plain & set(self._prehash))
+            if both:
+                raise ValueError(
+                    f"{self.where}: column(s) {both} are read by features with ops both with and without hash = true"
+                )
 
     def columns(self, label: bool = True) -> list[Column]:
         """The reader's columns: the label (with ``label``), dense, group,
         then the features' (hashed as configured). A column read twice is a
         ValueError."""
-        cols, seen = [], set()
+        cols, seen = [], {}
 
-        def add(col: Column, what: str):
+        def add(col: Column, what: str, shared: bool = False):
             if col.name in seen:
-                raise ValueError(f"{self.where}: column {col.name!r} is read twice (a feature, label, dense or group)")
-            seen.add(col.name)
+                first, was = seen[col.name]
+                if shared and first == col and was.startswith("feature"):
+                    return  # features reading one column alike share the read
+                raise ValueError(
+                    f"{self.where}: column {col.name!r} is read twice ({was} and {what})"
+                    + (": features reading one column must agree on hash and bucket" if shared else "")
+                )
+            seen[col.name] = (col, what)
             cols.append(col)
 
         if label and self.label:
-            add(Column(self.label), "label")
+            add(Column(self.label), "the label")
         for name in self.dense + ([self.group] if self.group else []):
             if name not in seen:
-                add(Column(name), "dense")
+                add(Column(name), "a dense or group column")
         for f in self.features:
-            add(Column(f.column, hash=f.hash, bucket=f.bucket), f"feature {f.name!r}")
+            if f.ops:
+                for c in f.inputs():  # read as they are (hash = true hashes strings before the ops)
+                    add(Column(c), f"feature {f.name!r}", shared=True)
+            else:
+                add(Column(f.column, hash=f.hash, bucket=f.bucket), f"feature {f.name!r}", shared=True)
         return cols
 
     def __call__(self, batch: dict) -> dict:
         """A reader batch as model input: each feature's ids (a scalar int
         column becomes one id a row), and the dense columns stacked."""
         out = {}
+        chained = {}
+        if self._engine is not None:
+            from recis.features.ops import FeatureOpError
+
+            view = batch
+            strings = [c for c in self._prehash if isinstance(batch.get(c), StringColumn)]
+            if strings:
+                view = dict(batch)
+                hashed = Hash.run_many([Hash(0)] * len(strings), [batch[c] for c in strings], strings)
+                view.update(zip(strings, hashed, strict=True))
+            try:
+                chained = self._engine(view)
+            except FeatureOpError as e:
+                raise DataError(f"{self.where}: {e}") from None
         for f in self.features:
+            if f.ops:
+                out[f.name] = _as_ids(chained[f.name], f.name, self.where)
+                continue
             if f.column not in batch:
                 raise DataError(f"{self.where}: feature {f.name!r}: the batch has no column {f.column!r}")
             v = batch[f.column]
@@ -101,6 +173,10 @@ class InputPipeline:
             out["dense"] = x
         return out
 
+    def chain_inputs(self) -> dict:
+        """{feature name: its input columns}, for the features with ops."""
+        return {f.name: f.inputs() for f in self.features if f.ops}
+
     def _finite_dense(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
         """The dense input ``x`` [B, len(dense)] with NaN (a null) as 0 and
         ±inf per ``non_finite``. The reader has already refused (or
@@ -120,6 +196,12 @@ class InputPipeline:
     def to_json(self) -> dict:
         out = asdict(self)
         del out["where"]
+        for f in out["features"]:  # the fields before ops existed stay as they were
+            for k in ("columns", "ops"):
+                if not f[k]:
+                    del f[k]
+                else:
+                    f[k] = [dict(o) for o in f[k]] if k == "ops" else list(f[k])
         return out
 
     @classmethod
@@ -134,9 +216,30 @@ class InputPipeline:
             raise ValueError(f"{where}: unknown fields {unknown}")
         try:
             features = [FeatureInput(**f) for f in obj["features"]]
+            if not all(isinstance(c, str) for f in features for c in f.columns) or not all(
+                isinstance(o, dict) for f in features for o in f.ops
+            ):
+                raise TypeError("a feature's columns must be names and its ops tables")
             kw = {k: obj[k] for k in known - {"features"} if k in obj}
             if not all(isinstance(c, str) for c in kw.get("dense", [])):
                 raise TypeError("dense must be a list of column names")
             return cls(features=features, where=where, **kw)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: malformed ({e})") from None
+
+
+def _as_ids(v, name: str, where: str):
+    """An op chain's output as the model's ids: a [B] tensor as [B, 1], a
+    [B, k] tensor (multi_hash of a scalar column) as k ids a row, a
+    RaggedTensor of k-vectors (multi_hash of a list) as k ids an element."""
+    if isinstance(v, torch.Tensor):
+        if v.dtype != torch.int64 or v.dim() not in (1, 2):
+            raise DataError(f"{where}: feature {name!r}: its ops gave {v.dtype} {tuple(v.shape)}, not int64 ids")
+        return v.unsqueeze(1) if v.dim() == 1 else v
+    if isinstance(v, RaggedTensor):
+        if v.values.dim() == 2:
+            k = v.values.shape[1]
+            weights = None if v.weights is None else v.weights.repeat_interleave(k)
+            return RaggedTensor(v.values.reshape(-1), v.offsets * k, weights, validate=False)
+        return v
+    raise DataError(f"{where}: feature {name!r}: its ops gave {type(v).__name__}, not ids")

@@ -84,6 +84,24 @@ def _strings(rows: list[dict], column: str, bucket: int):
     return out
 
 
+def _any(rows: list[dict], column: str, hash_strings: bool):
+    """An op chain's input column: strings (hashed with ``hash_strings``,
+    as the reader does), numbers (any float, or a null: as a float column),
+    else ids (one or a list a row)."""
+    plain = [row[column] for row in rows]
+    items = [x for v in plain for x in (v if isinstance(v, list) else [v])]
+    if items and all(isinstance(x, str) for x in items):
+        if hash_strings:
+            return _strings(rows, column, 0)
+        return StringColumn.from_list(plain)
+    if any(type(x) is float or x is None for x in items) and not any(isinstance(v, list) for v in plain):
+        return _numbers(rows, column).to(torch.float32)
+    ids = _ids(rows, column)
+    if not any(isinstance(v, list) for v in plain):
+        return ids.values  # one id a row: a [B] column, as the reader gives it
+    return ids
+
+
 def _numbers(rows: list[dict], column: str) -> torch.Tensor:
     plain = [row[column] for row in rows]
     if all(type(v) is float or type(v) is int for v in plain):
@@ -105,7 +123,10 @@ def request_batch(pipeline, rows) -> dict:
     docstring), or a RequestError naming what is wrong."""
     if not isinstance(rows, list) or not rows:
         raise RequestError('expected {"rows": [ {column: value, ...}, ... ]} with at least one row')
-    features = {f.column: f for f in pipeline.features}
+    features = {}
+    for f in pipeline.features:
+        for c in f.inputs():
+            features.setdefault(c, f)
     wanted = list(features) + [c for c in pipeline.dense if c not in features]
     known = set(wanted) | {pipeline.label, pipeline.group} - {None}
     for r, row in enumerate(rows):
@@ -119,7 +140,10 @@ def request_batch(pipeline, rows) -> dict:
             raise RequestError(f"row {r}: unknown columns {unknown} (the model reads {wanted})")
     batch = {}
     for column, f in features.items():
-        batch[column] = _strings(rows, column, f.bucket) if f.hash else _ids(rows, column)
+        if f.ops:
+            batch[column] = _any(rows, column, f.hash)  # what the op chain reads: ids, numbers or strings
+        else:
+            batch[column] = _strings(rows, column, f.bucket) if f.hash else _ids(rows, column)
     for column in pipeline.dense:
         if column not in batch:
             batch[column] = _numbers(rows, column)
