@@ -246,3 +246,74 @@ def test_sgd_momentum_reaches_the_dense_optimizer(tmp_path, data_dir):
 
     j = Job(load_config(job(tmp_path, data_dir, optimizer='dense = "sgd"\ndense_momentum = 0.9')))
     assert j.dense_optimizer.param_groups[0]["momentum"] == 0.9
+
+
+FEATURE_JOB = """
+[data]
+train = ["data/part-00000.orc"]
+batch_size = 256
+
+[model]
+name = "deepfm"
+dim = 4
+
+[feature_defaults]
+{defaults}
+
+[[feature]]
+name = "C1"
+[[feature]]
+name = "C2"
+{c2}
+"""
+
+
+def feature_job(tmp_path, defaults, c2=""):
+    (tmp_path / "job.toml").write_text(FEATURE_JOB.format(defaults=defaults, c2=c2) + '[trainer]\noutput_dir = "o"\n')
+    return str(tmp_path / "job.toml")
+
+
+def test_feature_defaults_apply_to_every_feature_that_does_not_set_the_field(tmp_path, data_dir):
+    from recis.config import Job
+    from recis.nn import TruncatedNormalInit, UniformInit
+
+    (tmp_path / "data").symlink_to(data_dir / "data")
+    path = feature_job(
+        tmp_path,
+        'initializer = "uniform"\ninit_range = 0.2\nmax_rows = 50\neviction_score = "lfu"\nmin_l2_norm = 0.001\n'
+        'combiner = "mean"',
+        'initializer = "truncated_normal"\ninit_std = 0.03\ncombiner = "sum"',
+    )
+    cfg = load_config(path)
+    c1, c2 = cfg.features
+    assert (c1.initializer, c1.init_range, c1.combiner) == ("uniform", 0.2, "mean")
+    assert (c2.initializer, c2.init_std, c2.combiner) == ("truncated_normal", 0.03, "sum")  # its own win
+    assert c2.max_rows == 50 and c2.eviction_score == "lfu"
+    opts = Job(cfg).model.embedding.options
+    assert opts["C1"].initializer == UniformInit(-0.2, 0.2)
+    assert opts["C2"].initializer == TruncatedNormalInit(0.0, 0.03, -0.06, 0.06)
+    ev = opts["C1"].eviction
+    assert (ev.max_rows, ev.score, ev.min_l2_norm) == (50, "lfu", 0.001)
+    # New rows really come from the initializer: uniform within ±0.2.
+    ids = torch.arange(1, 2001)
+    from recis.nn import DynamicEmbedding
+
+    w = DynamicEmbedding(opts["C1"]).table.initial_values(ids)
+    assert float(w.abs().max()) <= 0.2 and float(w.std()) == pytest.approx(0.2 / 3**0.5, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "defaults, message",
+    [
+        ('name = "x"', r"\[feature_defaults\]: \['name'\] belong to each feature"),
+        ('shared = "t"', r"\['shared'\] belong to each feature"),
+        ("colour = 1", r"\[feature_defaults\]: unknown field\(s\) \['colour'\]"),
+        ('init_std = "big"', r"\[feature_defaults\].init_std: expected float"),
+        ('initializer = "glorot"', r"initializer: 'glorot' is not one of"),
+        ('eviction_score = "mru"', r"eviction_score: 'mru' is not one of"),
+        ("min_l2_norm = -1.0", r"min_l2_norm: must be >= 0"),
+    ],
+)
+def test_bad_feature_defaults_are_named(tmp_path, defaults, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(feature_job(tmp_path, defaults))

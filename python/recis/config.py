@@ -57,16 +57,26 @@ ops = [{ op = "fill_missing", value = 0 }, { op = "bucketize", boundaries = [1, 
                               # against the columns' types when the job opens its data (default: none)
 combiner = "sum"              # "sum" or "mean" of a row's ids
 shared = "items"              # features naming the same shared table use one table (default: own table)
-init_std = 0.01               # new rows ~ Normal(0, init_std), a function of (the table's seed, id); a
-                              # table's seed is [data] seed + a hash of its name (its feature's, or its
-                              # shared name), so adding or reordering features changes no other table's
-                              # (the default is recis.nn.DEFAULT_INITIALIZER's, as in the Python API)
+initializer = "normal"        # new rows: "normal" (Normal(0, init_std)), "truncated_normal" (cut at ±2
+                              # init_std), "uniform" (U(-init_range, init_range)) or "zeros"; a function of
+                              # (the table's seed, id); a table's seed is [data] seed + a hash of its name
+                              # (its feature's, or its shared name), so adding or reordering features changes
+                              # no other table's
+init_std = 0.01               # normal, truncated_normal (the default is recis.nn.DEFAULT_INITIALIZER's, as in
+                              # the Python API)
+init_range = 0.05             # uniform
 admit_after = 1               # an id gets a row at its k-th sighting (1: at once)
 ttl_steps = 0                 # eviction: ids unseen for this many steps (0: never)
 min_frequency = 0             # eviction: ids seen fewer times (0: none)
 max_rows = 0                  # eviction: keep at most this many rows, LRU (0: no cap; features of one config
                               # share one physical table, which keeps features x max_rows, ranked together)
+eviction_score = "lru"        # which rows max_rows keeps: "lru" (the most recently seen) or "lfu" (the most
+                              # often seen)
+min_l2_norm = 0.0             # eviction: rows whose embedding's L2 norm is below this (0: none)
 eval_missing = "zeros"        # unknown ids in evaluation: "zeros" or "initial"
+
+[feature_defaults]            # any [[feature]] field but name, column, columns, ops and shared: the value
+init_std = 0.02               # of every feature that does not set it (default: none)
 
 [optimizer]
 dense = "adam"                # "adam", "adamw", "sgd" or "adagrad"
@@ -187,11 +197,15 @@ class FeatureConfig:
     ops: list[dict] = field(default_factory=list)
     combiner: str = "sum"
     shared: str | None = None
+    initializer: str = "normal"
     init_std: float = DEFAULT_INITIALIZER.std
+    init_range: float = 0.05
     admit_after: int = 1
     ttl_steps: int = 0
     min_frequency: int = 0
     max_rows: int = 0
+    eviction_score: str = "lru"
+    min_l2_norm: float = 0.0
     eval_missing: str = "zeros"
 
 
@@ -354,9 +368,10 @@ def load_config(path: str, overrides=()) -> JobConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     apply_overrides(raw, overrides, path)
-    unknown = sorted(set(raw) - {"data", "model", "feature", "optimizer", "trainer"})
+    sections = {"data", "model", "feature", "feature_defaults", "optimizer", "trainer"}
+    unknown = sorted(set(raw) - sections)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown} (known: data, feature, model, optimizer, trainer)")
+        raise ConfigError(f"{path}: unknown section(s) {unknown} (known: {', '.join(sorted(sections))})")
     for section in ("data", "feature", "trainer"):
         if section not in raw:
             raise ConfigError(
@@ -379,9 +394,18 @@ def load_config(path: str, overrides=()) -> JobConfig:
         raise ConfigError(f"{path}: [data].shuffle_buffer: must be >= 0 rows, got {data.shuffle_buffer}")
     if not isinstance(raw["feature"], list):
         raise ConfigError(f"{path}: features are [[feature]] tables (an array), not one [feature] table")
+    defaults = raw.get("feature_defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: [feature_defaults]: expected a table, got {type(defaults).__name__}")
+    own = sorted(set(defaults) & {"name", "column", "columns", "ops", "shared"})
+    if own:
+        raise ConfigError(f"{path}: [feature_defaults]: {own} belong to each feature, not to every feature")
+    _typed(FeatureConfig, {"name": "_", **defaults}, f"{path}: [feature_defaults]")
     features = []
     for i, t in enumerate(raw["feature"]):
         label = f" ({t['name']})" if isinstance(t, dict) and isinstance(t.get("name"), str) else ""
+        if isinstance(t, dict):
+            t = {**defaults, **t}
         features.append(_typed(FeatureConfig, t, f"{path}: [[feature]] #{i + 1}{label}"))
     names = [f.name for f in features]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -391,6 +415,11 @@ def load_config(path: str, overrides=()) -> JobConfig:
         where = f"{path}: [[feature]] #{i + 1} ({f.name})"
         _one_of(f.combiner, ("sum", "mean"), f"{where}.combiner")
         _one_of(f.eval_missing, ("zeros", "initial"), f"{where}.eval_missing")
+        _one_of(f.initializer, INITIALIZERS, f"{where}.initializer")
+        _one_of(f.eviction_score, ("lru", "lfu"), f"{where}.eviction_score")
+        for k in ("init_std", "init_range", "min_l2_norm"):
+            if not getattr(f, k) >= 0:
+                raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
         for k in ("bucket", "ttl_steps", "min_frequency", "max_rows"):
             if getattr(f, k) < 0:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
@@ -509,6 +538,22 @@ def _check_ops(f: FeatureConfig, where: str) -> None:
         build_ops(f.ops, f.name)
     except FeatureOpError as e:
         raise ConfigError(f"{where}.ops: {e}") from None
+
+
+INITIALIZERS = ("normal", "truncated_normal", "uniform", "zeros")
+
+
+def _initializer(f: FeatureConfig):
+    from recis.nn import ConstantInit, NormalInit, TruncatedNormalInit, UniformInit
+
+    mean = DEFAULT_INITIALIZER.mean
+    if f.initializer == "normal":
+        return NormalInit(mean, f.init_std)
+    if f.initializer == "truncated_normal":
+        return TruncatedNormalInit(mean, f.init_std, mean - 2 * f.init_std, mean + 2 * f.init_std)
+    if f.initializer == "uniform":
+        return UniformInit(-f.init_range, f.init_range)
+    return ConstantInit(0.0)
 
 
 # Which optimizers take which [optimizer] hyper-parameter.
@@ -641,7 +686,7 @@ class Job:
         from recis.io import OrcDataset
         from recis.io.pipeline import FeatureInput, InputPipeline
         from recis.models import MODELS
-        from recis.nn import AlwaysAdmit, CountAdmit, EmbeddingOption, EvictionOption, NormalInit
+        from recis.nn import AlwaysAdmit, CountAdmit, EmbeddingOption, EvictionOption
         from recis.nn.options import name_seed
 
         self.cfg = cfg
@@ -699,13 +744,17 @@ class Job:
         options = {}
         for f in cfg.features:
             eviction = None
-            if f.ttl_steps or f.min_frequency or f.max_rows:
+            if f.ttl_steps or f.min_frequency or f.max_rows or f.min_l2_norm:
                 eviction = EvictionOption(
-                    ttl_steps=f.ttl_steps or None, min_frequency=f.min_frequency or None, max_rows=f.max_rows or None
+                    ttl_steps=f.ttl_steps or None,
+                    min_frequency=f.min_frequency or None,
+                    max_rows=f.max_rows or None,
+                    score=f.eviction_score,
+                    min_l2_norm=f.min_l2_norm or None,
                 )
             options[f.name] = EmbeddingOption(
                 dim=width,
-                initializer=NormalInit(DEFAULT_INITIALIZER.mean, f.init_std),
+                initializer=_initializer(f),
                 combiner=f.combiner,
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),
                 eviction=eviction,
