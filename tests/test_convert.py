@@ -123,3 +123,47 @@ def test_real_criteo_and_avazu_slices_convert_and_read_back(tmp_path):
     assert po.read_table(dev[0]).num_rows == 480
     ds = OrcDataset(str(tmp_path / "avazu"), 1000, ["click", Column("site_id", hash=True)])
     assert sum(b["click"].numel() for b in ds) == 8087
+
+
+def test_csv_list_columns_read_back_through_the_reader(tmp_path):
+    from recis.io import OrcDataset
+
+    (tmp_path / "l.csv").write_text("label,genres,scores\n1,3|7|9,0.5|1.5\n0,,\n1,4,2.0\n")
+    out = convert(
+        [str(tmp_path / "l.csv")],
+        str(tmp_path / "o"),
+        "csv",
+        schema="label:int64,genres:list<int64>,scores:list<float32>",
+    )
+    t = po.read_table(out[0])
+    assert t.schema.field("genres").type == pa.list_(pa.int64())
+    assert t["genres"].to_pylist() == [[3, 7, 9], [], [4]]
+    assert t["scores"].to_pylist() == [[0.5, 1.5], [], [2.0]]
+    batch = next(iter(OrcDataset(out, 8, ["genres"], shuffle=False)))
+    assert batch["genres"].values.tolist() == [3, 7, 9, 4] and batch["genres"].offsets.tolist() == [0, 3, 3, 4]
+    (tmp_path / "b.csv").write_text("genres\n3;x\n")
+    with pytest.raises(ConvertError, match=r"b.csv: column 'genres': not a list<item: int64>"):
+        convert([str(tmp_path / "b.csv")], str(tmp_path / "o2"), "csv", schema="genres:list<int64>", list_delimiter=";")
+    with pytest.raises(ConvertError, match="the file's own delimiter"):
+        convert([str(tmp_path / "b.csv")], str(tmp_path / "o3"), "csv", schema="genres:list<int64>", list_delimiter=",")
+
+
+def test_the_schema_is_fixed_by_the_first_file_and_a_mismatch_writes_nothing(tmp_path):
+    (tmp_path / "a.csv").write_text("title,release_year\nx,1999\ny,2001\n")
+    (tmp_path / "b.csv").write_text("title,release_year\nz,unknown\n")
+    (tmp_path / "c.csv").write_text("title,year\nz,2000\n")
+    out_dir = tmp_path / "o"
+    with pytest.raises(ConvertError, match=r"b.csv: .*release_year"):
+        convert([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], str(out_dir), "csv", rows_per_file=1)
+    assert list(out_dir.iterdir()) == []  # a.csv's files were not left behind
+    with pytest.raises(ConvertError, match=r"c.csv: its columns differ from .*a.csv's \(missing \['release_year'\]"):
+        convert([str(tmp_path / "a.csv"), str(tmp_path / "c.csv")], str(out_dir), "csv")
+    # A later file whose years parse under the first's int64 converts.
+    (tmp_path / "d.csv").write_text("title,release_year\nw,\n")
+    out = convert([str(tmp_path / "a.csv"), str(tmp_path / "d.csv")], str(out_dir), "csv")
+    assert po.read_table(out[0])["release_year"].to_pylist() == [1999, 2001, None]
+    # A directory that holds part files is refused, then replaced with overwrite.
+    with pytest.raises(ConvertError, match=r"already holds 1 part-\*.orc file"):
+        convert([str(tmp_path / "a.csv")], str(out_dir), "csv")
+    out = convert([str(tmp_path / "a.csv")], str(out_dir), "csv", overwrite=True, rows_per_file=1)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["part-00000.orc", "part-00001.orc"]

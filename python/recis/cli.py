@@ -510,8 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--schema",
         type=schema_spec,
-        help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool) "
-        "(default: none, pyarrow infers each column's type)",
+        help="csv/tsv column types: name:type,... (int64, float32, float64, string, bool, or list<T> of one of "
+        "these but bool: values joined by --list-delimiter) (default: none, the first file's types are inferred "
+        "and fixed for every later file)",
+    )
+    c.add_argument(
+        "--list-delimiter",
+        default="|",
+        help="what joins the values of a list<T> field of --schema" + D,
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output directory's part-*.orc files (default: off, such a directory is refused)",
     )
     c.set_defaults(func=convert_cmd)
     t = sub.add_parser("train", help="train the job a TOML config describes (see recis.config)")
@@ -610,6 +621,8 @@ def convert_cmd(args) -> int:
         args.format,
         rows_per_file=args.rows_per_file,
         rows_per_stripe=args.rows_per_stripe,
+        list_delimiter=args.list_delimiter,
+        overwrite=args.overwrite,
         compression=args.compression,
         header=not args.no_header,
         label=not args.no_label,
