@@ -15,7 +15,8 @@ rm -rf "$out"
 case $name in
   avazu)
     $recis convert --format avazu "$shared/avazu/avazu_train.csv" -o "$out/train"
-    $recis convert --format avazu --no-header "$shared/avazu/avazu_dev.csv" "$shared/avazu/avazu_test.csv" -o "$out/eval"
+    $recis convert --format avazu --no-header "$shared/avazu/avazu_dev.csv" -o "$out/valid"
+    $recis convert --format avazu --no-header "$shared/avazu/avazu_test.csv" -o "$out/test"
     ;;
   criteo)
     # 900 labelled rows: part-00000 (720) trains, part-00001 (180) evaluates.
@@ -32,4 +33,8 @@ if [ "${NPROC:-1}" -gt 1 ]; then
 else
   $recis train --config "examples/$name.toml"
 fi
-$recis eval --config "examples/$name.toml"
+if [ "$name" = avazu ]; then
+  $recis eval --config "examples/$name.toml" --checkpoint best
+else
+  $recis eval --config "examples/$name.toml"
+fi
