@@ -311,3 +311,14 @@ def test_a_job_config_writes_a_lineage_that_serves(run, tmp_path):
     p = Predictor(str(root))
     assert (p.generation, p.step, p.meta["precision"]) == (2, 100, "fp16")
     assert len(p.predict_files([eval_file(tmp_path)])["score"]) == 3000
+
+
+def test_a_parent_written_before_an_argument_existed_is_the_same_model():
+    from recis.serving.export import same_model
+
+    spec = {"name": "deepfm", "args": {"dim": 4, "hidden": [8], "dropout": 0.0, "batch_norm": False}, "features": []}
+    older = {"name": "deepfm", "args": {"dim": 4, "hidden": [8]}, "features": []}
+    assert same_model(older, spec)
+    assert not same_model(older, {**spec, "args": {**spec["args"], "dropout": 0.1}})
+    assert not same_model(older, {**spec, "args": {**spec["args"], "hidden": [16]}})
+    assert not same_model(older, {**spec, "name": "dcnv2"})

@@ -85,6 +85,34 @@ def model_identity(spec: dict) -> str:
     return _native.checksum_bytes(json.dumps(spec, sort_keys=True).encode())
 
 
+def same_model(a: dict, b: dict) -> bool:
+    """Whether the specs ``a`` and ``b`` describe one model: equal once the
+    arguments that equal the zoo model's defaults are left out (so that an
+    export written before an argument existed is the same model as one
+    that records the argument at its default)."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(spec: dict) -> dict:
+    import inspect
+
+    out = json.loads(json.dumps(spec))
+    try:
+        from recis.models import MODELS
+
+        params = inspect.signature(MODELS[out["name"]]).parameters
+    except (KeyError, TypeError, ValueError):
+        return out
+    args = out.get("args")
+    if isinstance(args, dict):
+        for k, p in params.items():
+            if k in args and p.default is not inspect.Parameter.empty:
+                default = list(p.default) if isinstance(p.default, tuple) else p.default
+                if json.loads(json.dumps(default)) == args[k]:
+                    del args[k]
+    return out
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -332,7 +360,9 @@ def export_delta(
     engine = model.embedding
     p_manifest, p_meta = verify_export(parent)
     if p_manifest["model_id"] != model_identity(spec):
-        raise ExportError(f"{parent}: is an export of another model (its model spec differs from this model's)")
+        if not same_model(p_meta.get("model", {}), spec):
+            raise ExportError(f"{parent}: is an export of another model (its model spec differs from this model's)")
+        spec = p_meta["model"]  # the same model, as the parent wrote it (arguments at their defaults it predates)
     precision = p_meta["precision"]
     base = _read_baseline(parent)
     views = engine.logical_tables()
