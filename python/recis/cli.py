@@ -374,7 +374,7 @@ def serve_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed)
+    paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed, vectors=args.vectors)
     for p in paths:
         print(p)
     return 0
@@ -473,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--files", type=positive_int, default=4, help="files the rows are split into" + D)
     g.add_argument("--vocab", type=positive_int, default=1_000_000, help="distinct ids a sparse field draws from" + D)
     g.add_argument("--seed", type=seed_int, default=0, help="seed of the ids and the click model" + D)
+    g.add_argument(
+        "--vectors",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add item_vec, each row's item as a K-float content vector (list<float>) the clicks depend on "
+        "(default: 0)",
+    )
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")

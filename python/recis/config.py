@@ -17,6 +17,9 @@ non_finite = "error"          # ±inf in a float column (or a float64 dense valu
                               # largest) or "zero"; NaN is a null (the reader cannot tell a stored NaN from
                               # one) and reads as 0
 group = "user_id"             # integer column to group GAUC by (default: no GAUC)
+vectors = ["item_vec"]        # list<float> columns of precomputed vectors (text or image embeddings), each
+                              # [B, K] to the model, projected into one more field (default: none)
+vector_widths = [64]          # K of each vectors column: every row holds K floats (else a named error)
 batch_size = 4096
 drop_remainder = false        # training drops each epoch's last batch when it is short (batch_norm needs a
                               # training batch of more than one row); evaluation never drops rows
@@ -178,6 +181,8 @@ class DataConfig:
     dense_transform: str = "none"
     non_finite: str = "error"
     group: str | None = None
+    vectors: list[str] = field(default_factory=list)
+    vector_widths: list[int] = field(default_factory=list)
     batch_size: int = 4096
     drop_remainder: bool = False
     shuffle: bool = True
@@ -288,6 +293,7 @@ def _typed(cls, table, where: str):
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
             "bool": isinstance(value, bool),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
             "list[dict]": isinstance(value, list) and all(isinstance(v, dict) for v in value),
         }[want]
         if not ok:
@@ -390,6 +396,13 @@ def load_config(path: str, overrides=()) -> JobConfig:
     _at_least(data, ("prefetch", "seed"), 0, f"{path}: [data]")
     if data.num_threads > 256:
         raise ConfigError(f"{path}: [data].num_threads: must be <= 256, got {data.num_threads}")
+    if len(data.vectors) != len(data.vector_widths):
+        raise ConfigError(
+            f"{path}: [data].vectors names {len(data.vectors)} column(s) and vector_widths gives "
+            f"{len(data.vector_widths)} width(s): one width each"
+        )
+    if any(k < 1 for k in data.vector_widths):
+        raise ConfigError(f"{path}: [data].vector_widths: each must be >= 1, got {data.vector_widths}")
     if data.shuffle_buffer < 0:
         raise ConfigError(f"{path}: [data].shuffle_buffer: must be >= 0 rows, got {data.shuffle_buffer}")
     if not isinstance(raw["feature"], list):
@@ -441,7 +454,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
     params = inspect.signature(MODELS[model["name"]]).parameters
-    allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed"}
+    allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed", "vectors"}  # vectors: [data]
     unknown = sorted(set(model) - allowed - {"name"})
     if unknown:
         raise ConfigError(f"{path}: [model] unknown field(s) {unknown} for {model['name']} (known: {sorted(allowed)})")
@@ -603,7 +616,7 @@ def model_arguments(model: dict) -> dict:
 
     out = dict(model)
     for name, p in inspect.signature(MODELS[model["name"]]).parameters.items():
-        if name in ("sparse_fields", "num_dense", "option", "seed") or p.default is inspect.Parameter.empty:
+        if name in ("sparse_fields", "num_dense", "option", "seed", "vectors") or p.default is inspect.Parameter.empty:
             continue
         if name not in out:
             out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
@@ -708,6 +721,7 @@ class Job:
             dense_transform=d.dense_transform,
             non_finite=d.non_finite,
             group=d.group,
+            vectors=[[c, k] for c, k in zip(d.vectors, d.vector_widths, strict=True)],
             where=cfg.path,
         )
         try:
@@ -766,6 +780,8 @@ class Job:
         for k, v in kwargs.items():
             if isinstance(v, list):
                 kwargs[k] = tuple(v)
+        if d.vectors:
+            kwargs["vectors"] = [[c, k] for c, k in zip(d.vectors, d.vector_widths, strict=True)]
         torch.manual_seed(d.seed)
         try:
             self.model = cls(options, num_dense=len(d.dense), seed=d.seed, **kwargs)
@@ -851,6 +867,14 @@ class Job:
         from recis.features.ops import FeatureOpError
 
         types = {name: (dtype, is_list) for name, dtype, is_list, _ in ds.types}
+        for c in self.cfg.data.vectors:
+            dtype, is_list = types[c]
+            if not (is_list and dtype in ("float32", "float64")):
+                kind = f"list<{dtype}>" if is_list else dtype
+                raise ConfigError(
+                    f"{self.cfg.path}: [data].vectors column {c!r} of {ds.files[0]} is {kind}, and a vector column "
+                    "is list<float> (K floats a row)"
+                )
         for f in self.cfg.features:
             if f.ops:
                 cols = f.columns or [f.column or f.name]

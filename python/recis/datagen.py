@@ -38,11 +38,18 @@ def generate(
     vocab: int = 1_000_000,
     seed: int = 0,
     compression: str = "zstd",
+    vectors: int = 0,
 ) -> list[str]:
+    """``rows`` rows of the layout above in ``files`` ORC files; with
+    ``vectors = K``, an ``item_vec`` column too: each row's item (its first
+    C1 id) as a K-float content vector (``list<float>``, K a row) that the
+    click model depends on (``SyntheticCTR.vector_dim``)."""
     if rows < 1 or files < 1:
         raise ValueError(f"datagen: rows and files must be >= 1, got {rows} and {files}")
     os.makedirs(output_dir, exist_ok=True)
-    data = SyntheticCTR(num_features=26, num_dense=13, vocab=vocab, seed=seed, min_ids=1, max_ids=3)
+    if vectors < 0:
+        raise ValueError(f"datagen: vectors must be >= 0, got {vectors}")
+    data = SyntheticCTR(num_features=26, num_dense=13, vocab=vocab, seed=seed, min_ids=1, max_ids=3, vector_dim=vectors)
     rng = np.random.default_rng(seed)
     paths = []
     per_file = -(-rows // files)
@@ -50,7 +57,8 @@ def generate(
         n = min(per_file, rows - k * per_file)
         if n <= 0:
             break
-        feats, dense, labels = data.batch(n, rng)
+        extra: dict = {}
+        feats, dense, labels = data.batch(n, rng, extra)
         cols = {"label": pa.array(labels.numpy().astype(np.int64))}
         for i in range(13):
             cols[f"I{i + 1}"] = pa.array(dense[:, i].numpy())
@@ -58,6 +66,10 @@ def generate(
             cols[name] = pa.ListArray.from_arrays(
                 pa.array(rt.offsets.numpy().astype(np.int32)), pa.array(rt.values.numpy())
             )
+        if vectors:
+            vec = extra["item_vec"]
+            offsets = np.arange(n + 1, dtype=np.int32) * vectors
+            cols["item_vec"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vec.reshape(-1)))
         path = os.path.join(output_dir, f"part-{k:05d}.orc")
         tmp = path + ".tmp"
         po.write_table(pa.table(cols), tmp, compression=compression)

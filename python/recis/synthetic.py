@@ -8,6 +8,13 @@ is hidden: every id has a fixed weight (a function of the id), the logit of a
 sample is the sum over features of the mean weight of its ids plus a
 learnable cross between features 0 and 1, and the label is drawn from
 sigmoid(logit). A model can learn it; nothing learns it perfectly.
+
+With ``vector_dim = K``, each sample's item (the first id of feature 0) has
+a precomputed content vector: K standard normals, a fixed function of the
+item id (as a text or image encoder's output is of the item), and the logit
+gains ``vector_strength`` times its projection on a hidden unit direction,
+so that the vector carries signal a model can learn for items it has seen
+rarely or never.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ class SyntheticCTR:
     seed: int = 0
     num_dense: int = 0
     cross_strength: float = 1.0
+    vector_dim: int = 0
+    vector_strength: float = 1.0
 
     #: The Zipf table holds 8 bytes per id, with two temporaries as large
     #: while it is built: 2**26 ids is about 1.5 GB.
@@ -74,11 +83,23 @@ class SyntheticCTR:
         h = splitmix64(ranks.astype(np.uint64) ^ self._salts[feature])
         return (h >> np.uint64(1)).astype(np.int64)
 
+    def item_vectors(self, items: np.ndarray) -> np.ndarray:
+        """[N, vector_dim] float32: each item id's content vector."""
+        k = np.arange(self.vector_dim, dtype=np.uint64) + np.uint64(7919 + self.seed)
+        h = splitmix64(items.astype(np.uint64)[:, None] ^ splitmix64(k)[None, :])
+        return _unit_normal(h).astype(np.float32)
+
+    def _direction(self) -> np.ndarray:
+        u = _unit_normal(splitmix64(np.arange(self.vector_dim, dtype=np.uint64) + np.uint64(31337 + self.seed)))
+        return u / np.linalg.norm(u)
+
     def id_weight(self, ids: np.ndarray, salt: int) -> np.ndarray:
         return _unit_normal(splitmix64(ids.astype(np.uint64) ^ np.uint64(salt)))
 
-    def batch(self, batch_size: int, rng: np.random.Generator):
-        """(features: {name: RaggedTensor}, dense [B, num_dense] or None, labels [B])."""
+    def batch(self, batch_size: int, rng: np.random.Generator, vectors: dict | None = None):
+        """(features: {name: RaggedTensor}, dense [B, num_dense] or None, labels [B]);
+        with ``vector_dim``, ``vectors`` (a dict) receives ``"item_vec"``:
+        the items' content vectors [B, vector_dim]."""
         feats = {}
         logit = np.full(batch_size, -1.5)
         firsts = []
@@ -99,6 +120,11 @@ class SyntheticCTR:
         if self.num_features >= 2 and self.cross_strength:
             cross = splitmix64(firsts[0].astype(np.uint64) * np.uint64(31) ^ firsts[1].astype(np.uint64))
             logit += self.cross_strength * _unit_normal(cross) * 0.5
+        if self.vector_dim:
+            vec = self.item_vectors(firsts[0])
+            logit += self.vector_strength * (vec.astype(np.float64) @ self._direction())
+            if vectors is not None:
+                vectors["item_vec"] = vec
         dense = None
         if self.num_dense:
             dense_np = rng.standard_normal((batch_size, self.num_dense))

@@ -15,6 +15,10 @@ What it does to a batch of ``OrcDataset``:
   over its column (or its two ``columns``, for cross); the chains of all
   the features run in one ``FeatureEngine``, fused (one native call per op
   type and depth), before the model sees the batch;
+- each ``vectors`` column ([column, K]: a ``list<float>`` of K values a row,
+  a precomputed text or image embedding) becomes a [B, K] float32 tensor
+  under its name; a row of another length is a ``DataError`` naming the
+  column, the row and both lengths;
 - the dense columns are stacked into ``"dense"`` [B, len(dense)] float32,
   NaN (a null) read as 0, ±inf per ``non_finite``, then ``dense_transform``
   ("none" or "log1p").
@@ -65,6 +69,7 @@ class InputPipeline:
     dense_transform: str = "none"
     non_finite: str = "error"
     group: str | None = None
+    vectors: list = field(default_factory=list)
     where: str = "input pipeline"  # named in errors (a config file's path)
 
     def __post_init__(self):
@@ -72,6 +77,10 @@ class InputPipeline:
             raise ValueError(f"{self.where}: dense_transform must be one of {TRANSFORMS}, got {self.dense_transform!r}")
         if self.non_finite not in NON_FINITE:
             raise ValueError(f"{self.where}: non_finite must be one of {NON_FINITE}, got {self.non_finite!r}")
+        self.vectors = [[str(c), int(k)] for c, k in self.vectors]
+        bad = [v for v in self.vectors if v[1] < 1]
+        if bad:
+            raise ValueError(f"{self.where}: a vector column's width must be >= 1, got {bad}")
         self._engine = None
         chained = [f for f in self.features if f.ops]
         if chained:
@@ -120,6 +129,8 @@ class InputPipeline:
         for name in self.dense + ([self.group] if self.group else []):
             if name not in seen:
                 add(Column(name), "a dense or group column")
+        for name, _ in self.vectors:
+            add(Column(name), "a vector column")
         for f in self.features:
             if f.ops:
                 for c in f.inputs():  # read as they are (hash = true hashes strings before the ops)
@@ -161,6 +172,8 @@ class InputPipeline:
                     )
                 v = v.unsqueeze(1)
             out[f.name] = v
+        for name, k in self.vectors:
+            out[name] = self._vector(batch, name, k)
         if self.dense:
             missing = [c for c in self.dense if c not in batch]
             if missing:
@@ -172,6 +185,25 @@ class InputPipeline:
                 x = torch.log1p(x.clamp_min(0))
             out["dense"] = x
         return out
+
+    def _vector(self, batch: dict, name: str, k: int) -> torch.Tensor:
+        v = batch.get(name)
+        if v is None:
+            raise DataError(f"{self.where}: the batch has no vector column {name!r}")
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == k:
+            return v.to(torch.float32)
+        if not isinstance(v, RaggedTensor) or not v.values.is_floating_point():
+            what = f"a {v.dtype} column" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise DataError(f"{self.where}: vector column {name!r} must be list<float> of {k} a row, got {what}")
+        lengths = v.offsets[1:] - v.offsets[:-1]
+        bad = (lengths != k).nonzero()
+        if len(bad):
+            r = int(bad[0])
+            raise DataError(
+                f"{self.where}: vector column {name!r}, row {r} of a batch: {int(lengths[r])} values, and the "
+                f"column is {k} wide (every row of a vector column holds {k} floats; a null reads as [])"
+            )
+        return v.values.reshape(-1, k).to(torch.float32)
 
     def chain_inputs(self) -> dict:
         """{feature name: its input columns}, for the features with ops."""
@@ -196,6 +228,8 @@ class InputPipeline:
     def to_json(self) -> dict:
         out = asdict(self)
         del out["where"]
+        if not out["vectors"]:
+            del out["vectors"]  # a pipeline without them reads as it did before they existed
         for f in out["features"]:  # the fields before ops existed stay as they were
             for k in ("columns", "ops"):
                 if not f[k]:
@@ -210,7 +244,7 @@ class InputPipeline:
         ValueError naming ``where``."""
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
-        known = {"features", "label", "dense", "dense_transform", "non_finite", "group"}
+        known = {"features", "label", "dense", "dense_transform", "non_finite", "group", "vectors"}
         unknown = sorted(set(obj) - known)
         if unknown:
             raise ValueError(f"{where}: unknown fields {unknown}")

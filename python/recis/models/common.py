@@ -128,3 +128,51 @@ def dense_input(batch: dict, num_dense: int, dtype=torch.float32) -> torch.Tenso
     if dense.dim() != 2 or dense.shape[1] != num_dense:
         raise ValueError(f"batch['dense'] must be [B, {num_dense}], got {tuple(dense.shape)}")
     return dense.to(dtype)
+
+
+def check_vectors(vectors, model: str) -> list[tuple[str, int]]:
+    """``vectors`` (a model's precomputed vector inputs: [name, K] pairs, or
+    {name: K}) as a list of (name, K); K >= 1 and names distinct."""
+    if vectors is None:
+        return []
+    items = list(vectors.items()) if isinstance(vectors, dict) else [tuple(v) for v in vectors]
+    out = []
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str) or isinstance(item[1], bool) or not isinstance(item[1], int):
+            raise ValueError(f"{model}: vectors must be [name, width] pairs, got {item!r}")
+        if item[1] < 1:
+            raise ValueError(f"{model}: vector {item[0]!r} must have a width >= 1, got {item[1]}")
+        out.append((item[0], item[1]))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{model}: vectors named twice: {sorted({n for n in names if names.count(n) > 1})}")
+    return out
+
+
+class VectorFields(nn.Module):
+    """Precomputed vectors (text or image embeddings: a fixed-length
+    ``list<float>`` column, [B, K] in the batch under its name), each
+    projected by its own ``nn.Linear(K, width)`` into one more field beside
+    the sparse ones: ``forward(batch)`` gives [B, V, width]."""
+
+    def __init__(self, vectors: list[tuple[str, int]], width: int):
+        super().__init__()
+        self.names = [n for n, _ in vectors]
+        self.widths = dict(vectors)
+        self.proj = nn.ModuleList(nn.Linear(k, width) for _, k in vectors)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def forward(self, batch: dict, dtype=torch.float32) -> torch.Tensor:
+        out = []
+        for name, proj in zip(self.names, self.proj, strict=True):
+            if name not in batch:
+                raise KeyError(f"the model takes the vector {name!r} but the batch has no {name!r} tensor")
+            x = batch[name]
+            k = self.widths[name]
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"batch[{name!r}] must be a [B, {k}] float tensor, got {got}")
+            out.append(proj(x.to(proj.weight.dtype)))
+        return torch.stack(out, 1).to(dtype)

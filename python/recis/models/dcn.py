@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import (
+    VectorFields,
+    check_regularization,
+    check_vectors,
+    dense_input,
+    mlp,
+    sparse_engine,
+    zoo_model,
+)
 
 
 class CrossLayer(nn.Module):
@@ -37,14 +45,17 @@ class DCNv2(nn.Module):
         coalesce: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        vectors=(),
     ):
         super().__init__()
         check_regularization(dropout, batch_norm, "DCNv2")
+        vectors = check_vectors(vectors, "DCNv2")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
-        width = dim * len(self.sparse_fields) + num_dense
+        width = dim * (len(self.sparse_fields) + len(vectors)) + num_dense
         self.cross = nn.ModuleList(CrossLayer(width, rank) for _ in range(cross_layers))
         self.deep, _ = mlp(width, hidden, dropout=dropout, batch_norm=batch_norm)
+        self.vectors = VectorFields(vectors, dim) if vectors else None
 
     def tables(self):
         return self.embedding.tables()
@@ -52,6 +63,8 @@ class DCNv2(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
         parts = [pooled[f] for f in self.sparse_fields]
+        if self.vectors is not None:
+            parts.append(self.vectors(batch, parts[0].dtype).flatten(1))
         dense = dense_input(batch, self.num_dense)
         if dense is not None:
             parts.append(dense)

@@ -15,7 +15,15 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import (
+    VectorFields,
+    check_regularization,
+    check_vectors,
+    dense_input,
+    mlp,
+    sparse_engine,
+    zoo_model,
+)
 from recis.nn import EmbeddingOption
 from recis.nn.options import name_seed
 
@@ -35,12 +43,17 @@ class DeepFM(nn.Module):
         coalesce: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        vectors=(),
     ):
         """``sparse_fields``: names, or {name: EmbeddingOption} with
         ``dim + 1`` each; ``option``: one option for every named field
-        (each seeded by its name: ``recis.nn.options.name_seed``)."""
+        (each seeded by its name: ``recis.nn.options.name_seed``);
+        ``vectors``: [name, K] pairs of precomputed vector inputs
+        (``VectorFields``), each projected to a field (its embedding and
+        first-order weight) that joins the FM and the MLP."""
         super().__init__()
         check_regularization(dropout, batch_norm, "DeepFM")
+        vectors = check_vectors(vectors, "DeepFM")
         if option is not None:
             if option.dim != dim + 1:
                 raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
@@ -49,7 +62,9 @@ class DeepFM(nn.Module):
         self.num_dense = num_dense
         self.dim = dim
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
-        self.mlp, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
+        fields = len(self.sparse_fields) + len(vectors)
+        self.mlp, _ = mlp(dim * fields + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
+        self.vectors = VectorFields(vectors, dim + 1) if vectors else None
 
     def tables(self):
         return self.embedding.tables()
@@ -60,8 +75,12 @@ class DeepFM(nn.Module):
         return self.logits(self.lookup(batch), batch)
 
     def lookup(self, batch: dict) -> torch.Tensor:
-        """The sparse part: pooled rows of every field, [B, F, dim + 1]."""
-        return self.embedding.stacked(batch, self.sparse_fields)
+        """The sparse part: pooled rows of every field, [B, F, dim + 1]
+        (then the projected vectors, [B, F + V, dim + 1])."""
+        rows = self.embedding.stacked(batch, self.sparse_fields)
+        if self.vectors is not None:
+            rows = torch.cat([rows, self.vectors(batch, rows.dtype)], 1)
+        return rows
 
     def logits(self, rows: torch.Tensor, batch: dict) -> torch.Tensor:
         """The dense part: first-order, FM and MLP terms from ``lookup``'s rows."""

@@ -7,7 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import (
+    VectorFields,
+    check_regularization,
+    check_vectors,
+    dense_input,
+    mlp,
+    sparse_engine,
+    zoo_model,
+)
 
 
 @zoo_model("dlrm")
@@ -23,16 +31,19 @@ class DLRM(nn.Module):
         coalesce: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        vectors=(),
     ):
         super().__init__()
         check_regularization(dropout, batch_norm, "DLRM")
+        vectors = check_vectors(vectors, "DLRM")
         if num_dense < 1:
             raise ValueError("DLRM: needs dense features (num_dense >= 1) for its bottom MLP")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.bottom, _ = mlp(num_dense, bottom, out=dim, dropout=dropout, batch_norm=batch_norm)
         self.bottom.append(nn.ReLU())
-        n = len(self.sparse_fields) + 1
+        n = len(self.sparse_fields) + 1 + len(vectors)
+        self.vectors = VectorFields(vectors, dim) if vectors else None
         self.register_buffer("_pairs", torch.triu_indices(n, n, offset=1), persistent=False)
         self.top, _ = mlp(dim + n * (n - 1) // 2, top, dropout=dropout, batch_norm=batch_norm)
 
@@ -44,6 +55,9 @@ class DLRM(nn.Module):
         ``"dense"`` [B, num_dense]."""
         pooled = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim]
         x = self.bottom(dense_input(batch, self.num_dense))
-        t = torch.cat([x.unsqueeze(1), pooled], dim=1)  # [B, n, dim]
+        parts = [x.unsqueeze(1), pooled]
+        if self.vectors is not None:
+            parts.append(self.vectors(batch, pooled.dtype))
+        t = torch.cat(parts, dim=1)  # [B, n, dim]
         dots = torch.bmm(t, t.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
         return self.top(torch.cat([x, dots], dim=1)).squeeze(1)

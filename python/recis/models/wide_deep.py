@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import check_regularization, dense_input, mlp, sparse_engine, zoo_model
+from recis.models.common import (
+    VectorFields,
+    check_regularization,
+    check_vectors,
+    dense_input,
+    mlp,
+    sparse_engine,
+    zoo_model,
+)
 
 
 @zoo_model("wide_deep")
@@ -27,19 +35,25 @@ class WideDeep(nn.Module):
         coalesce: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        vectors=(),
     ):
         super().__init__()
         check_regularization(dropout, batch_norm, "WideDeep")
+        vectors = check_vectors(vectors, "WideDeep")
         self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.wide_dense = nn.Linear(num_dense, 1) if num_dense else None
-        self.deep, _ = mlp(dim * len(self.sparse_fields) + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
+        fields = len(self.sparse_fields) + len(vectors)
+        self.deep, _ = mlp(dim * fields + num_dense, hidden, dropout=dropout, batch_norm=batch_norm)
+        self.vectors = VectorFields(vectors, dim + 1) if vectors else None  # projected: embedding + wide weight
 
     def tables(self):
         return self.embedding.tables()
 
     def forward(self, batch: dict) -> torch.Tensor:
         rows = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim + 1]
+        if self.vectors is not None:
+            rows = torch.cat([rows, self.vectors(batch, rows.dtype)], 1)
         emb, wide = rows[..., : self.dim], rows[..., self.dim].sum(1)
         deep_in = emb.flatten(1)
         dense = dense_input(batch, self.num_dense, deep_in.dtype)

@@ -397,9 +397,13 @@ class Predictor:
         if not isinstance(inputs, dict):
             raise TypeError(f"Predictor.predict: expected a dict of inputs, got {type(inputs).__name__}")
         features = list(self.meta["features"])
-        unknown = sorted(set(inputs) - set(features) - {"dense"})
+        args = (self.meta.get("model") or {}).get("args") or {}
+        vectors = [v[0] for v in args.get("vectors") or []]
+        unknown = sorted(set(inputs) - set(features) - {"dense"} - set(vectors))
         if unknown:
-            raise KeyError(f"Predictor.predict: unknown inputs {unknown} (the model takes {features} and 'dense')")
+            raise KeyError(
+                f"Predictor.predict: unknown inputs {unknown} (the model takes {features + vectors} and 'dense')"
+            )
         with self._lock.read(), torch.no_grad():
             return torch.sigmoid(self.model(inputs).float()), self.generation
 

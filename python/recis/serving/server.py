@@ -128,6 +128,7 @@ def request_batch(pipeline, rows) -> dict:
         for c in f.inputs():
             features.setdefault(c, f)
     wanted = list(features) + [c for c in pipeline.dense if c not in features]
+    wanted += [c for c, _ in pipeline.vectors if c not in wanted]
     known = set(wanted) | {pipeline.label, pipeline.group} - {None}
     for r, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -147,7 +148,28 @@ def request_batch(pipeline, rows) -> dict:
     for column in pipeline.dense:
         if column not in batch:
             batch[column] = _numbers(rows, column)
+    for column, k in pipeline.vectors:
+        batch[column] = _vectors(rows, column, k)
     return batch
+
+
+def _vectors(rows: list[dict], column: str, k: int) -> torch.Tensor:
+    """A vector column: k numbers a row, as a [B, k] tensor."""
+    try:
+        out = np.array([row[column] for row in rows], dtype=np.float32)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out.ndim != 2 or out.shape[1] != k:
+        for r, row in enumerate(rows):
+            v = row[column]
+            if (
+                not isinstance(v, list)
+                or len(v) != k
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            ):
+                raise RequestError(f"row {r}: column {column!r}: expected a list of {k} numbers, got {v!r}")
+        raise RequestError(f"column {column!r}: expected a list of {k} numbers a row")
+    return torch.from_numpy(out)
 
 
 class ScoringApp:
