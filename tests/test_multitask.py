@@ -257,6 +257,53 @@ def test_a_bad_label_of_the_second_task_is_a_named_error(tmp_path):
         toy_trainer(tmp_path / "f", DeepFM(["C1", "C2"], dim=4, hidden=(4,)), train_dataset=[good]).train()
 
 
+def test_evaluate_model_per_task_and_gauc():
+    from recis.framework.trainer import evaluate_model
+    from recis.metrics import GAUC
+
+    torch.manual_seed(0)
+    model = SharedBottom(["C1", "C2"], dim=4, bottom=(8,), tower=(4,))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        b = toy(64)
+        b["click"] = torch.randint(0, 2, (64,), generator=g)
+        b["buy"] = b["click"] * torch.randint(0, 2, (64,), generator=g)
+        b["uid"] = torch.randint(0, 6, (64,), generator=g)
+        batches.append(b)
+    m = evaluate_model(model, batches, label_keys=["click", "buy"], group_key="uid")
+    with torch.no_grad():
+        p = torch.cat([torch.sigmoid(model(b)) for b in batches])
+    y = torch.cat([torch.stack([b["click"], b["buy"]], 1) for b in batches]).float()
+    uid = torch.cat([b["uid"] for b in batches])
+    for t, task in enumerate(["click", "buy"]):
+        assert m[f"auc_{task}"] == pytest.approx(roc_auc_score(y[:, t].numpy(), p[:, t].numpy()), abs=1e-6)
+        gauc = GAUC()
+        gauc.update(y[:, t], p[:, t], uid)
+        assert m[f"gauc_{task}"] == pytest.approx(gauc.compute(), abs=1e-9)
+    assert m["gauc"] == m["gauc_click"] and m["auc"] == m["auc_click"]
+
+
+@pytest.mark.parametrize("name", sorted(MULTITASK_MODELS))
+def test_dropout_and_batch_norm_in_the_multitask_models(name):
+    from torch import nn
+
+    kinds = lambda m: {type(x) for x in m.modules()}  # noqa: E731
+    plain = MULTITASK_MODELS[name](["C1", "C2"], dim=4, **MODELS_SMALL[name])
+    assert not kinds(plain) & {nn.Dropout, nn.BatchNorm1d}
+    reg = MULTITASK_MODELS[name](["C1", "C2"], dim=4, dropout=0.2, batch_norm=True, **MODELS_SMALL[name])
+    assert {nn.Dropout, nn.BatchNorm1d} <= kinds(reg)
+    spec = json.loads(json.dumps(model_spec(reg)))
+    assert spec["args"]["dropout"] == 0.2 and spec["args"]["batch_norm"] is True
+    layers = lambda m: [(n, repr(x)) for n, x in m.named_modules() if n]  # noqa: E731
+    assert layers(build_model(spec)) == layers(reg)
+    # Every output layer (a tower's last Linear, MMoE's gates) is neither normed nor dropped.
+    towers = list(reg.towers) if hasattr(reg, "towers") else [reg.ctr, reg.cvr]
+    assert all(isinstance(t[-1], nn.Linear) and t[-1].out_features == 1 for t in towers)
+    with pytest.raises(ValueError, match=f"{type(plain).__name__}: dropout must be"):
+        MULTITASK_MODELS[name](["C1"], dim=4, dropout=1.0)
+
+
 def test_esmm_outputs_ctr_and_the_product():
     torch.manual_seed(0)
     model = ESMM(["C1", "C2"], dim=4, ctr_tower=(8,), cvr_tower=(8,)).eval()
@@ -396,6 +443,21 @@ def test_resume_export_and_predict_give_the_models_per_task_scores(model, tmp_pa
     np.testing.assert_allclose(table["score_conversion"].to_numpy(), got["score_conversion"], rtol=0, atol=1e-6)
     auc = float(re.search(r"conversion (0\.\d+)", line).group(1))
     assert auc == pytest.approx(ev["auc_conversion"], abs=1e-4), line
+    # recis serve: "scores" the first task's, "task_scores" each task's.
+    import io
+
+    from recis.serving.server import ScoringApp
+
+    wanted = {f.column for f in predictor.pipeline.features} | set(predictor.pipeline.dense) | set(TASKS)
+    rows = [{k: v for k, v in r.items() if k in wanted} for r in po.read_table(test_file).slice(0, 3).to_pylist()]
+    body = json.dumps({"rows": rows}).encode()
+    env = {"PATH_INFO": "/predict", "REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(len(body))}
+    env["wsgi.input"] = io.BytesIO(body)
+    reply = json.loads(ScoringApp(predictor)(env, lambda *a: None)[0])
+    assert set(reply["task_scores"]) == set(TASKS)
+    np.testing.assert_allclose(reply["scores"], got["score"][:3], rtol=0, atol=1e-6)
+    for task in TASKS:
+        np.testing.assert_allclose(reply["task_scores"][task], got[f"score_{task}"][:3], rtol=0, atol=1e-6)
 
 
 def test_validation_picks_the_best_by_a_tasks_metric_and_stops_early(tmp_path, data_dir, capsys):

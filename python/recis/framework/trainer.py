@@ -545,8 +545,6 @@ class Trainer:
         missing column or a value that is not 0 or 1 is a TrainingError
         naming the task and its column."""
         a = self.args
-        when = f"at step {self.global_step + 1}" if self.model.training else f"in evaluation at step {self.global_step}"
-        after = f"nothing was updated; {self.checkpoints.last_good_note()}"
         if a.label_keys is None:
             key = a.label_key
             if key not in batch:
@@ -556,12 +554,15 @@ class Trainer:
             if bool(bad.any()):
                 raise TrainingError(
                     f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
-                    f"(binary cross-entropy needs clicks as 0/1); {after}"
+                    f"(binary cross-entropy needs clicks as 0/1); nothing was updated; "
+                    f"{self.checkpoints.last_good_note()}"
                 )
             return y.float()
-        return task_labels(
-            batch, a.label_keys, getattr(self._module, "label_nesting", None), when=f" {when}", after=f"; {after}"
-        )
+        when = f"at step {self.global_step + 1}" if self.model.training else f"in evaluation at step {self.global_step}"
+        try:
+            return task_labels(batch, a.label_keys, getattr(self._module, "label_nesting", None), when=f" {when}")
+        except TrainingError as e:
+            raise TrainingError(f"{e}; nothing was updated; {self.checkpoints.last_good_note()}") from None
 
     def _choose_sparse_update(self, opt) -> None:
         """``sparse_update``: in backward when nothing needs the sparse
@@ -1015,7 +1016,7 @@ def check_task_logits(logits: torch.Tensor, tasks) -> None:
         )
 
 
-def task_labels(batch, keys, nesting=None, when: str = "", after: str = "") -> torch.Tensor:
+def task_labels(batch, keys, nesting=None, when: str = "") -> torch.Tensor:
     """The labels of the tasks ``keys`` as 0/1 floats [B, T]. A missing
     column, or a value that is not 0 or 1, is a TrainingError naming the
     task and its column; so is, with ``nesting`` ((task, parent) index
@@ -1025,14 +1026,14 @@ def task_labels(batch, keys, nesting=None, when: str = "", after: str = "") -> t
     for t, key in enumerate(keys):
         what = f"task {key!r} (label column {key!r}, task {t + 1} of {list(keys)})"
         if key not in batch:
-            raise TrainingError(f"{what}: the batch has no column {key!r} (it has {sorted(batch)}){after}")
+            raise TrainingError(f"{what}: the batch has no column {key!r} (it has {sorted(batch)})")
         y = batch[key]
         bad = (y != 0) & (y != 1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0][0])
             raise TrainingError(
                 f"{what}: value {y[bad][0].item()!r} (row {row} of a batch){when} is not 0 or 1 (binary "
-                f"cross-entropy needs each task's label as 0/1){after}"
+                f"cross-entropy needs each task's label as 0/1)"
             )
         cols.append(y.float())
     y = torch.stack(cols, dim=1)
@@ -1044,7 +1045,7 @@ def task_labels(batch, keys, nesting=None, when: str = "", after: str = "") -> t
                 f"task {keys[t]!r} (label column {keys[t]!r}): 1 at row {row} of a batch{when} where task "
                 f"{keys[parent]!r} (label column {keys[parent]!r}) is 0: this model's task {keys[t]!r} nests in "
                 f"{keys[parent]!r} (ESMM: its second label is click AND conversion, never 1 without a click; "
-                f"write that column as {keys[parent]} * conversion){after}"
+                f"write that column as {keys[parent]} * conversion)"
             )
     return y
 
