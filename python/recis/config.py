@@ -698,7 +698,7 @@ class Job:
         d, t, o = cfg.data, cfg.trainer, cfg.optimizer
         self.pipeline = InputPipeline(
             features=[FeatureInput(f.name, f.column or f.name, f.hash, f.bucket) for f in cfg.features],
-            label=d.label if d.labels is None else d.labels[0],
+            label=(d.label or "label") if d.labels is None else d.labels[0],
             labels=d.labels,
             dense=list(d.dense),
             dense_transform=d.dense_transform,
@@ -813,7 +813,7 @@ class Job:
             warm_start=t.warm_start or None,
             warm_start_parts=tuple(t.warm_start_parts),
             collective_timeout=t.collective_timeout or None,
-            label_key=d.label if d.labels is None else d.labels[0],
+            label_key=(d.label or "label") if d.labels is None else d.labels[0],
             group_key=d.group,
             label_keys=d.labels,
             task_weights=t.task_weights,
