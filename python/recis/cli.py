@@ -202,6 +202,11 @@ def train_cmd(args) -> int:
     if ev:
         of = " (of the best checkpoint)" if cfg.trainer.load_best_at_end and best else ""
         say(f"eval: AUC {ev['auc']:.4f}  log loss {ev['log_loss']:.4f}  calibration {ev['calibration']:.3f}{of}")
+        for task in cfg.data.labels or ():
+            say(
+                f"eval {task}: AUC {ev[f'auc_{task}']:.4f}  log loss {ev[f'log_loss_{task}']:.4f}  "
+                f"calibration {ev[f'calibration_{task}']:.3f}"
+            )
     say(f"{job.trainer.global_step} steps in {elapsed:.1f} s; checkpoint: {job.trainer.checkpoints.latest()}")
     if job.trainer.curves_png:
         say(f"curves: {job.trainer.curves_png}")
@@ -333,12 +338,23 @@ def predict_cmd(args) -> int:
     os.replace(tmp, args.output)
     n = len(out["score"])
     line = f"{args.output}: {n:,} scores ({n / max(elapsed, 1e-9):,.0f} rows/s, generation {predictor.generation})"
-    if "label" in out and n:
-        from recis.metrics import AUROC
+    from recis.metrics import AUROC
 
+    tasks = predictor.tasks
+    if tasks is None and "label" in out and n:
         auroc = AUROC()
         auroc.update(torch.from_numpy(out["label"]), torch.from_numpy(out["score"]))
         line += f"; AUC {auroc.compute():.4f} against the files' labels"
+    elif tasks is not None and n:
+        aucs = []
+        for task in tasks:
+            if f"label_{task}" in out:
+                auroc = AUROC()
+                auroc.update(torch.from_numpy(out[f"label_{task}"]), torch.from_numpy(out[f"score_{task}"]))
+                aucs.append(f"{task} {auroc.compute():.4f}")
+        line += f"; tasks {', '.join(tasks)}"
+        if aucs:
+            line += f"; AUC {'  '.join(aucs)} against the files' labels"
     print(line)
     return 0
 
@@ -374,7 +390,15 @@ def serve_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    paths = generate(args.output, args.rows, files=args.files, vocab=args.vocab, seed=args.seed, vectors=args.vectors)
+    paths = generate(
+        args.output,
+        args.rows,
+        files=args.files,
+        vocab=args.vocab,
+        seed=args.seed,
+        vectors=args.vectors,
+        tasks=args.tasks,
+    )
     for p in paths:
         print(p)
     return 0
@@ -481,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="add item_vec, each row's item as a K-float content vector (list<float>) the clicks depend on "
         "(default: 0)",
     )
+    g.add_argument(
+        "--tasks",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="labels written: 1, the click label; 2, also 'conversion' (click AND a hidden conversion model's draw: "
+        "multi-task and ESMM data)" + D,
+    )
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")
@@ -586,7 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score ORC files with a serving export, into a Parquet file")
     p.add_argument("--export", required=True, help=EXPORT_HELP)
     p.add_argument("--data", required=True, nargs="+", help="ORC files or directories of *.orc to score (required)")
-    p.add_argument("--output", "-o", required=True, help="the Parquet file: score, and label if read (required)")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="the Parquet file: score, and label if read; a multi-task model's: also score_<task> (and label_<task>) "
+        "a task, score and label being the first task's (required)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=4096, help="rows a batch" + D)
     p.add_argument("--threads", type=positive_int, help="torch and reader threads (default: 2)")
     p.set_defaults(func=predict_cmd)

@@ -9,7 +9,13 @@ train = ["data/train"]        # ORC files or directories of *.orc (required)
 eval = ["data/eval"]          # held-out (test) data, evaluated at the end of training (default: none)
 valid = ["data/valid"]        # validation data, evaluated every eval_every (trainer): picks the best checkpoint
                               # and drives early stopping (default: none; then eval_every evaluates [data].eval)
-label = "label"               # label column: values must be 0 or 1
+label = "label"               # label column: values must be 0 or 1 (default: "label", unless labels is given)
+labels = ["click", "conversion"]  # multi-task (a model of recis.models.multitask): the label columns, one a
+                              # task, in the order of the model's outputs; give label or labels, not both
+                              # (default: none, one label). Each task is named by its column: the log and
+                              # evaluation give loss_<task>, auc_<task>, log_loss_<task>...; auc, log_loss
+                              # are the first task's. esmm: two, click then click AND conversion (its pCTCVR
+                              # label, never 1 where click is 0: recis datagen --tasks 2's "conversion")
 dense = ["I1", "I2"]          # numeric columns stacked into the model's dense input (default: none)
 dense_transform = "none"      # "none" or "log1p" (log(1 + max(x, 0)), for counts); NaN/null reads as 0
 non_finite = "error"          # ±inf in a float column (or a float64 dense value beyond float32's range):
@@ -33,12 +39,15 @@ num_threads = 2               # ORC decoder threads
 prefetch = 4                  # stripes decoded ahead
 
 [model]
-name = "deepfm"               # "deepfm", "dlrm", "dcnv2" or "wide_deep"
+name = "deepfm"               # "deepfm", "dlrm", "dcnv2" or "wide_deep"; multi-task ([data] labels):
+                              # "shared_bottom", "mmoe" or "esmm"
 dim = 16                      # embedding width
 # further keys are the model's own arguments, e.g. hidden = [400, 400, 400]
 # (deepfm, dcnv2, wide_deep), bottom / top (dlrm), cross_layers / rank (dcnv2),
 # coalesce = false (every model: a physical table per feature table instead of
-# one per config)
+# one per config); shared_bottom: bottom, tower; mmoe: num_experts, expert,
+# tower; esmm: ctr_tower, cvr_tower; shared_bottom and mmoe: num_tasks
+# (default: the number of [data] labels, which it must equal)
 dropout = 0.0                 # every model: dropout after each hidden MLP layer's activation (in [0, 1); 0: none;
                               # dlrm: its bottom and top MLPs; never the output layer); off in evaluation
 batch_norm = false            # every model: BatchNorm1d after each hidden MLP layer's Linear, before its activation
@@ -113,7 +122,10 @@ eval_every = 0                # validate (or, without [data].valid, evaluate) ev
                               # each epoch's end); 0: only at the end
 eval_every_steps = 0          # eval_every's older name (an int eval_every)
 metric_for_best = "auc"       # the validation metric that picks the best checkpoint: "auc", "gauc" (needs
-                              # [data].group) or "log_loss" (lower is better)
+                              # [data].group) or "log_loss" (lower is better); multi-task: the first task's,
+                              # or "auc_<task>", "gauc_<task>", "log_loss_<task>" (a task of [data].labels)
+task_weights = [1.0, 0.5]     # multi-task: each task's weight in the loss (>= 0, one a [data].labels task;
+                              # default: 1 each)
 early_stopping_patience = 0   # stop when metric_for_best has not improved for N validations (0: never)
 load_best_at_end = false      # at the end, load the best checkpoint's model before the final [data].eval
 save_every_steps = 0          # 0: only at the end
@@ -176,7 +188,7 @@ class DataConfig:
     train: list[str]
     eval: list[str] = field(default_factory=list)
     valid: list[str] = field(default_factory=list)
-    label: str = "label"
+    label: str | None = None
     dense: list[str] = field(default_factory=list)
     dense_transform: str = "none"
     non_finite: str = "error"
@@ -190,6 +202,7 @@ class DataConfig:
     shuffle_buffer: int = SHUFFLE_BUFFER
     num_threads: int = 2
     prefetch: int = 4
+    labels: list[str] | None = None
 
 
 @dataclass
@@ -258,6 +271,7 @@ class TrainerConfig:
     export_every_steps: int = 0
     export_dir: str = ""
     export_precision: str = "fp32"
+    task_weights: list[float] | None = None
 
 
 @dataclass
@@ -295,6 +309,7 @@ def _typed(cls, table, where: str):
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
             "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
             "list[dict]": isinstance(value, list) and all(isinstance(v, dict) for v in value),
+            "list[str] | None": isinstance(value, list) and all(isinstance(v, str) for v in value),
         }[want]
         if not ok:
             raise ConfigError(f"{where}.{name}: expected {want}, got {value!r}")
@@ -390,6 +405,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     data.valid = [rel(p) for p in data.valid]
     if not data.train:
         raise ConfigError(f"{path}: [data].train names no files")
+    _check_labels(data, path)
     _one_of(data.dense_transform, ("none", "log1p"), f"{path}: [data].dense_transform")
     _one_of(data.non_finite, NON_FINITE, f"{path}: [data].non_finite")
     _at_least(data, ("batch_size", "num_threads"), 1, f"{path}: [data]")
@@ -445,15 +461,16 @@ def load_config(path: str, overrides=()) -> JobConfig:
                 "integer ids are used as they are): set hash = true, or remove bucket"
             )
     model = dict(raw.get("model", {}))
-    from recis.models import MODELS
+    from recis.models import ZOO
 
     model.setdefault("name", "deepfm")
     model.setdefault("dim", 16)
-    _one_of(model["name"], sorted(MODELS), f"{path}: [model].name")
+    _one_of(model["name"], sorted(ZOO), f"{path}: [model].name")
     dim = model["dim"]
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
-    params = inspect.signature(MODELS[model["name"]]).parameters
+    params = inspect.signature(ZOO[model["name"]]).parameters
+    _check_tasks(model, params, data, path)
     allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed", "vectors"}  # vectors: [data]
     unknown = sorted(set(model) - allowed - {"name"})
     if unknown:
@@ -498,9 +515,15 @@ def load_config(path: str, overrides=()) -> JobConfig:
             )
         trainer.eval_every = trainer.eval_every_steps
     trainer.eval_every_steps = 0
-    _one_of(trainer.metric_for_best, ("auc", "gauc", "log_loss"), f"{path}: [trainer].metric_for_best")
-    if trainer.metric_for_best == "gauc" and not data.group:
-        raise ConfigError(f'{path}: [trainer].metric_for_best = "gauc" needs [data].group (the column to group by)')
+    from recis.framework.trainer import best_metrics, metric_base
+
+    _one_of(trainer.metric_for_best, best_metrics(data.labels), f"{path}: [trainer].metric_for_best")
+    if metric_base(trainer.metric_for_best, data.labels) == "gauc" and not data.group:
+        raise ConfigError(
+            f'{path}: [trainer].metric_for_best = "{trainer.metric_for_best}" needs [data].group (the column to group '
+            "by)"
+        )
+    _check_task_weights(trainer, data, path)
     _at_least(trainer, ("early_stopping_patience",), 0, f"{path}: [trainer]")
     if (trainer.early_stopping_patience or trainer.load_best_at_end) and not data.valid:
         which = "early_stopping_patience" if trainer.early_stopping_patience else "load_best_at_end"
@@ -569,6 +592,69 @@ def _initializer(f: FeatureConfig):
     return ConstantInit(0.0)
 
 
+def _check_labels(data: DataConfig, path: str) -> None:
+    """[data] label or labels (not both); label defaults to "label"."""
+    if data.labels is None:
+        if data.label is None:
+            data.label = "label"
+        return
+    if data.label is not None:
+        raise ConfigError(
+            f"{path}: [data]: label = {data.label!r} and labels = {data.labels!r}: give one (labels, for a "
+            "multi-task model, names every task's label column; label, one)"
+        )
+    labels = data.labels
+    if not labels or not all(labels) or len(set(labels)) != len(labels):
+        raise ConfigError(f"{path}: [data].labels: distinct column names, at least one, got {labels!r}")
+    if "scale" in labels:
+        raise ConfigError(f'{path}: [data].labels: a task may not be named "scale" (loss_scale is logged)')
+
+
+def _check_tasks(model: dict, params, data: DataConfig, path: str) -> None:
+    """A multi-task model with [data].labels, one label a task; a
+    single-task model with [data].label. Fills in num_tasks."""
+    from recis.models import ZOO, is_multitask
+
+    name = model["name"]
+    if not is_multitask(ZOO[name]):
+        if data.labels is not None:
+            raise ConfigError(
+                f"{path}: [data].labels names {len(data.labels)} tasks but [model].name = {name!r} is single-task "
+                '(one logit a row): use label = "...", or a multi-task model (shared_bottom, mmoe, esmm)'
+            )
+        return
+    if data.labels is None:
+        raise ConfigError(
+            f"{path}: [model].name = {name!r} is multi-task: it needs [data].labels, the label column of each task "
+            '(e.g. labels = ["label", "conversion"])'
+        )
+    n = len(data.labels)
+    if "num_tasks" in params:
+        tasks = model.setdefault("num_tasks", n)
+        if tasks != n:
+            raise ConfigError(f"{path}: [model].num_tasks = {tasks!r} but [data].labels names {n}: {data.labels}")
+    elif n != 2:  # esmm
+        raise ConfigError(
+            f"{path}: [model].name = {name!r} has 2 tasks (pCTR, pCTCVR): [data].labels must name 2 columns (click, "
+            f"then click AND conversion), got {data.labels}"
+        )
+
+
+def _check_task_weights(trainer: TrainerConfig, data: DataConfig, path: str) -> None:
+    w = trainer.task_weights
+    if w is None:
+        return
+    if data.labels is None:
+        raise ConfigError(f"{path}: [trainer].task_weights needs [data].labels (a weight for each task's label)")
+    if len(w) != len(data.labels):
+        raise ConfigError(
+            f"{path}: [trainer].task_weights has {len(w)} weights but [data].labels names {len(data.labels)} tasks "
+            f"{data.labels}: one a task"
+        )
+    if not all(x >= 0 for x in w) or not any(w):
+        raise ConfigError(f"{path}: [trainer].task_weights: numbers >= 0, not all 0, got {w}")
+
+
 # Which optimizers take which [optimizer] hyper-parameter.
 _HYPER = {
     "betas": ("adam", "adamw"),
@@ -612,10 +698,10 @@ def _hyper_kwargs(o: OptimizerConfig, side: str) -> dict:
 def model_arguments(model: dict) -> dict:
     """``[model]`` with the model's own defaults filled in (tuples as lists;
     a ``None`` default, e.g. dcnv2's rank, stays None: unset)."""
-    from recis.models import MODELS
+    from recis.models import ZOO
 
     out = dict(model)
-    for name, p in inspect.signature(MODELS[model["name"]]).parameters.items():
+    for name, p in inspect.signature(ZOO[model["name"]]).parameters.items():
         if name in ("sparse_fields", "num_dense", "option", "seed", "vectors") or p.default is inspect.Parameter.empty:
             continue
         if name not in out:
@@ -698,7 +784,7 @@ class Job:
         from recis.framework import Trainer, TrainingArguments
         from recis.io import OrcDataset
         from recis.io.pipeline import FeatureInput, InputPipeline
-        from recis.models import MODELS
+        from recis.models import ZOO
         from recis.nn import AlwaysAdmit, CountAdmit, EmbeddingOption, EvictionOption
         from recis.nn.options import name_seed
 
@@ -716,7 +802,8 @@ class Job:
                 )
                 for f in cfg.features
             ],
-            label=d.label,
+            label=(d.label or "label") if d.labels is None else d.labels[0],
+            labels=d.labels,
             dense=list(d.dense),
             dense_transform=d.dense_transform,
             non_finite=d.non_finite,
@@ -752,7 +839,7 @@ class Job:
         for ds in (self.train_dataset, self.eval_dataset, self.valid_dataset):
             if ds is not None:
                 self._check_feature_columns(ds)
-        cls = MODELS[cfg.model["name"]]
+        cls = ZOO[cfg.model["name"]]
         dim = cfg.model["dim"]
         width = dim + getattr(cls, "extra_width", 0)
         options = {}
@@ -837,8 +924,10 @@ class Job:
             warm_start=t.warm_start or None,
             warm_start_parts=tuple(t.warm_start_parts),
             collective_timeout=t.collective_timeout or None,
-            label_key=d.label,
+            label_key=(d.label or "label") if d.labels is None else d.labels[0],
             group_key=d.group,
+            label_keys=d.labels,
+            task_weights=t.task_weights,
         )
         self.trainer = Trainer(
             self.model,

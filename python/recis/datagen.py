@@ -2,7 +2,18 @@
 model (``recis.synthetic.SyntheticCTR``): an int label, ``I1..I13`` floats and
 ``C1..C26`` lists of 1-3 int64 ids (Zipf over the vocabulary, scrambled to
 63-bit ids distinct per field). Learnable: every id has a fixed weight, and
-fields 1 and 2 cross."""
+fields 1 and 2 cross.
+
+``tasks=2`` (``recis datagen --tasks 2``) adds a second int label,
+``conversion``, after ``label``: a hidden conversion model of its own (fixed
+weights of the ids of fields ``C3..C6`` and of ``C1``, another salt than
+the click model's, and the dense column ``I2``) gives each row a
+conversion probability, and a row converts only if it was clicked:
+``conversion = label AND draw < sigmoid(cvr_logit)``, so ``conversion`` is
+the click-and-conversion label ESMM's pCTCVR is trained on (it is never 1
+where ``label`` is 0). The conversion draws come from their own seeded
+stream: the click columns are those of ``tasks=1``, whose output is as it
+was before ``tasks`` existed, byte for byte."""
 
 from __future__ import annotations
 
@@ -30,6 +41,36 @@ to_model_input = InputPipeline(
     where="recis.datagen layout",
 )
 
+# The same layout with both labels of ``generate(tasks=2)``: the tasks
+# ``label`` (click) and ``conversion`` (click and conversion).
+to_multitask_input = InputPipeline(
+    features=[FeatureInput(f, f) for f in SPARSE_FIELDS],
+    label="label",
+    labels=["label", "conversion"],
+    dense=list(DENSE_COLUMNS),
+    where="recis.datagen layout",
+)
+
+# The hidden conversion model: which fields, which salt, the base logit.
+CVR_FIELDS = [0, 2, 3, 4, 5]  # C1, C3..C6
+CVR_SALT = 7000
+CVR_BIAS = -0.3
+
+
+def conversion_logit(data: SyntheticCTR, feats: dict, dense) -> np.ndarray:
+    """The hidden conversion model's logit of each row (given a click)."""
+    names = data.feature_names()
+    n = len(feats[names[0]].offsets) - 1
+    logit = np.full(n, CVR_BIAS)
+    for f in CVR_FIELDS:
+        rt = feats[names[f]]
+        ids, offsets = rt.values.numpy(), rt.offsets.numpy()
+        w = data.id_weight(ids, CVR_SALT + f)
+        logit += np.add.reduceat(w, offsets[:-1]) / np.diff(offsets)
+    if dense is not None and dense.shape[1] > 1:
+        logit += 0.8 * dense[:, 1].numpy().astype(np.float64)
+    return logit
+
 
 def generate(
     output_dir: str,
@@ -39,6 +80,7 @@ def generate(
     seed: int = 0,
     compression: str = "zstd",
     vectors: int = 0,
+    tasks: int = 1,
 ) -> list[str]:
     """``rows`` rows of the layout above in ``files`` ORC files; with
     ``vectors = K``, an ``item_vec`` column too: each row's item (its first
@@ -46,11 +88,16 @@ def generate(
     click model depends on (``SyntheticCTR.vector_dim``)."""
     if rows < 1 or files < 1:
         raise ValueError(f"datagen: rows and files must be >= 1, got {rows} and {files}")
+    if tasks not in (1, 2):
+        raise ValueError(f"datagen: tasks must be 1 (click) or 2 (click and conversion), got {tasks!r}")
     os.makedirs(output_dir, exist_ok=True)
     if vectors < 0:
         raise ValueError(f"datagen: vectors must be >= 0, got {vectors}")
     data = SyntheticCTR(num_features=26, num_dense=13, vocab=vocab, seed=seed, min_ids=1, max_ids=3, vector_dim=vectors)
     rng = np.random.default_rng(seed)
+    # The conversion draws: a stream of their own, so that the click
+    # columns are those of tasks=1.
+    cvr_rng = np.random.default_rng([seed, 2]) if tasks == 2 else None
     paths = []
     per_file = -(-rows // files)
     for k in range(files):
@@ -60,6 +107,10 @@ def generate(
         extra: dict = {}
         feats, dense, labels = data.batch(n, rng, extra)
         cols = {"label": pa.array(labels.numpy().astype(np.int64))}
+        if cvr_rng is not None:
+            p = 1.0 / (1.0 + np.exp(-conversion_logit(data, feats, dense)))
+            converted = (labels.numpy() > 0) & (cvr_rng.random(n) < p)
+            cols["conversion"] = pa.array(converted.astype(np.int64))
         for i in range(13):
             cols[f"I{i + 1}"] = pa.array(dense[:, i].numpy())
         for name, rt in feats.items():

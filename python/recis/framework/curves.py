@@ -28,7 +28,8 @@ def wanted(flag: bool | None, module: str, what: str) -> bool:
 
 
 class TensorBoardLog:
-    """Scalars of the Trainer's log records as TensorBoard events."""
+    """Scalars of the Trainer's log records as TensorBoard events (a
+    multi-task job's per-task losses as ``train/loss_<task>``)."""
 
     def __init__(self, logdir: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -42,11 +43,15 @@ class TensorBoardLog:
         if "loss_scale" in logs:
             self.writer.add_scalar("train/loss_scale", logs["loss_scale"], step)
         self.writer.add_scalar("train/table_rows", sum(logs["table_rows"].values()), step)
+        for k, v in logs.items():
+            if k.startswith("loss_") and k != "loss_scale":  # a multi-task job's per-task losses
+                self.writer.add_scalar(f"train/{k}", v, step)
         self.writer.flush()
 
     def eval(self, metrics: dict, split: str = "eval") -> None:
         """An evaluation's metrics as ``<split>/<metric>`` ("eval": the
-        eval data, "valid": the validation data)."""
+        eval data, "valid": the validation data); a multi-task job's
+        per-task metrics too (``<split>/auc_<task>``...)."""
         for k, v in metrics.items():
             if k != "step":
                 self.writer.add_scalar(f"{split}/{k}", v, metrics["step"])

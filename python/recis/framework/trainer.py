@@ -6,6 +6,18 @@ evaluation and eviction, checkpoints and resume); the model, the data and
 the optimizers are the user's. The model maps a batch (after ``input_fn``) to
 logits [B]; the loss is binary cross-entropy against ``batch[label_key]``
 unless ``loss_fn`` says otherwise.
+
+Multi-task (``TrainingArguments.label_keys``, T label columns, one a task):
+the model maps a batch to logits [B, T], column t the task of
+``label_keys[t]`` (``recis.models.multitask``); the loss is the sum over the
+tasks of ``task_weights[t]`` times the task's binary cross-entropy (each
+task's is logged as ``loss_<task>``), and evaluation gives every metric per
+task (``auc_<task>``, ``log_loss_<task>``, ``calibration_<task>``,
+``gauc_<task>``; a task is named by its label column) and, under the plain
+names (``auc``, ``log_loss``...), the first task's, which is what
+``metric_for_best`` "auc" and the rest of the code read. ESMM: the tasks are
+pCTR and pCTCVR, the label columns click and click AND conversion (see
+``recis.models.multitask``).
 """
 
 from __future__ import annotations
@@ -34,6 +46,27 @@ from recis.ragged import batch_rows
 
 # metric_for_best's choices: whether higher values are better.
 BEST_METRICS = {"auc": True, "gauc": True, "log_loss": False}
+
+
+def best_metrics(label_keys=None) -> dict[str, bool]:
+    """metric_for_best's choices, with whether higher is better: those of
+    ``BEST_METRICS`` and, for a multi-task job, each of them per task
+    (``auc_<task>``...). The plain names are the first task's."""
+    out = dict(BEST_METRICS)
+    for task in label_keys or ():
+        for name, higher in BEST_METRICS.items():
+            out[f"{name}_{task}"] = higher
+    return out
+
+
+def metric_base(metric: str, label_keys=None) -> str:
+    """The ``BEST_METRICS`` name a metric_for_best choice is of (``auc_click``:
+    ``auc``)."""
+    for task in label_keys or ():
+        for name in BEST_METRICS:
+            if metric == f"{name}_{task}":
+                return name
+    return metric
 
 
 class TrainingError(RuntimeError):
@@ -76,9 +109,11 @@ class TrainingArguments:
         given both, they must agree.
     metric_for_best: the validation metric that picks the best checkpoint
         and drives early stopping: "auc" (higher is better), "gauc" (higher
-        is better; needs ``group_key``) or "log_loss" (lower is better). A
-        validation improves on the best when strictly better (a NaN never
-        does).
+        is better; needs ``group_key``) or "log_loss" (lower is better); with
+        ``label_keys``, these are the first task's, and "auc_<task>",
+        "gauc_<task>" or "log_loss_<task>" choose another task's (its label
+        column). A validation improves on the best when strictly better (a
+        NaN never does).
     early_stopping_patience: stop training when ``metric_for_best`` has not
         improved for this many validations in a row (0: never stop early).
         Needs a ``valid_dataset`` and a periodic ``eval_every``. The run
@@ -111,6 +146,15 @@ class TrainingArguments:
         "optimizer", tables keep the saved embeddings and start their
         optimizer slots afresh).
     label_key / group_key: batch keys of the label and of the GAUC group.
+    label_keys: multi-task: the batch keys of the tasks' labels, one a
+        task, in the order of the model's logit columns ([B, T]); each task
+        is named by its label key (``loss_<task>``, ``auc_<task>``...).
+        ``label_key`` then is the first of them (it must be left as the
+        default or be that one). None: one task, ``label_key``, exactly as
+        before multi-task training existed.
+    task_weights: the weight of each task's loss in the loss the Trainer
+        minimises (numbers >= 0, not all 0, one a task; needs
+        ``label_keys``). None: 1 each.
     tensorboard: TensorBoard event files in ``output_dir/tensorboard`` (None:
         if the ``tensorboard`` package is installed).
     plot: a PNG of the loss and AUC curves, ``output_dir/curves.png``, at the
@@ -155,8 +199,11 @@ class TrainingArguments:
     progress: bool = True
     sparse_update: str = "auto"
     collective_timeout: float | None = None
+    label_keys: list[str] | None = None
+    task_weights: list[float] | None = None
 
     def __post_init__(self):
+        self._check_tasks()
         if self.sparse_update not in ("auto", "in_backward", "deferred"):
             raise ValueError(
                 "TrainingArguments.sparse_update must be 'auto', 'in_backward' or 'deferred', "
@@ -190,12 +237,16 @@ class TrainingArguments:
                 )
             self.eval_every = self.eval_every_steps
         self.eval_every_steps = self.eval_every if isinstance(self.eval_every, int) else None
-        if self.metric_for_best not in BEST_METRICS:
+        choices = best_metrics(self.label_keys)
+        if self.metric_for_best not in choices:
             raise ValueError(
-                f"TrainingArguments.metric_for_best must be one of {list(BEST_METRICS)}, got {self.metric_for_best!r}"
+                f"TrainingArguments.metric_for_best must be one of {list(choices)}, got {self.metric_for_best!r}"
             )
-        if self.metric_for_best == "gauc" and not self.group_key:
-            raise ValueError("TrainingArguments.metric_for_best='gauc' needs group_key (the column GAUC groups by)")
+        if metric_base(self.metric_for_best, self.label_keys) == "gauc" and not self.group_key:
+            raise ValueError(
+                f"TrainingArguments.metric_for_best={self.metric_for_best!r} needs group_key (the column GAUC "
+                "groups by)"
+            )
         p = self.early_stopping_patience
         if isinstance(p, bool) or not isinstance(p, int) or p < 0:
             raise ValueError(f"TrainingArguments.early_stopping_patience must be an int >= 0, got {p!r}")
@@ -210,6 +261,46 @@ class TrainingArguments:
             raise ValueError(
                 f"TrainingArguments.warm_start_parts: {bad or 'none given'}; choose from 'sparse', 'dense', 'optimizer'"
             )
+
+    def _check_tasks(self) -> None:
+        keys, weights = self.label_keys, self.task_weights
+        if keys is None:
+            if weights is not None:
+                raise ValueError("TrainingArguments.task_weights needs label_keys (a weight for each task's label)")
+            return
+        if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"TrainingArguments.label_keys must be a list of label column names, got {keys!r}")
+        keys = list(keys)
+        if not keys or len(set(keys)) != len(keys):
+            raise ValueError(f"TrainingArguments.label_keys must name distinct columns, at least one, got {keys!r}")
+        if "scale" in keys:
+            raise ValueError('TrainingArguments.label_keys: a task may not be named "scale" (loss_scale is logged)')
+        if self.label_key not in ("label", keys[0]):
+            raise ValueError(
+                f"TrainingArguments: label_key={self.label_key!r} and label_keys={keys!r}: with label_keys, label_key "
+                "is its first (give one of them)"
+            )
+        self.label_keys, self.label_key = keys, keys[0]
+        if weights is None:
+            return
+        ok = not isinstance(weights, str) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+        )
+        if not ok:
+            raise ValueError(f"TrainingArguments.task_weights must be numbers >= 0, got {weights!r}")
+        weights = [float(w) for w in weights]
+        if len(weights) != len(keys):
+            raise ValueError(
+                f"TrainingArguments.task_weights has {len(weights)} weights for {len(keys)} tasks {keys}: one a task"
+            )
+        if not any(weights):
+            raise ValueError("TrainingArguments.task_weights are all 0: nothing would be trained")
+        self.task_weights = weights
+
+    @property
+    def tasks(self) -> list[str] | None:
+        """The multi-task job's task names (its label keys); None: single-task."""
+        return self.label_keys
 
 
 class Trainer:
@@ -277,6 +368,8 @@ class Trainer:
         self._has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.input_fn = input_fn or (lambda b: b)
         self.loss_fn = loss_fn
+        self._module = getattr(model, "module", model)
+        self._task_losses: torch.Tensor | None = None  # the last micro-batch's per-task losses (multi-task)
         self.hooks = list(hooks)
         tables = collect_tables(model)
         self.tables = {t.name: t for t in tables}
@@ -437,20 +530,39 @@ class Trainer:
             logits = self.model(self.input_fn(batch))
         if self.loss_fn is not None:
             return self.loss_fn(logits.float(), batch)
-        return F.binary_cross_entropy_with_logits(logits.float(), self._labels(batch))
+        tasks = self.args.label_keys
+        if tasks is None:
+            return F.binary_cross_entropy_with_logits(logits.float(), self._labels(batch))
+        y = self._labels(batch)
+        check_task_logits(logits, tasks)
+        per_task = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none").mean(dim=0)
+        weights = self.args.task_weights or [1.0] * len(tasks)
+        self._task_losses = per_task.detach()
+        return sum(w * per_task[t] for t, w in enumerate(weights))
 
     def _labels(self, batch) -> torch.Tensor:
-        key = self.args.label_key
-        if key not in batch:
-            raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
-        y = batch[key]
-        bad = (y != 0) & (y != 1)
-        if bool(bad.any()):
-            raise TrainingError(
-                f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
-                f"(binary cross-entropy needs clicks as 0/1); nothing was updated; {self.checkpoints.last_good_note()}"
-            )
-        return y.float()
+        """The labels as 0/1 floats: [B], or, multi-task, [B, T]; a
+        missing column or a value that is not 0 or 1 is a TrainingError
+        naming the task and its column."""
+        a = self.args
+        if a.label_keys is None:
+            key = a.label_key
+            if key not in batch:
+                raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
+            y = batch[key]
+            bad = (y != 0) & (y != 1)
+            if bool(bad.any()):
+                raise TrainingError(
+                    f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
+                    f"(binary cross-entropy needs clicks as 0/1); nothing was updated; "
+                    f"{self.checkpoints.last_good_note()}"
+                )
+            return y.float()
+        when = f"at step {self.global_step + 1}" if self.model.training else f"in evaluation at step {self.global_step}"
+        try:
+            return task_labels(batch, a.label_keys, getattr(self._module, "label_nesting", None), when=f" {when}")
+        except TrainingError as e:
+            raise TrainingError(f"{e}; nothing was updated; {self.checkpoints.last_good_note()}") from None
 
     def _choose_sparse_update(self, opt) -> None:
         """``sparse_update``: in backward when nothing needs the sparse
@@ -555,6 +667,8 @@ class Trainer:
         self.model.train()
         k = a.gradient_accumulation_steps
         micro, window_batches, window_loss, window_n, t_window = 0, 0, 0.0, 0, time.perf_counter()
+        tasks = a.label_keys if self.loss_fn is None else None
+        window_tasks = [0.0] * len(tasks or ())
         logs: dict = {}
         start_epoch = getattr(self.train_dataset, "epoch", 0)
         done = a.max_steps is not None and self.global_step >= a.max_steps
@@ -592,6 +706,8 @@ class Trainer:
                 micro += 1
                 window_batches += 1
                 window_loss += float(loss.detach())
+                if tasks and self._task_losses is not None:
+                    window_tasks = [w + float(v) for w, v in zip(window_tasks, self._task_losses.tolist(), strict=True)]
                 window_n += int(batch[a.label_key].numel())
                 if micro % k:
                     continue
@@ -605,8 +721,8 @@ class Trainer:
                             t.evict(step=t.step)
                 if step % a.log_every_steps == 0:
                     now = time.perf_counter()
-                    window_loss, window_batches, window_n = distributed.sum_floats(
-                        [window_loss, window_batches, window_n]
+                    window_loss, window_batches, window_n, *window_tasks = distributed.sum_floats(
+                        [window_loss, window_batches, window_n, *window_tasks]
                     )
                     logs = {
                         "step": step,
@@ -614,6 +730,8 @@ class Trainer:
                         "samples_per_s": window_n / (now - t_window),
                         "table_rows": {n: len(t) for n, t in self.tables.items()},
                     }
+                    for task, v in zip(tasks or (), window_tasks, strict=True):
+                        logs[f"loss_{task}"] = v / window_batches  # the task's own BCE, unweighted
                     if self._grad_norm is not None:
                         logs["grad_norm"] = self._grad_norm  # this step's, before clipping
                     if self.scaler is not None:
@@ -623,6 +741,7 @@ class Trainer:
                         print(self._progress_line(logs), flush=True)
                     self._log(logs)
                     window_batches, window_loss, window_n, t_window = 0, 0.0, 0, now
+                    window_tasks = [0.0] * len(tasks or ())
                     for h in self.hooks:
                         if hasattr(h, "on_log"):
                             h.on_log(self, logs)
@@ -769,7 +888,11 @@ class Trainer:
             head = f"[{bar:<20s}] {step}/{total}"
         else:
             head = f"step {step:6d}"
-        line = f"{head}  loss {logs['loss']:.4f}  {logs['samples_per_s']:,.0f} samples/s"
+        line = f"{head}  loss {logs['loss']:.4f}"
+        for task in a.label_keys or ():
+            if f"loss_{task}" in logs:
+                line += f"  {task} {logs[f'loss_{task}']:.4f}"
+        line += f"  {logs['samples_per_s']:,.0f} samples/s"
         if "loss_scale" in logs:
             line += f"  scale {logs['loss_scale']:g}"
         return line
@@ -813,7 +936,8 @@ class Trainer:
         value = metrics.get(a.metric_for_best)
         improved = value is not None and math.isfinite(value)
         if improved and self.best is not None:
-            improved = value > self.best["value"] if BEST_METRICS[a.metric_for_best] else value < self.best["value"]
+            higher = best_metrics(a.label_keys)[a.metric_for_best]
+            improved = value > self.best["value"] if higher else value < self.best["value"]
         if improved:
             self.best = {"metric": a.metric_for_best, "value": value, "step": self.global_step}
             self.bad_validations = 0
@@ -857,6 +981,7 @@ class Trainer:
             group_key=self.args.group_key,
             mixed_precision=self.args.mixed_precision,
             labels=self._labels,
+            label_keys=self.args.label_keys,
         )
 
 
@@ -881,6 +1006,50 @@ def _check_labels(batch, key: str) -> torch.Tensor:
     return y.float()
 
 
+def check_task_logits(logits: torch.Tensor, tasks) -> None:
+    """A multi-task model's output: logits [B, T], T = len(tasks)."""
+    if logits.dim() != 2 or logits.shape[1] != len(tasks):
+        raise TrainingError(
+            f"label_keys names {len(tasks)} tasks {list(tasks)} but the model returned logits of shape "
+            f"{list(logits.shape)}: a multi-task model returns logits [B, {len(tasks)}], one column a task in "
+            "label_keys' order"
+        )
+
+
+def task_labels(batch, keys, nesting=None, when: str = "") -> torch.Tensor:
+    """The labels of the tasks ``keys`` as 0/1 floats [B, T]. A missing
+    column, or a value that is not 0 or 1, is a TrainingError naming the
+    task and its column; so is, with ``nesting`` ((task, parent) index
+    pairs, e.g. ESMM's: its pCTCVR label is click AND conversion), a 1 of a
+    task where its parent's label is 0."""
+    cols = []
+    for t, key in enumerate(keys):
+        what = f"task {key!r} (label column {key!r}, task {t + 1} of {list(keys)})"
+        if key not in batch:
+            raise TrainingError(f"{what}: the batch has no column {key!r} (it has {sorted(batch)})")
+        y = batch[key]
+        bad = (y != 0) & (y != 1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0][0])
+            raise TrainingError(
+                f"{what}: value {y[bad][0].item()!r} (row {row} of a batch){when} is not 0 or 1 (binary "
+                f"cross-entropy needs each task's label as 0/1)"
+            )
+        cols.append(y.float())
+    y = torch.stack(cols, dim=1)
+    for t, parent in nesting or ():
+        bad = (y[:, t] > 0) & (y[:, parent] == 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0][0])
+            raise TrainingError(
+                f"task {keys[t]!r} (label column {keys[t]!r}): 1 at row {row} of a batch{when} where task "
+                f"{keys[parent]!r} (label column {keys[parent]!r}) is 0: this model's task {keys[t]!r} nests in "
+                f"{keys[parent]!r} (ESMM: its second label is click AND conversion, never 1 without a click; "
+                f"write that column as {keys[parent]} * conversion)"
+            )
+    return y
+
+
 def evaluate_model(
     model: torch.nn.Module,
     data,
@@ -890,6 +1059,7 @@ def evaluate_model(
     group_key: str | None = None,
     mixed_precision: str | None = None,
     labels=None,
+    label_keys=None,
 ) -> dict:
     """AUC, log loss, calibration (and GAUC with ``group_key``) of ``model``
     over the batches of ``data`` (after ``input_fn``), in eval mode and
@@ -897,32 +1067,54 @@ def evaluate_model(
     rank passes its share and the metrics are every rank's rows (every rank
     must call it). ``labels(batch)``: the labels as 0/1 floats (default:
     ``batch[label_key]``, checked to be 0 or 1). Returns {auc, log_loss,
-    calibration[, gauc]}."""
+    calibration[, gauc]}.
+
+    ``label_keys`` (multi-task: the model's logits are [B, T]): the metrics
+    of each task, ``auc_<task>``, ``log_loss_<task>``,
+    ``calibration_<task>`` (and ``gauc_<task>``), a task named by its label
+    key; the plain names are the first task's. ``labels(batch)`` then gives
+    [B, T] (default: the columns ``label_keys``, checked)."""
     input_fn = input_fn or (lambda b: b)
-    labels = labels or (lambda b: _check_labels(b, label_key))
+    tasks = list(label_keys) if label_keys is not None else None
+    nesting = getattr(getattr(model, "module", model), "label_nesting", None)
+    if tasks is None:
+        labels = labels or (lambda b: _check_labels(b, label_key))
+    else:
+        labels = labels or (lambda b: task_labels(b, tasks, nesting))
     was_training = model.training
     model.eval()
-    auroc, ll, cal = AUROC(), LogLoss(), Calibration()
-    gauc = GAUC() if group_key else None
+    n = 1 if tasks is None else len(tasks)
+    auroc, ll, cal = [AUROC() for _ in range(n)], [LogLoss() for _ in range(n)], [Calibration() for _ in range(n)]
+    gauc = [GAUC() for _ in range(n)] if group_key else None
     try:
         with torch.no_grad():
             for batch in lockstep(data, pad=True):
                 with _autocast(mixed_precision):
-                    p = torch.sigmoid(model(input_fn(batch)).float())
+                    logits = model(input_fn(batch))
+                if tasks is not None:
+                    check_task_logits(logits, tasks)
+                p = torch.sigmoid(logits.float())
                 y = labels(batch)
-                auroc.update(y, p)
-                ll.update(y, p)
-                cal.update(y, p)
-                if gauc is not None:
-                    gauc.update(y, p, batch[group_key])
+                for t in range(n):
+                    pt, yt = (p, y) if tasks is None else (p[:, t], y[:, t])
+                    auroc[t].update(yt, pt)
+                    ll[t].update(yt, pt)
+                    cal[t].update(yt, pt)
+                    if gauc is not None:
+                        gauc[t].update(yt, pt, batch[group_key])
     finally:
         model.train(was_training)
-    for m in (auroc, ll, cal, gauc):
-        if m is not None:
-            m.sync()
-    metrics = {"auc": auroc.compute(), "log_loss": ll.compute(), "calibration": cal.compute()}
-    if gauc is not None:
-        metrics["gauc"] = gauc.compute()
+    for m in [*auroc, *ll, *cal, *(gauc or ())]:
+        m.sync()
+    per_task = []
+    for t in range(n):
+        m = {"auc": auroc[t].compute(), "log_loss": ll[t].compute(), "calibration": cal[t].compute()}
+        if gauc is not None:
+            m["gauc"] = gauc[t].compute()
+        per_task.append(m)
+    metrics = dict(per_task[0])  # single-task: these alone; multi-task: the first task's
+    for task, m in zip(tasks or (), per_task if tasks else (), strict=True):
+        metrics.update({f"{k}_{task}": v for k, v in m.items()})
     return metrics
 
 

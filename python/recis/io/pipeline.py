@@ -22,6 +22,11 @@ What it does to a batch of ``OrcDataset``:
 - the dense columns are stacked into ``"dense"`` [B, len(dense)] float32,
   NaN (a null) read as 0, ±inf per ``non_finite``, then ``dense_transform``
   ("none" or "log1p").
+
+``labels`` (multi-task): every label column, one a task, in the order of the
+model's outputs; ``label`` is then the first of them. None (the default): one
+label, ``label``, as before multi-task jobs existed (and ``to_json`` writes
+no ``labels`` key).
 """
 
 from __future__ import annotations
@@ -71,8 +76,15 @@ class InputPipeline:
     group: str | None = None
     vectors: list = field(default_factory=list)
     where: str = "input pipeline"  # named in errors (a config file's path)
+    labels: list[str] | None = None  # multi-task: every label column; label is the first
 
     def __post_init__(self):
+        if self.labels is not None:
+            labels = list(self.labels)
+            if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+                raise ValueError(f"{self.where}: labels must be distinct column names, at least one, got {labels!r}")
+            self.labels = labels
+            self.label = labels[0]
         if self.dense_transform not in TRANSFORMS:
             raise ValueError(f"{self.where}: dense_transform must be one of {TRANSFORMS}, got {self.dense_transform!r}")
         if self.non_finite not in NON_FINITE:
@@ -124,8 +136,9 @@ class InputPipeline:
             seen[col.name] = (col, what)
             cols.append(col)
 
-        if label and self.label:
-            add(Column(self.label), "the label")
+        if label:
+            for name in self.labels or ([self.label] if self.label else []):
+                add(Column(name), "the label")
         for name in self.dense + ([self.group] if self.group else []):
             if name not in seen:
                 add(Column(name), "a dense or group column")
@@ -236,6 +249,8 @@ class InputPipeline:
                     del f[k]
                 else:
                     f[k] = [dict(o) for o in f[k]] if k == "ops" else list(f[k])
+        if out["labels"] is None:
+            del out["labels"]  # a single-label pipeline's JSON is as it was
         return out
 
     @classmethod
@@ -244,7 +259,7 @@ class InputPipeline:
         ValueError naming ``where``."""
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
-        known = {"features", "label", "dense", "dense_transform", "non_finite", "group", "vectors"}
+        known = {"features", "label", "labels", "dense", "dense_transform", "non_finite", "group", "vectors"}
         unknown = sorted(set(obj) - known)
         if unknown:
             raise ValueError(f"{where}: unknown fields {unknown}")
@@ -257,6 +272,8 @@ class InputPipeline:
             kw = {k: obj[k] for k in known - {"features"} if k in obj}
             if not all(isinstance(c, str) for c in kw.get("dense", [])):
                 raise TypeError("dense must be a list of column names")
+            if kw.get("labels") is not None and not isinstance(kw["labels"], list):
+                raise TypeError("labels must be a list of column names")
             return cls(features=features, where=where, **kw)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: malformed ({e})") from None

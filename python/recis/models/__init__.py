@@ -7,15 +7,30 @@ Linear, before its activation) for all its MLPs' hidden layers, never an
 output layer; their defaults build the models as they were before these
 options (the same parameters and ``state_dict`` names).
 ``model_spec(model)`` describes a zoo model as JSON and ``build_model(spec)``
-rebuilds it (with fresh tables and weights)."""
+rebuilds it (with fresh tables and weights).
+
+Multi-task models (``recis.models.multitask``: ``shared_bottom``, ``mmoe``,
+``esmm``) map a batch to logits [B, T], one column a task; they are
+``MULTITASK_MODELS``, apart from ``MODELS`` (whose models' logits are [B]),
+and ``ZOO`` holds both: the names a config's ``[model] name`` and
+``build_model`` take."""
 
 from recis.models.common import model_spec
 from recis.models.dcn import DCNv2
 from recis.models.deepfm import DeepFM
 from recis.models.dlrm import DLRM
+from recis.models.multitask import ESMM, MMoE, SharedBottom
 from recis.models.wide_deep import WideDeep
 
 MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep}
+MULTITASK_MODELS = {"shared_bottom": SharedBottom, "mmoe": MMoE, "esmm": ESMM}
+ZOO = {**MODELS, **MULTITASK_MODELS}
+
+
+def is_multitask(model) -> bool:
+    """Whether ``model`` (a module or a zoo class) is a multi-task model
+    (logits [B, T])."""
+    return bool(getattr(model, "multitask", False))
 
 
 def build_model(spec: dict, where: str = "model"):
@@ -28,9 +43,9 @@ def build_model(spec: dict, where: str = "model"):
 
     if not isinstance(spec, dict) or not {"name", "args", "features"} <= set(spec):
         raise ValueError(f"{where}: expected a model spec with name, args and features")
-    cls = MODELS.get(spec["name"])
+    cls = ZOO.get(spec["name"])
     if cls is None:
-        raise ValueError(f"{where}: unknown model {spec['name']!r} (the zoo has {sorted(MODELS)})")
+        raise ValueError(f"{where}: unknown model {spec['name']!r} (the zoo has {sorted(ZOO)})")
     args = spec["args"]
     features = spec["features"]
     if not isinstance(args, dict) or not isinstance(features, list) or not features:
@@ -49,4 +64,18 @@ def build_model(spec: dict, where: str = "model"):
     return cls(options, **kwargs)
 
 
-__all__ = ["DCNv2", "DLRM", "MODELS", "DeepFM", "WideDeep", "build_model", "model_spec"]
+__all__ = [
+    "DCNv2",
+    "DLRM",
+    "ESMM",
+    "MMoE",
+    "MODELS",
+    "MULTITASK_MODELS",
+    "ZOO",
+    "DeepFM",
+    "SharedBottom",
+    "WideDeep",
+    "build_model",
+    "is_multitask",
+    "model_spec",
+]

@@ -5,6 +5,13 @@
     scores = p.predict_batch(batch)       # a reader batch (ORC columns), through the export's input pipeline
     out = p.predict_files(["eval.orc"])   # {"score": ..., "label": ...} as numpy
 
+A multi-task model's (``recis.models.multitask``) scores are [B, T], one
+column a task (``Predictor.tasks``: the export pipeline's label columns, the
+names the Trainer gave the tasks); ``predict_files`` then gives
+``score_<task>`` (and ``label_<task>``) for each task, and ``score`` /
+``label`` are the first task's, as the Trainer's ``auc`` is. A single-task
+model's scores are [B], as always.
+
 The export is verified first (``verify_export``: every file of its size and
 digest, the model spec and tables consistent); the model is rebuilt from
 its spec, the dense weights loaded, and each logical table imported into
@@ -246,10 +253,28 @@ class Predictor:
             if len(view) != entry.get("rows", len(view)):
                 raise ExportError(f"{where}: table {name!r} should hold {entry['rows']} rows, its files {len(view)}")
         self.model.eval()
+        self.tasks = self._tasks()
         self.generation = int(self.manifest["generation"])
         self.lineage = self.manifest.get("lineage")
         self.model_id = self.manifest["model_id"]
         self.step = self.meta.get("step")
+
+    def _tasks(self) -> list[str] | None:
+        """A multi-task model's task names: its pipeline's label columns,
+        else task_0, task_1...; None for a single-task model."""
+        from recis.models import is_multitask
+
+        if not is_multitask(self.model):
+            return None
+        n = self.model.num_tasks
+        labels = self.pipeline.labels if self.pipeline is not None else None
+        if labels is not None:
+            if len(labels) != n:
+                raise ExportError(
+                    f"{self.directory}: the pipeline names {len(labels)} labels {labels} but the model has {n} tasks"
+                )
+            return list(labels)
+        return [f"task_{i}" for i in range(n)]
 
     def _read_dense(self, directory: str) -> dict[str, torch.Tensor]:
         path = os.path.join(directory, DENSE)
@@ -389,7 +414,8 @@ class Predictor:
     def predict(self, inputs: dict) -> torch.Tensor:
         """Click probabilities [B] (float32) of model inputs: each feature's
         ids (RaggedTensor or [B, L] int64), and ``"dense"`` [B, num_dense]
-        when the model has dense features."""
+        when the model has dense features. A multi-task model's: [B, T],
+        column t the task ``tasks[t]``."""
         return self.predict_generation(inputs)[0]
 
     def predict_generation(self, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -408,8 +434,8 @@ class Predictor:
             return torch.sigmoid(self.model(inputs).float()), self.generation
 
     def predict_batch(self, batch: dict) -> torch.Tensor:
-        """Probabilities [B] of a reader batch (``OrcDataset``'s columns),
-        through the export's input pipeline."""
+        """Probabilities [B] (multi-task: [B, T]) of a reader batch
+        (``OrcDataset``'s columns), through the export's input pipeline."""
         if self.pipeline is None:
             raise ExportError(f"{self.directory}: the export has no input pipeline; call predict() with model inputs")
         return self.predict(self.pipeline(batch))
@@ -417,7 +443,9 @@ class Predictor:
     def predict_files(self, files, batch_size: int = 4096, num_threads: int = 2) -> dict[str, np.ndarray]:
         """Scores of every row of ORC ``files``, in file order: {"score":
         float32 [N], and "label": float32 [N] when the files hold the
-        pipeline's label column}."""
+        pipeline's label column}. A multi-task model's: also
+        "score_<task>" for each task (and "label_<task>" when the files
+        hold every label column); "score" and "label" are the first task's."""
         from recis.io import OrcDataset
 
         if self.pipeline is None:
@@ -426,18 +454,33 @@ class Predictor:
             ds = OrcDataset(files, batch_size, self.pipeline.columns(label=True), num_threads=num_threads)
             label = self.pipeline.label
         except ValueError as e:
-            if not (self.pipeline.label and f'column "{self.pipeline.label}" not found' in str(e)):
+            names = self.pipeline.labels or ([self.pipeline.label] if self.pipeline.label else [])
+            if not any(f'column "{n}" not found' in str(e) for n in names):
                 raise
             ds = OrcDataset(files, batch_size, self.pipeline.columns(label=False), num_threads=num_threads)
             label = None
+        label_cols = (self.pipeline.labels or [label]) if label else []
+        tasks = self.tasks
+        width = len(tasks) if tasks is not None else None
         scores, labels = [], []
         for batch in ds:
             scores.append(self.predict_batch(batch))
+            if label_cols:
+                labels.append(torch.stack([batch[c].to(torch.float32) for c in label_cols], dim=1))
+        shape = (0,) if width is None else (0, width)
+        score = torch.cat(scores).numpy() if scores else np.zeros(shape, np.float32)
+        if tasks is None:
+            out = {"score": score}
             if label:
-                labels.append(batch[label].to(torch.float32))
-        out = {"score": torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)}
+                out["label"] = torch.cat(labels)[:, 0].numpy() if labels else np.zeros(0, np.float32)
+            return out
+        out = {"score": np.ascontiguousarray(score[:, 0])}
+        out.update({f"score_{t}": np.ascontiguousarray(score[:, i]) for i, t in enumerate(tasks)})
         if label:
-            out["label"] = torch.cat(labels).numpy() if labels else np.zeros(0, np.float32)
+            y = torch.cat(labels).numpy() if labels else np.zeros((0, len(label_cols)), np.float32)
+            out["label"] = np.ascontiguousarray(y[:, 0])
+            if self.pipeline.labels:
+                out.update({f"label_{t}": np.ascontiguousarray(y[:, i]) for i, t in enumerate(tasks)})
         return out
 
     def tables_state(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

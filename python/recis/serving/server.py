@@ -9,7 +9,9 @@ production WSGI server:
   strings when the feature hashes them (a str or a list of str), and each
   dense column's number (``null`` reads as a null does in a file). The
   reply is ``{"scores": [...], "generation": G}``: click probabilities, in
-  row order, from one generation of the model.
+  row order, from one generation of the model. A multi-task model's reply
+  adds ``"task_scores": {task: [...]}`` (``Predictor.tasks``), and
+  ``"scores"`` is the first task's.
 - ``GET /healthz``: ``{"status": "ok", "generation": G, "step": S}``.
 - Served from a lineage directory, the predictor applies new deltas as
   they appear (``Refresher``, every ``poll_seconds``): a request is scored
@@ -129,7 +131,7 @@ def request_batch(pipeline, rows) -> dict:
             features.setdefault(c, f)
     wanted = list(features) + [c for c in pipeline.dense if c not in features]
     wanted += [c for c, _ in pipeline.vectors if c not in wanted]
-    known = set(wanted) | {pipeline.label, pipeline.group} - {None}
+    known = set(wanted) | {pipeline.label, pipeline.group, *(pipeline.labels or ())} - {None}
     for r, row in enumerate(rows):
         if not isinstance(row, dict):
             raise RequestError(f"row {r}: expected an object of columns, got {type(row).__name__}")
@@ -235,7 +237,14 @@ class ScoringApp:
         except ValueError as e:  # a dense value beyond float32, with non_finite = "error"
             raise RequestError(str(e)) from None
         scores, generation = p.predict_generation(inputs)
-        return 200, {"scores": scores.tolist(), "generation": generation}
+        if scores.dim() == 1:
+            return 200, {"scores": scores.tolist(), "generation": generation}
+        tasks = p.tasks
+        return 200, {
+            "scores": scores[:, 0].tolist(),
+            "task_scores": {t: scores[:, i].tolist() for i, t in enumerate(tasks)},
+            "generation": generation,
+        }
 
 
 def serve(predictor, host: str = "127.0.0.1", port: int = 8080, threads: int = 4, **app_kwargs):
