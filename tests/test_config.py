@@ -184,10 +184,13 @@ def test_inf_in_a_dense_column_stops_training_naming_file_column_and_row(data_di
     i3[10] = 1e39
     t = t.set_column(t.column_names.index("I3"), "I3", pa.array(i3, pa.float64()))
     (tmp_path / "wide").mkdir()
-    # Unshuffled, so that the row of the file is the row of the first batch.
-    assert main(["train", "--config", one_file_job(tmp_path / "wide", t, "shuffle = false")]) == 1
-    err = capsys.readouterr().err
-    assert "[data].dense column 'I3', row 10 of a batch: 1e+39 is beyond float32's range" in err, err
+    # Named by the reader with its file and row, rows shuffled or not.
+    for shuffle in ("true", "false"):
+        (tmp_path / "wide" / shuffle).mkdir(parents=True)
+        assert main(["train", "--config", one_file_job(tmp_path / "wide" / shuffle, t, f"shuffle = {shuffle}")]) == 1
+        err = capsys.readouterr().err
+        want = f"{tmp_path / 'wide' / shuffle / 'part-00000.orc'}, row 10: column 'I3': 1e+39 is beyond float32's range"
+        assert want in err, err
     (tmp_path / "zero").mkdir()
     assert main(["train", "--config", one_file_job(tmp_path / "zero", t, 'non_finite = "zero"')]) == 0
 

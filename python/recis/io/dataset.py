@@ -183,11 +183,15 @@ def _concat(pieces: list) -> tuple:
 class Column:
     """A column to read. ``hash``: hash string values to int64 ids at read
     time (FarmHash ``Fingerprint64``, as ``recis.features.Hash``), then
-    ``% bucket`` on the unsigned value when ``bucket > 0``."""
+    ``% bucket`` on the unsigned value when ``bucket > 0``. ``float32``: a
+    float64 column arrives as float32 (a model's dense input), a value
+    beyond float32's range handled as ±inf is (``non_finite``: an error
+    naming the file and row, or clamped, or zeroed)."""
 
     name: str
     hash: bool = False
     bucket: int = 0
+    float32: bool = False
 
 
 def _default_worker() -> tuple[int, int]:
@@ -241,6 +245,7 @@ class OrcDataset(IterableDataset):
         if not columns:
             raise ValueError("OrcDataset: columns must name at least one column")
         self.columns = [c if isinstance(c, Column) else Column(c) for c in columns]
+        self._narrow = {c.name for c in self.columns if c.float32}
         names = [c.name for c in self.columns]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -434,9 +439,31 @@ class OrcDataset(IterableDataset):
         out = []
         for (name, dtype, _is_list, _hashed), (values, str_offsets, offsets) in zip(self.types, cols, strict=True):
             if dtype in ("float32", "float64"):
-                values = self._finite(name, torch.from_numpy(values), offsets, start).numpy()
+                v = torch.from_numpy(values)
+                if dtype == "float64" and name in self._narrow:
+                    v = self._narrowed(name, v, offsets, start)
+                values = self._finite(name, v, offsets, start).numpy()
             out.append((values, str_offsets, offsets))
         return out
+
+    def _narrowed(self, name: str, v: torch.Tensor, offsets, start: tuple[int, int]) -> torch.Tensor:
+        """A float64 column as float32 (``Column.float32``): a finite value
+        beyond float32's range is an error naming where it lies, or, per
+        ``non_finite``, clamped or zeroed."""
+        big = float(torch.finfo(torch.float32).max)
+        over = v.abs() > big  # NaN compares False; ±inf is _finite's
+        over &= torch.isfinite(v)
+        if bool(over.any()):
+            if self.non_finite == "error":
+                at = int(over.nonzero()[0, 0])
+                row = at if offsets is None else int(np.searchsorted(offsets, at, side="right")) - 1
+                raise DataError(
+                    f"{self._locate(start, row)}: column {name!r}: {float(v[at])!r} is beyond float32's range (the "
+                    "dense input is float32); OrcDataset(non_finite='clamp' or 'zero') (config: [data] non_finite) "
+                    "replaces such values"
+                )
+            v = v.clamp(-big, big) if self.non_finite == "clamp" else v.masked_fill(over, 0.0)
+        return v.to(torch.float32)
 
     def _to_batch(self, cols) -> dict:
         """Reader-form columns as tensors."""

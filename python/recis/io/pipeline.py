@@ -139,9 +139,12 @@ class InputPipeline:
         if label:
             for name in self.labels or ([self.label] if self.label else []):
                 add(Column(name), "the label")
-        for name in self.dense + ([self.group] if self.group else []):
+        for name in self.dense:
             if name not in seen:
-                add(Column(name), "a dense or group column")
+                # float32 in the reader: a float64 value beyond its range is named with its file and row.
+                add(Column(name, float32=True), "a dense column")
+        if self.group and self.group not in seen:
+            add(Column(self.group), "the group column")
         for name, _ in self.vectors:
             add(Column(name), "a vector column")
         for f in self.features:
