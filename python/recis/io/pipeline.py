@@ -10,6 +10,10 @@ What it does to a batch of ``OrcDataset``:
 - each feature's column becomes the model's ids under the feature's name: a
   scalar int64 column one id a row ([B, 1]), a list column as it is (hashing
   and ``bucket`` happen in the reader, per ``columns()``);
+- a feature with ``max_len`` (a sequence: ``[[feature]] combiner =
+  "sequence"``) keeps the last ``max_len`` ids of each row
+  (``features.SequenceTruncate(max_len, side="left")``: the newest, for a
+  history written oldest first);
 - the dense columns are stacked into ``"dense"`` [B, len(dense)] float32,
   NaN (a null) read as 0, ±inf per ``non_finite``, then ``dense_transform``
   ("none" or "log1p").
@@ -28,12 +32,14 @@ TRANSFORMS = ("none", "log1p")
 
 @dataclass(frozen=True)
 class FeatureInput:
-    """One sparse feature: the model's name for it and the column it reads."""
+    """One sparse feature: the model's name for it and the column it reads;
+    ``max_len`` > 0: at most the last ``max_len`` ids of a row (0: all)."""
 
     name: str
     column: str
     hash: bool = False
     bucket: int = 0
+    max_len: int = 0
 
 
 @dataclass
@@ -51,6 +57,9 @@ class InputPipeline:
             raise ValueError(f"{self.where}: dense_transform must be one of {TRANSFORMS}, got {self.dense_transform!r}")
         if self.non_finite not in NON_FINITE:
             raise ValueError(f"{self.where}: non_finite must be one of {NON_FINITE}, got {self.non_finite!r}")
+        for f in self.features:
+            if isinstance(f.max_len, bool) or not isinstance(f.max_len, int) or f.max_len < 0:
+                raise ValueError(f"{self.where}: feature {f.name!r}: max_len must be an int >= 0, got {f.max_len!r}")
 
     def columns(self, label: bool = True) -> list[Column]:
         """The reader's columns: the label (with ``label``), dense, group,
@@ -88,6 +97,8 @@ class InputPipeline:
                         "a feature needs integer ids (or strings with hash = true)"
                     )
                 v = v.unsqueeze(1)
+            elif f.max_len:
+                v = self._truncate(f)(v, f.name)
             out[f.name] = v
         if self.dense:
             missing = [c for c in self.dense if c not in batch]
@@ -100,6 +111,12 @@ class InputPipeline:
                 x = torch.log1p(x.clamp_min(0))
             out["dense"] = x
         return out
+
+    @staticmethod
+    def _truncate(f: FeatureInput):
+        from recis.features import SequenceTruncate
+
+        return SequenceTruncate(f.max_len, side="left")
 
     def _finite_dense(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
         """The dense input ``x`` [B, len(dense)] with NaN (a null) as 0 and
@@ -120,6 +137,9 @@ class InputPipeline:
     def to_json(self) -> dict:
         out = asdict(self)
         del out["where"]
+        for f in out["features"]:
+            if not f["max_len"]:
+                del f["max_len"]  # as pipelines were written before it existed
         return out
 
     @classmethod

@@ -7,15 +7,23 @@ Linear, before its activation) for all its MLPs' hidden layers, never an
 output layer; their defaults build the models as they were before these
 options (the same parameters and ``state_dict`` names).
 ``model_spec(model)`` describes a zoo model as JSON and ``build_model(spec)``
-rebuilds it (with fresh tables and weights)."""
+rebuilds it (with fresh tables and weights).
 
+The sequence models (``SEQUENCE_MODELS``: DIN, BST) read one field as a
+behaviour sequence (``combiner="tuple"``, [B, L, D]) against a target item
+field, named by their ``history`` and ``target`` arguments; the others pool
+every field."""
+
+from recis.models.bst import BST
 from recis.models.common import model_spec
 from recis.models.dcn import DCNv2
 from recis.models.deepfm import DeepFM
+from recis.models.din import DIN
 from recis.models.dlrm import DLRM
 from recis.models.wide_deep import WideDeep
 
-MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep}
+MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep, "din": DIN, "bst": BST}
+SEQUENCE_MODELS = sorted(n for n, cls in MODELS.items() if getattr(cls, "sequence_model", False))
 
 
 def build_model(spec: dict, where: str = "model"):
@@ -49,4 +57,15 @@ def build_model(spec: dict, where: str = "model"):
     return cls(options, **kwargs)
 
 
-__all__ = ["DCNv2", "DLRM", "MODELS", "DeepFM", "WideDeep", "build_model", "model_spec"]
+__all__ = [
+    "BST",
+    "DIN",
+    "DLRM",
+    "MODELS",
+    "SEQUENCE_MODELS",
+    "DCNv2",
+    "DeepFM",
+    "WideDeep",
+    "build_model",
+    "model_spec",
+]
