@@ -407,14 +407,18 @@ def fit_and_auc(name, files, seed):
 
 
 def test_din_beats_deepfm_on_behaviour_data(behaviour_files):
-    # Measured (seeds 0, 1, 2 of data and models): DIN 0.681/0.695/0.691,
-    # DeepFM 0.594/0.595/0.587: DIN ahead by 0.087 to 0.104.
+    # Measured with this setup (fit_and_auc; data and model seeds 0, 1, 2):
+    # DIN 0.678/0.688/0.693, DeepFM 0.592/0.592/0.593: DIN ahead by 0.086,
+    # 0.096, 0.100. The test runs seed 0 and asserts less than half the
+    # smallest gap.
     din, deepfm = fit_and_auc("din", behaviour_files, 0), fit_and_auc("deepfm", behaviour_files, 0)
     assert din > 0.64, din
     assert din > deepfm + 0.04, (din, deepfm)
 
 
 def test_bst_learns_the_behaviour_signal(behaviour_files):
-    # Measured (seeds 0, 1, 2): BST 0.600/0.625/0.598 (DeepFM 0.594/0.595/0.587: too close to assert).
+    # Measured (seeds 0, 1, 2): BST 0.590/0.590/0.609, DeepFM 0.592/0.592/0.593:
+    # BST learns the signal but does not beat DeepFM in these few steps, so
+    # only the former is asserted.
     bst = fit_and_auc("bst", behaviour_files, 0)
-    assert bst > 0.57, bst
+    assert bst > 0.56, bst
