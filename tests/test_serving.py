@@ -10,6 +10,7 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from recis.config import Job, load_config
 from recis.datagen import generate
 from recis.io import OrcDataset
 from recis.io.pipeline import FeatureInput, InputPipeline
-from recis.models import MODELS, build_model, model_spec
+from recis.models import MODELS, SEQUENCE_MODELS, build_model, model_spec
 from recis.nn import EmbeddingOption, NormalInit
 from recis.optim import SparseAdam
 from recis.ragged import RaggedTensor
@@ -156,6 +157,9 @@ def small_model(name: str, seed: int = 0, **kw):
     }
     torch.manual_seed(seed)
     kwargs = {"bottom": (8, 4), "top": (8,)} if name == "dlrm" else {}
+    if name in SEQUENCE_MODELS:  # "i" as a history ([B, L, D]), read against "u"
+        fields["i"] = replace(fields["i"], combiner="tuple")
+        kwargs = {"target": "u", "history": "i", "hidden": (8,)}
     return MODELS[name](fields, num_dense=2, dim=4, **kwargs, **kw)
 
 

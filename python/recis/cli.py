@@ -5,7 +5,8 @@ with a hidden click model (once), trains DeepFM on it through the ORC reader,
 prints the loss as it falls and samples/s, evaluates on held-out files (AUC,
 log loss, calibration) and saves a checkpoint, in a ``--workdir`` it marks
 as its own (``DEMO_MARKER``; it replaces only its own earlier outputs).
-``recis datagen``: writes such data. ``recis convert``: CSV/TSV/Parquet → ORC.
+``recis datagen``: writes such data (``--behaviour``: with a target item and
+a behaviour sequence column, for DIN/BST). ``recis convert``: CSV/TSV/Parquet → ORC.
 ``recis train --config FILE.toml``: a job described in TOML (``recis.config``
 documents every field; ``--set section.key=value`` changes one,
 ``--print-config`` shows the result); resumes from the job's latest
@@ -390,15 +391,26 @@ def serve_cmd(args) -> int:
 def datagen_cmd(args) -> int:
     from recis.datagen import generate
 
-    paths = generate(
-        args.output,
-        args.rows,
-        files=args.files,
-        vocab=args.vocab,
-        seed=args.seed,
-        vectors=args.vectors,
-        tasks=args.tasks,
-    )
+    shape = {k: getattr(args, k) for k in ("items", "categories", "max_history")}
+    shape = {k: v for k, v in shape.items() if v is not None}
+    if shape and not args.behaviour:
+        print("recis datagen: --items, --categories and --max-history go with --behaviour", file=sys.stderr)
+        return 2
+    extra = dict(behaviour=True, **shape) if args.behaviour else {}
+    try:
+        paths = generate(
+            args.output,
+            args.rows,
+            files=args.files,
+            vocab=args.vocab,
+            seed=args.seed,
+            vectors=args.vectors,
+            tasks=args.tasks,
+            **extra,
+        )
+    except ValueError as e:
+        print(f"recis {e}", file=sys.stderr)
+        return 2
     for p in paths:
         print(p)
     return 0
@@ -513,6 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="labels written: 1, the click label; 2, also 'conversion' (click AND a hidden conversion model's draw: "
         "multi-task and ESMM data)" + D,
     )
+    g.add_argument(
+        "--behaviour",
+        action="store_true",
+        help="add a target item column (item) and a behaviour sequence column (hist_items: the items clicked "
+        "before, oldest first), with a click model in which the target's relation to the recent history counts "
+        "(default: off)",
+    )
+    g.add_argument("--items", type=positive_int, help="with --behaviour: items in the catalogue (default: 1000)")
+    g.add_argument("--categories", type=positive_int, help="with --behaviour: hidden item categories (default: 20)")
+    g.add_argument("--max-history", type=seed_int, help="with --behaviour: the longest history (default: 40)")
     g.set_defaults(func=datagen_cmd)
     c = sub.add_parser("convert", help="CSV/TSV (Criteo, Avazu or any schema) or Parquet to ORC files")
     c.add_argument("inputs", nargs="+", help="input files, converted in order")

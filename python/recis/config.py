@@ -39,15 +39,19 @@ num_threads = 2               # ORC decoder threads
 prefetch = 4                  # stripes decoded ahead
 
 [model]
-name = "deepfm"               # "deepfm", "dlrm", "dcnv2" or "wide_deep"; multi-task ([data] labels):
-                              # "shared_bottom", "mmoe" or "esmm"
+name = "deepfm"               # "deepfm", "dlrm", "dcnv2", "wide_deep"; a sequence model: "din" or "bst";
+                              # multi-task ([data] labels): "shared_bottom", "mmoe" or "esmm"
 dim = 16                      # embedding width
 # further keys are the model's own arguments, e.g. hidden = [400, 400, 400]
 # (deepfm, dcnv2, wide_deep), bottom / top (dlrm), cross_layers / rank (dcnv2),
 # coalesce = false (every model: a physical table per feature table instead of
 # one per config); shared_bottom: bottom, tower; mmoe: num_experts, expert,
 # tower; esmm: ctr_tower, cvr_tower; shared_bottom and mmoe: num_tasks
-# (default: the number of [data] labels, which it must equal)
+# (default: the number of [data] labels, which it must equal); din: attention = [64, 32] (its attention
+# MLP), hidden; bst: max_len = 50 (positions), blocks = 1, heads = 2 (dividing dim), feedforward = 64, hidden
+target = "item"               # din, bst (required): the feature (its name) of the target item, pooled
+history = "hist_items"        # din, bst (required): the feature of the history, combiner = "sequence"
+                              # (give it and the target one shared table, so an item is one row in both)
 dropout = 0.0                 # every model: dropout after each hidden MLP layer's activation (in [0, 1); 0: none;
                               # dlrm: its bottom and top MLPs; never the output layer); off in evaluation
 batch_norm = false            # every model: BatchNorm1d after each hidden MLP layer's Linear, before its activation
@@ -67,7 +71,10 @@ ops = [{ op = "fill_missing", value = 0 }, { op = "bucketize", boundaries = [1, 
                               # bucketize {boundaries}, hash {bucket}, mod {mod}, cross {bucket} (of the two
                               # columns, the first op), truncate {max_len, side}, multi_hash {buckets}; checked
                               # against the columns' types when the job opens its data (default: none)
-combiner = "sum"              # "sum" or "mean" of a row's ids
+combiner = "sum"              # "sum" or "mean" of a row's ids, or "sequence": the row's ids in order, for a
+                              # sequence model's history ([model] history; the engine's combiner "tuple")
+max_len = 0                   # with combiner = "sequence": keep the last N ids of each row (the newest, for
+                              # a history written oldest first); 0: all
 shared = "items"              # features naming the same shared table use one table (default: own table)
 initializer = "normal"        # new rows: "normal" (Normal(0, init_std)), "truncated_normal" (cut at ±2
                               # init_std), "uniform" (U(-init_range, init_range)) or "zeros"; a function of
@@ -214,6 +221,7 @@ class FeatureConfig:
     columns: list[str] = field(default_factory=list)
     ops: list[dict] = field(default_factory=list)
     combiner: str = "sum"
+    max_len: int = 0
     shared: str | None = None
     initializer: str = "normal"
     init_std: float = DEFAULT_INITIALIZER.std
@@ -442,7 +450,14 @@ def load_config(path: str, overrides=()) -> JobConfig:
         raise ConfigError(f"{path}: [[feature]] names repeated: {dup}")
     for i, f in enumerate(features):
         where = f"{path}: [[feature]] #{i + 1} ({f.name})"
-        _one_of(f.combiner, ("sum", "mean"), f"{where}.combiner")
+        _one_of(f.combiner, ("sum", "mean", "sequence"), f"{where}.combiner")
+        if f.max_len < 0:
+            raise ConfigError(f"{where}.max_len: must be >= 0, got {f.max_len}")
+        if f.max_len and f.combiner != "sequence":
+            raise ConfigError(
+                f'{where}.max_len: {f.max_len} with combiner = {f.combiner!r} (max_len cuts a combiner = "sequence" '
+                'feature\'s rows): set combiner = "sequence", or remove max_len'
+            )
         _one_of(f.eval_missing, ("zeros", "initial"), f"{where}.eval_missing")
         _one_of(f.initializer, INITIALIZERS, f"{where}.initializer")
         _one_of(f.eviction_score, ("lru", "lfu"), f"{where}.eviction_score")
@@ -469,6 +484,7 @@ def load_config(path: str, overrides=()) -> JobConfig:
     dim = model["dim"]
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
+    _check_sequences(model, features, path)
     params = inspect.signature(ZOO[model["name"]]).parameters
     _check_tasks(model, params, data, path)
     allowed = set(params) - {"sparse_fields", "num_dense", "option", "seed", "vectors"}  # vectors: [data]
@@ -655,6 +671,44 @@ def _check_task_weights(trainer: TrainerConfig, data: DataConfig, path: str) -> 
         raise ConfigError(f"{path}: [trainer].task_weights: numbers >= 0, not all 0, got {w}")
 
 
+def _check_sequences(model: dict, features: list[FeatureConfig], path: str) -> None:
+    """A sequence model's ``target`` and ``history`` name [[feature]]s, the
+    history's combiner "sequence" and the target's not; a "sequence"
+    feature is only a sequence model's history."""
+    from recis.models import SEQUENCE_MODELS
+
+    by_name = {f.name: f for f in features}
+    sequences = [f.name for f in features if f.combiner == "sequence"]
+    name = model["name"]
+    if name not in SEQUENCE_MODELS:
+        if sequences:
+            raise ConfigError(
+                f'{path}: [[feature]] {sequences}: combiner = "sequence" is a sequence model\'s history, and '
+                f'{name} pools every feature: [model] name = one of {SEQUENCE_MODELS}, or combiner "sum"/"mean"'
+            )
+        return
+    for arg in ("target", "history"):
+        if arg not in model:
+            raise ConfigError(f"{path}: [model] ({name}): {arg} is required: the [[feature]] of the {arg}")
+        if model[arg] not in by_name:
+            raise ConfigError(f"{path}: [model].{arg}: {model[arg]!r} is not a [[feature]] (known: {list(by_name)})")
+    if by_name[model["history"]].combiner != "sequence":
+        raise ConfigError(
+            f'{path}: [model].history: [[feature]] {model["history"]!r} needs combiner = "sequence", got '
+            f"{by_name[model['history']].combiner!r}"
+        )
+    if by_name[model["target"]].combiner == "sequence":
+        raise ConfigError(
+            f'{path}: [model].target: [[feature]] {model["target"]!r} is pooled ("sum" or "mean"), not "sequence"'
+        )
+    others = [n for n in sequences if n != model["history"]]
+    if others:
+        raise ConfigError(
+            f'{path}: [[feature]] {others}: combiner = "sequence", but {name} reads one history, '
+            f"[model].history = {model['history']!r}"
+        )
+
+
 # Which optimizers take which [optimizer] hyper-parameter.
 _HYPER = {
     "betas": ("adam", "adamw"),
@@ -799,6 +853,7 @@ class Job:
                     f.bucket,
                     columns=tuple(f.columns) if len(f.columns) > 1 else (),
                     ops=tuple(f.ops),
+                    max_len=f.max_len,
                 )
                 for f in cfg.features
             ],
@@ -856,7 +911,7 @@ class Job:
             options[f.name] = EmbeddingOption(
                 dim=width,
                 initializer=_initializer(f),
-                combiner=f.combiner,
+                combiner="tuple" if f.combiner == "sequence" else f.combiner,
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),
                 eviction=eviction,
                 shared_name=f.shared,

@@ -13,7 +13,17 @@ conversion probability, and a row converts only if it was clicked:
 the click-and-conversion label ESMM's pCTCVR is trained on (it is never 1
 where ``label`` is 0). The conversion draws come from their own seeded
 stream: the click columns are those of ``tasks=1``, whose output is as it
-was before ``tasks`` existed, byte for byte."""
+was before ``tasks`` existed, byte for byte.
+
+``behaviour=True`` (``recis datagen --behaviour``) adds two columns, after
+those: ``item`` (int64, a target item id) and ``hist_items`` (list<int64>,
+the items the user clicked before, oldest first, 0..``max_history`` of
+them), drawn by ``recis.synthetic.SyntheticBehaviour``: items belong to
+hidden categories, and the click logit is ``base_scale`` times the Criteo
+layout's plus a term that rises with the recent history items that share
+the target's category (a model that attends over the history from the
+target sees it; one that sums the history's fields loses it). Without it
+the files are those of earlier versions, byte for byte."""
 
 from __future__ import annotations
 
@@ -24,10 +34,12 @@ import pyarrow as pa
 import pyarrow.orc as po
 
 from recis.io.pipeline import FeatureInput, InputPipeline
-from recis.synthetic import SyntheticCTR
+from recis.synthetic import SyntheticBehaviour, SyntheticCTR
 
 SPARSE_FIELDS = [f"C{i}" for i in range(1, 27)]
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
+TARGET_COLUMN = "item"  # with behaviour: the target item
+HISTORY_COLUMN = "hist_items"  # with behaviour: the items clicked before, oldest first
 
 
 # A reader batch of this layout as DeepFM input: the sparse fields, and the
@@ -81,15 +93,31 @@ def generate(
     compression: str = "zstd",
     vectors: int = 0,
     tasks: int = 1,
+    behaviour: bool = False,
+    items: int = 1000,
+    categories: int = 20,
+    max_history: int = 40,
+    base_scale: float = 0.5,
 ) -> list[str]:
-    """``rows`` rows of the layout above in ``files`` ORC files; with
-    ``vectors = K``, an ``item_vec`` column too: each row's item (its first
-    C1 id) as a K-float content vector (``list<float>``, K a row) that the
-    click model depends on (``SyntheticCTR.vector_dim``)."""
+    """``rows`` rows of the layout above in ``files`` ORC files of
+    ``output_dir``; returns their paths. ``vectors = K``: an ``item_vec``
+    column too, each row's item (its first C1 id) as a K-float content
+    vector that the click model depends on (``SyntheticCTR.vector_dim``).
+    ``items``, ``categories``, ``max_history`` and ``base_scale`` shape the
+    behaviour columns and their click term (see the module docstring);
+    without ``behaviour`` they are not used."""
     if rows < 1 or files < 1:
         raise ValueError(f"datagen: rows and files must be >= 1, got {rows} and {files}")
     if tasks not in (1, 2):
         raise ValueError(f"datagen: tasks must be 1 (click) or 2 (click and conversion), got {tasks!r}")
+    behaviour_data = None
+    if behaviour:
+        if max_history < 0 or not 1 <= categories <= items:
+            raise ValueError(
+                f"datagen: behaviour needs max_history >= 0 and 1 <= categories <= items, got "
+                f"max_history={max_history}, categories={categories}, items={items}"
+            )
+        behaviour_data = SyntheticBehaviour(items=items, categories=categories, max_history=max_history, seed=seed)
     os.makedirs(output_dir, exist_ok=True)
     if vectors < 0:
         raise ValueError(f"datagen: vectors must be >= 0, got {vectors}")
@@ -105,7 +133,12 @@ def generate(
         if n <= 0:
             break
         extra: dict = {}
-        feats, dense, labels = data.batch(n, rng, extra)
+        if behaviour_data is None:
+            feats, dense, labels = data.batch(n, rng, extra)
+        else:
+            feats, dense, logit = data.batch_logits(n, rng, extra)
+            target, history, term = behaviour_data.batch(n, rng)
+            labels = data.labels(base_scale * logit + term, rng)
         cols = {"label": pa.array(labels.numpy().astype(np.int64))}
         if cvr_rng is not None:
             p = 1.0 / (1.0 + np.exp(-conversion_logit(data, feats, dense)))
@@ -121,6 +154,11 @@ def generate(
             vec = extra["item_vec"]
             offsets = np.arange(n + 1, dtype=np.int32) * vectors
             cols["item_vec"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vec.reshape(-1)))
+        if behaviour_data is not None:
+            cols[TARGET_COLUMN] = pa.array(target.numpy())
+            cols[HISTORY_COLUMN] = pa.ListArray.from_arrays(
+                pa.array(history.offsets.numpy().astype(np.int32)), pa.array(history.values.numpy())
+            )
         path = os.path.join(output_dir, f"part-{k:05d}.orc")
         tmp = path + ".tmp"
         po.write_table(pa.table(cols), tmp, compression=compression)

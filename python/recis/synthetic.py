@@ -100,6 +100,19 @@ class SyntheticCTR:
         """(features: {name: RaggedTensor}, dense [B, num_dense] or None, labels [B]);
         with ``vector_dim``, ``vectors`` (a dict) receives ``"item_vec"``:
         the items' content vectors [B, vector_dim]."""
+        feats, dense, logit = self.batch_logits(batch_size, rng, vectors)
+        return feats, dense, self.labels(logit, rng)
+
+    @staticmethod
+    def labels(logit: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Labels [B] (float32 0/1) drawn from sigmoid(``logit``)."""
+        labels = (rng.random(len(logit)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+        return torch.from_numpy(labels)
+
+    def batch_logits(self, batch_size: int, rng: np.random.Generator, vectors: dict | None = None):
+        """``batch`` before its labels are drawn: (features, dense, the hidden
+        logit [B] float64). ``batch`` is this, then ``labels``: the same
+        draws from ``rng``, in the same order."""
         feats = {}
         logit = np.full(batch_size, -1.5)
         firsts = []
@@ -130,5 +143,84 @@ class SyntheticCTR:
             dense_np = rng.standard_normal((batch_size, self.num_dense))
             logit += 0.3 * dense_np[:, 0]
             dense = torch.from_numpy(dense_np.astype(np.float32))
-        labels = (rng.random(batch_size) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
-        return feats, dense, torch.from_numpy(labels)
+        return feats, dense, logit
+
+
+@dataclass
+class SyntheticBehaviour:
+    """A behaviour sequence per sample and a target item, with a hidden click
+    term that depends on how the target relates to the sequence.
+
+    The catalogue holds ``items`` items; item rank ``r`` belongs to the hidden
+    category ``r % categories`` and is scrambled to a 63-bit id (salted apart
+    from ``SyntheticCTR``'s fields). Each sample (a user) has 1-3 interest
+    categories; its history is 0..``max_history`` items (uniform length),
+    ordered oldest to newest, each from one of the interests with
+    probability ``interest_p``, else from any category; the target item is
+    from an interest with probability ``target_interest_p``, else from any
+    category. Within a category items are uniform.
+
+    The click term: with ``match_j`` = 1 where history item ``j`` (of ``n``)
+    shares the target's category, the recency-weighted match count
+    ``s = sum_j match_j * decay ** (n - 1 - j)`` (the newest item weighs 1)
+    gives ``strength * (min(s, cap) - offset)``, plus a small fixed weight
+    per target item (``item_weight`` times a standard normal of its id). A
+    model that sums the history loses which items match the target (and
+    which are recent); one that attends over it from the target can see it."""
+
+    items: int = 1000
+    categories: int = 20
+    max_history: int = 40
+    interest_p: float = 0.8
+    target_interest_p: float = 0.5
+    decay: float = 0.9
+    cap: float = 3.0
+    strength: float = 1.0
+    offset: float = 1.0
+    item_weight: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.categories <= self.items:
+            raise ValueError(f"SyntheticBehaviour: categories must be in 1..items, got {self.categories}")
+        if self.max_history < 0:
+            raise ValueError(f"SyntheticBehaviour: max_history must be >= 0, got {self.max_history}")
+        self._salt = splitmix64(np.array([self.seed * 1000 + 977], dtype=np.uint64))[0]
+
+    def ids_of(self, ranks: np.ndarray) -> np.ndarray:
+        """63-bit scrambled ids of zero-based item ranks."""
+        return (splitmix64(ranks.astype(np.uint64) ^ self._salt) >> np.uint64(1)).astype(np.int64)
+
+    def _items_of(self, cats: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A uniform item rank of each category of ``cats``."""
+        per = -(-(self.items - cats) // self.categories)  # ranks r < items with r % K == c
+        return cats + self.categories * np.floor(rng.random(len(cats)) * per).astype(np.int64)
+
+    def batch(self, batch_size: int, rng: np.random.Generator):
+        """(target item ids [B] int64, history RaggedTensor of item ids,
+        the click term [B] float64)."""
+        k = self.categories
+        interests = rng.integers(0, k, size=(batch_size, 3))
+        n_interests = rng.integers(1, 4, size=batch_size)
+        lengths = rng.integers(0, self.max_history + 1, size=batch_size)
+        n = int(lengths.sum())
+        owner = np.repeat(np.arange(batch_size), lengths)
+
+        def draw(rows: np.ndarray, p: float) -> np.ndarray:
+            pick = np.floor(rng.random(len(rows)) * n_interests[rows]).astype(np.int64)
+            cats = np.where(rng.random(len(rows)) < p, interests[rows, pick], rng.integers(0, k, size=len(rows)))
+            return self._items_of(cats, rng)
+
+        hist = draw(owner, self.interest_p)
+        target = draw(np.arange(batch_size), self.target_interest_p)
+        offsets = np.zeros(batch_size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Position from the end: the newest item of a row is 0.
+        back = (offsets[1:][owner] - 1) - np.arange(n)
+        match = (hist % k == target[owner] % k).astype(np.float64)
+        s = np.bincount(owner, weights=match * self.decay**back, minlength=batch_size)
+        target_ids, hist_ids = self.ids_of(target), self.ids_of(hist)
+        term = self.strength * (np.minimum(s, self.cap) - self.offset)
+        term = term + self.item_weight * _unit_normal(splitmix64(target_ids.astype(np.uint64) ^ np.uint64(4242)))
+        history = RaggedTensor(torch.from_numpy(hist_ids), torch.from_numpy(offsets), validate=False)
+        return torch.from_numpy(target_ids), history, term

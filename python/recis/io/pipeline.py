@@ -19,6 +19,10 @@ What it does to a batch of ``OrcDataset``:
   a precomputed text or image embedding) becomes a [B, K] float32 tensor
   under its name; a row of another length is a ``DataError`` naming the
   column, the row and both lengths;
+- a feature with ``max_len`` (a sequence: ``[[feature]] combiner =
+  "sequence"``) keeps the last ``max_len`` ids of each row
+  (``features.SequenceTruncate(max_len, side="left")``: the newest, for a
+  history written oldest first);
 - the dense columns are stacked into ``"dense"`` [B, len(dense)] float32,
   NaN (a null) read as 0, ±inf per ``non_finite``, then ``dense_transform``
   ("none" or "log1p").
@@ -48,12 +52,14 @@ class FeatureInput:
     """One sparse feature: the model's name for it and the column it reads
     (``columns``: the columns its ops read, two for a cross); ``ops``: its op
     chain, as ``recis.features.chain`` tables (none: the column's ids as
-    they are, hashed at read with ``hash``)."""
+    they are, hashed at read with ``hash``); ``max_len`` > 0: at most the
+    last ``max_len`` ids of a row (0: all)."""
 
     name: str
     column: str
     hash: bool = False
     bucket: int = 0
+    max_len: int = 0
     columns: tuple = ()
     ops: tuple = ()
 
@@ -117,6 +123,9 @@ class InputPipeline:
                 raise ValueError(
                     f"{self.where}: column(s) {both} are read by features with ops both with and without hash = true"
                 )
+        for f in self.features:
+            if isinstance(f.max_len, bool) or not isinstance(f.max_len, int) or f.max_len < 0:
+                raise ValueError(f"{self.where}: feature {f.name!r}: max_len must be an int >= 0, got {f.max_len!r}")
 
     def columns(self, label: bool = True) -> list[Column]:
         """The reader's columns: the label (with ``label``), dense, group,
@@ -187,6 +196,8 @@ class InputPipeline:
                         "a feature needs integer ids (or strings with hash = true)"
                     )
                 v = v.unsqueeze(1)
+            elif f.max_len:
+                v = self._truncate(f)(v, f.name)
             out[f.name] = v
         for name, k in self.vectors:
             out[name] = self._vector(batch, name, k)
@@ -225,6 +236,12 @@ class InputPipeline:
         """{feature name: its input columns}, for the features with ops."""
         return {f.name: f.inputs() for f in self.features if f.ops}
 
+    @staticmethod
+    def _truncate(f: FeatureInput):
+        from recis.features import SequenceTruncate
+
+        return SequenceTruncate(f.max_len, side="left")
+
     def _finite_dense(self, batch: dict, x: torch.Tensor) -> torch.Tensor:
         """The dense input ``x`` [B, len(dense)] with NaN (a null) as 0 and
         ±inf per ``non_finite``. The reader has already refused (or
@@ -246,7 +263,9 @@ class InputPipeline:
         del out["where"]
         if not out["vectors"]:
             del out["vectors"]  # a pipeline without them reads as it did before they existed
-        for f in out["features"]:  # the fields before ops existed stay as they were
+        for f in out["features"]:  # the fields before ops and max_len existed stay as they were
+            if not f["max_len"]:
+                del f["max_len"]
             for k in ("columns", "ops"):
                 if not f[k]:
                     del f[k]

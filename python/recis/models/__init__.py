@@ -13,16 +13,24 @@ Multi-task models (``recis.models.multitask``: ``shared_bottom``, ``mmoe``,
 ``esmm``) map a batch to logits [B, T], one column a task; they are
 ``MULTITASK_MODELS``, apart from ``MODELS`` (whose models' logits are [B]),
 and ``ZOO`` holds both: the names a config's ``[model] name`` and
-``build_model`` take."""
+``build_model`` take.
 
+The sequence models (``SEQUENCE_MODELS``: DIN, BST) read one field as a
+behaviour sequence (``combiner="tuple"``, [B, L, D]) against a target item
+field, named by their ``history`` and ``target`` arguments; the others pool
+every field."""
+
+from recis.models.bst import BST
 from recis.models.common import model_spec
 from recis.models.dcn import DCNv2
 from recis.models.deepfm import DeepFM
+from recis.models.din import DIN
 from recis.models.dlrm import DLRM
 from recis.models.multitask import ESMM, MMoE, SharedBottom
 from recis.models.wide_deep import WideDeep
 
-MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep}
+MODELS = {"deepfm": DeepFM, "dlrm": DLRM, "dcnv2": DCNv2, "wide_deep": WideDeep, "din": DIN, "bst": BST}
+SEQUENCE_MODELS = sorted(n for n, cls in MODELS.items() if getattr(cls, "sequence_model", False))
 MULTITASK_MODELS = {"shared_bottom": SharedBottom, "mmoe": MMoE, "esmm": ESMM}
 ZOO = {**MODELS, **MULTITASK_MODELS}
 
@@ -65,16 +73,19 @@ def build_model(spec: dict, where: str = "model"):
 
 
 __all__ = [
+    "BST",
     "DCNv2",
+    "DIN",
     "DLRM",
+    "DeepFM",
     "ESMM",
     "MMoE",
     "MODELS",
     "MULTITASK_MODELS",
-    "ZOO",
-    "DeepFM",
+    "SEQUENCE_MODELS",
     "SharedBottom",
     "WideDeep",
+    "ZOO",
     "build_model",
     "is_multitask",
     "model_spec",

@@ -56,7 +56,9 @@ def model_spec(model: nn.Module) -> dict | None:
     }
 
 
-def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> tuple[list[str], EmbeddingEngine]:
+def sparse_engine(
+    fields, width: int, seed: int = 0, coalesce: bool = True, sequences=()
+) -> tuple[list[str], EmbeddingEngine]:
     """(field names, an EmbeddingEngine with a logical table per field; fields
     of one config are coalesced into one physical table).
 
@@ -65,7 +67,8 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
     of two fields start from different rows), or a dict {name: EmbeddingOption}
     of options whose ``dim`` must be ``width``. ``coalesce=False``: a
     physical table per field (the layout of checkpoints written before
-    tables were coalesced)."""
+    tables were coalesced). ``sequences``: the fields that may be sequences
+    (``combiner="tuple"``, [B, L, D]); every other field is pooled."""
     if not fields:
         raise ValueError("a model needs at least one sparse field")
     if isinstance(fields, dict):
@@ -76,9 +79,13 @@ def sparse_engine(fields, width: int, seed: int = 0, coalesce: bool = True) -> t
     else:
         base = EmbeddingOption(dim=width, initializer=DEFAULT_INITIALIZER, seed=seed)
         options = {f: replace(base, seed=name_seed(seed, f)) for f in fields}
-    pooled = [f for f, o in options.items() if o.combiner == "tuple"]
+    pooled = [f for f, o in options.items() if o.combiner == "tuple" and f not in sequences]
     if pooled:
-        raise ValueError(f"sparse fields {pooled}: zoo models pool every field (combiner 'sum' or 'mean')")
+        where = f"this model's sequence field is {list(sequences)}" if sequences else "sequence models: din, bst"
+        raise ValueError(
+            f"sparse fields {pooled}: this model pools them (combiner 'sum' or 'mean'), not sequences "
+            f"(combiner 'tuple'; {where})"
+        )
     return list(options), EmbeddingEngine(options, coalesce=coalesce)
 
 
@@ -176,3 +183,54 @@ class VectorFields(nn.Module):
                 raise ValueError(f"batch[{name!r}] must be a [B, {k}] float tensor, got {got}")
             out.append(proj(x.to(proj.weight.dtype)))
         return torch.stack(out, 1).to(dtype)
+
+
+def sequence_engine(
+    fields, width: int, target: str, history: str, seed: int, coalesce: bool, where: str
+) -> tuple[list[str], EmbeddingEngine]:
+    """``sparse_engine`` of a sequence model: ``history`` a sequence field
+    (``combiner="tuple"``, [B, L, D]) and ``target`` a pooled one, the item
+    its history is read against; every other field is pooled.
+
+    ``fields`` as names: ``history`` and ``target`` share one table (the
+    target's: ``shared_name=target``, seeded by its name), so that a history
+    item and a target item of one id are one row; as {name: EmbeddingOption}
+    they are as given (give them one ``shared_name``), but ``history``'s
+    combiner must be "tuple" and no other field's."""
+    names = list(fields)
+    for arg, name in (("target", target), ("history", history)):
+        if not isinstance(name, str) or name not in names:
+            raise ValueError(f"{where}: {arg}={name!r} must name one of its sparse fields {names}")
+    if target == history:
+        raise ValueError(f"{where}: target and history are one field {target!r}")
+    if not isinstance(fields, dict):
+        base = EmbeddingOption(dim=width, initializer=DEFAULT_INITIALIZER, seed=seed)
+        shared = replace(base, seed=name_seed(seed, target), shared_name=target)
+        fields = {
+            f: replace(shared, combiner="tuple")
+            if f == history
+            else shared
+            if f == target
+            else replace(base, seed=name_seed(seed, f))
+            for f in names
+        }
+    else:
+        if fields[history].combiner != "tuple":
+            raise ValueError(
+                f"{where}: history {history!r} must be a sequence (combiner 'tuple'), got {fields[history].combiner!r}"
+            )
+        if fields[target].combiner == "tuple":
+            raise ValueError(f"{where}: target {target!r} must be pooled (combiner 'sum' or 'mean'), not 'tuple'")
+    return sparse_engine(fields, width, seed, coalesce, sequences=(history,))
+
+
+def sequence_mask(ids, option: EmbeddingOption, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, length] bool, lengths [B] int64) of a sequence feature's
+    input ``ids`` (a RaggedTensor, or [B, L] ids where ``option.padding_id``
+    pads): position ``j`` of row ``b`` is an item, not padding, where
+    ``j < lengths[b]`` (the engine left-aligns each row's items in [B, L, D])."""
+    from recis.nn.dynamic_embedding import as_ragged
+
+    lengths = as_ragged(ids, pad=option.padding_id).lengths().to(torch.int64)
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    return mask, lengths
