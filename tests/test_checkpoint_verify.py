@@ -512,3 +512,29 @@ def test_a_foreign_safetensors_file_names_it(tmp_path):
         f.write(b"PK\x03\x04 a zip file")
     with pytest.raises(CheckpointError, match=rf"{table}: not a valid safetensors file: the header claims"):
         ckpt_module.verify_checkpoint(path)
+
+
+def test_ranks_digest_a_checkpoint_between_them_and_one_share_finds_the_flip(tmp_path):
+    """Under torchrun each rank digests its share of the files (k of every
+    n, by name) and the ranks combine verdicts: each file is digested once
+    in all, and the share holding a damaged file finds it."""
+    manager = saved(tmp_path)
+    path = manager.latest()
+    files = sorted(read_meta(path)["checksums"]["files"])
+    assert len(files) >= 2
+    digested = []
+    real = ckpt_module._native.checksum_file
+    try:
+        ckpt_module._native.checksum_file = lambda f: digested.append(os.path.basename(f)) or real(f)
+        for k in range(2):
+            ckpt_module.verify_checkpoint(path, share=(k, 2))
+    finally:
+        ckpt_module._native.checksum_file = real
+    assert sorted(digested) == files  # each once, over the two shares
+    victim = files[1]  # the second file: share (1, 2)'s
+    flip_bit(os.path.join(path, victim), os.path.getsize(os.path.join(path, victim)) - 1)
+    ckpt_module.verify_checkpoint(path, share=(0, 2))  # not its file
+    with pytest.raises(CheckpointError, match=rf"{victim}: checksum mismatch"):
+        ckpt_module.verify_checkpoint(path, share=(1, 2))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt_module.verify_checkpoint(path)  # one process digests every file

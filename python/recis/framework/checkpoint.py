@@ -530,7 +530,7 @@ class CheckpointManager:
         skipped = []
         for path in reversed(self.checkpoints(complete=False)):
             try:
-                meta, why = verify_checkpoint(path), None
+                meta, why = verify_checkpoint(path, share=_share()), None
             except CheckpointError as e:
                 meta, why = None, str(e)
             if distributed.all_true(why is None):
@@ -540,7 +540,7 @@ class CheckpointManager:
                     skipped.append((path, why))
                     continue
                 return path, meta, skipped
-            why = why or "damaged as another rank reads it"
+            why = why or "damaged: a file another rank digested does not verify"
             log.warning("skipping the damaged checkpoint %s: %s", path, why)
             skipped.append((path, why))
         return None, None, skipped
@@ -616,11 +616,11 @@ class CheckpointManager:
         else:
             self.skipped = []
             try:
-                meta, why = verify_checkpoint(path), None
+                meta, why = verify_checkpoint(path, share=_share()), None
             except CheckpointError as e:
                 meta, why = None, e
             if not distributed.all_true(why is None):
-                raise why or CheckpointError(f"{path}: damaged as another rank reads it")
+                raise why or CheckpointError(f"{path}: damaged: a file another rank digested does not verify")
         self.loaded, self.loaded_meta = path, meta
         meta_path = os.path.join(path, META)
         tables = dict(tables or {})
@@ -925,7 +925,15 @@ def _listed_files(path: str, meta: dict) -> dict[str, tuple[str, tuple[str, ...]
     return files
 
 
-def verify_checkpoint(path: str) -> dict:
+def _share() -> tuple[int, int] | None:
+    """Under torchrun, (rank, world): the ranks digest a checkpoint's files
+    between them (each file once, by one rank) and agree on the verdict
+    (``distributed.all_true``), so that a checkpoint is read once in all,
+    not once a rank."""
+    return (distributed.rank(), distributed.world()) if distributed.active() else None
+
+
+def verify_checkpoint(path: str, share: tuple[int, int] | None = None) -> dict:
     """Checks the checkpoint ``path`` and returns its meta; a
     ``CheckpointError`` names the file and what is wrong. Checked: meta.json
     (valid JSON, its own digest, its fields); every file it lists is a plain
@@ -933,7 +941,9 @@ def verify_checkpoint(path: str) -> dict:
     valid safetensors file holding the tensors its part needs. A checkpoint
     written without checksums is checked but for sizes and digests, with a
     warning (once) that it is unverified. Reads every file once; loads
-    nothing."""
+    nothing. ``share`` = (k, n): digest only the k-th of every n files
+    (in name order; every other check still covers every file), for n
+    ranks that verify one checkpoint together and combine their verdicts."""
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json)")
@@ -947,7 +957,7 @@ def verify_checkpoint(path: str) -> dict:
             _warned_unverified.add(path)
             log.warning("%s was written without checksums: its files are checked but unverified", path)
     else:
-        _check_sums(path, sums, files)
+        _check_sums(path, sums, files, share)
     for name, (what, need, only) in files.items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -970,7 +980,7 @@ def verify_checkpoint(path: str) -> dict:
     return meta
 
 
-def _check_sums(path: str, sums, files: dict) -> None:
+def _check_sums(path: str, sums, files: dict, share: tuple[int, int] | None = None) -> None:
     meta_path = os.path.join(path, META)
     algorithm = _native.checksum_algorithm()
     if not isinstance(sums, dict) or not isinstance(sums.get("files"), dict):
@@ -983,7 +993,7 @@ def _check_sums(path: str, sums, files: dict) -> None:
     for name in files:
         if name not in listed:
             raise CheckpointError(f"{os.path.join(path, name)}: meta.json lists it but records no checksum of it")
-    for name, entry in listed.items():
+    for i, (name, entry) in enumerate(sorted(listed.items())):
         file = os.path.join(path, _plain_name(name, path, "checksums"))
         if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int):
             raise CheckpointError(f"{meta_path}: field checksums.files.{name} is not {{bytes, digest}}")
@@ -994,6 +1004,8 @@ def _check_sums(path: str, sums, files: dict) -> None:
             raise CheckpointError(
                 f"{file}: {size} bytes where meta.json recorded {entry['bytes']} (truncated or overwritten)"
             )
+        if share is not None and i % share[1] != share[0]:
+            continue  # another rank digests it
         try:
             digest = _native.checksum_file(file)
         except OSError as e:
