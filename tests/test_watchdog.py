@@ -3,6 +3,7 @@ records written by hand and the clock given (no torchrun: the end-to-end
 runs are tests/test_distributed.py and tests/test_multihost.py)."""
 
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -32,9 +33,27 @@ def rank0(entered=6, inside_since=None):
     return dog
 
 
+def settled(dog, key, value):
+    """Waits (at most 5 s) until the watchdog's own store connection reads
+    ``value`` at ``key``: under load, a set through one TCPStore connection
+    can reach another connection's reads a moment later, and a test that
+    reads at once saw the old record (flaky before this)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if dog.store.check([key]) and dog.store.get(key).decode() == value:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the store never showed {key} = {value!r}")
+
+
+def put(store, dog, key, value):
+    store.set(key, value)
+    settled(dog, key, value)
+
+
 def peer(store, dog, tick, step, entered, inside=0):
-    store.set(dog._key(1) + ".step", str(step))
-    store.set(dog._key(1), f"{tick} {entered} {inside}")
+    put(store, dog, dog._key(1) + ".step", str(step))
+    put(store, dog, dog._key(1), f"{tick} {entered} {inside}")
 
 
 def test_a_peer_whose_tick_stops_is_silent_since_its_last_step(store):
@@ -62,8 +81,8 @@ def test_a_peer_that_left_and_one_never_heard_from(store):
     dog._started = 100.0
     dog._moved[0] = 100.0
     assert dog.verdict(112.0) == "rank 1 has not been heard from since this rank began training (12 s)"
-    store.set(dog._key(1) + ".step", "4")
-    store.set(dog._key(1), "done 6 0")
+    put(store, dog, dog._key(1) + ".step", "4")
+    put(store, dog, dog._key(1), "done 6 0")
     dog._read(112.0)
     assert dog.verdict(113.0) == "rank 1 has left training at step 4"
 
