@@ -175,18 +175,64 @@ def test_a_job_resumes_with_changed_policies_and_warm_starts_with_an_added_featu
         want = trained.model.embedding.table(f).embeddings(ids)
         assert torch.equal(job.model.embedding.table(f).embeddings(ids), want), f
     assert len(job.model.embedding.table("C9")) == 0
-    # Resuming the old job's directory with the added feature: the dense
-    # layers cannot take it, and the error says what to do.
+    # Resuming the old job's directory with the added feature: DeepFM moves
+    # its MLP's input columns to the new order, the new feature's at zero.
     path.write_text(CONFIG.format(features=features(*added), out="out", extra="epochs = 3"))
-    assert main(["train", "--config", str(path)]) == 1
+    assert main(["train", "--config", str(path)]) == 0
 
 
-def test_reordered_features_cannot_resume_the_dense_layers(data, tmp_path, capsys):
+def fitted(path):
+    """The job at ``path`` with its newest checkpoint loaded, dense optimizer too, in eval mode."""
+    job = Job(load_config(str(path)), for_training=False)
+    t = job.trainer
+    parts = ("sparse", "dense", "optimizer")
+    t.checkpoints.load(None, tables=t.tables, model=job.model, dense_optimizer=job.dense_optimizer, parts=parts)
+    job.model.eval()
+    return job
+
+
+def test_reordered_and_added_features_resume_deepfm_with_its_columns_moved(data, tmp_path, caplog):
     (tmp_path / "data").symlink_to(data / "data")
     path = tmp_path / "a.toml"
     path.write_text(CONFIG.format(features=features(("C1", ""), ("C2", "")), out="out", extra="epochs = 1"))
     assert main(["train", "--config", str(path)]) == 0
+    before = fitted(path)
+    b = {f"C{k}": torch.randint(0, 3000, (64, 2)) for k in (1, 2, 3)}
+    b["dense"] = torch.rand(64, before.model.num_dense)
+    with torch.no_grad():
+        want = before.model(b)
+    # Reordered: the same function, exactly; the Adam moments moved alike.
     path.write_text(CONFIG.format(features=features(("C2", ""), ("C1", "")), out="out", extra="epochs = 2"))
+    with caplog.at_level(logging.WARNING, logger="recis.framework.checkpoint"):
+        after = fitted(path)
+    assert "trained on the features ['C1', 'C2']; moved to the model's ['C2', 'C1']" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(after.model(b), want, rtol=0, atol=1e-6)
+    w0, w1 = before.model.mlp[0].weight, after.model.mlp[0].weight
+    d = before.model.dim
+    swapped = torch.cat([w0[:, d : 2 * d], w0[:, :d], w0[:, 2 * d :]], 1)  # C2, C1, then the dense columns
+    assert torch.equal(w1, swapped)
+    m0 = before.dense_optimizer.state[w0]["exp_avg_sq"]
+    m1 = after.dense_optimizer.state[w1]["exp_avg_sq"]
+    assert torch.equal(m1, torch.cat([m0[:, d : 2 * d], m0[:, :d], m0[:, 2 * d :]], 1))
+    # Added at the front: its columns start at zero, the others where they were.
+    path.write_text(CONFIG.format(features=features(("C3", ""), ("C1", ""), ("C2", "")), out="out", extra="epochs = 2"))
+    added = fitted(path)
+    w2 = added.model.mlp[0].weight
+    assert torch.equal(w2[:, :d], torch.zeros_like(w2[:, :d]))
+    assert torch.equal(w2[:, d:], w0)
+    assert torch.equal(added.dense_optimizer.state[w2]["exp_avg"][:, :d], torch.zeros_like(w2[:, :d]))
+    # And training resumes with it.
+    assert main(["train", "--config", str(path)]) == 0
+
+
+def test_reordered_features_cannot_resume_a_model_that_cannot_move_them(data, tmp_path, capsys):
+    (tmp_path / "data").symlink_to(data / "data")
+    path = tmp_path / "a.toml"
+    dcn = CONFIG.replace('name = "deepfm"', 'name = "dcnv2"')
+    path.write_text(dcn.format(features=features(("C1", ""), ("C2", "")), out="out", extra="epochs = 1"))
+    assert main(["train", "--config", str(path)]) == 0
+    path.write_text(dcn.format(features=features(("C2", ""), ("C1", "")), out="out", extra="epochs = 2"))
     assert main(["train", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "trained on the features ['C1', 'C2'], in that order, and the model has ['C2', 'C1']" in err, err

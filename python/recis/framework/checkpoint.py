@@ -637,13 +637,30 @@ class CheckpointManager:
             plan = _table_plan(path, meta, tables, "optimizer" in parts, sparse_optimizer)
         if "optimizer" in parts and dense_optimizer is not None and "dense_optimizer" in meta:
             _check_dense_optimizer(meta_path, meta["dense_optimizer"], dense_optimizer)
-        dense_state = None
+        dense_state, moved_columns = None, {}
         if "dense" in parts and model is not None:
             dense_file = os.path.join(path, "dense.safetensors")
             if not os.path.isfile(dense_file):
                 raise CheckpointError(f"{path}: has no dense model")
-            _check_feature_order(path, meta, model)
+            saved_features = _check_feature_order(path, meta, model)
             dense_state = _load_tensors(dense_file)
+            if saved_features is not None:
+                # Features added, removed or reordered, and the model can
+                # move its dense weights' columns: resume with them moved.
+                try:
+                    before = dense_state
+                    dense_state, moved = getattr(model, "module", model).remap_dense(dense_state, saved_features)
+                    moved_columns = {k: (cols, before[k].shape[-1]) for k, cols in moved.items()}
+                except (KeyError, IndexError, RuntimeError) as e:
+                    raise CheckpointError(f"{dense_file}: cannot move its columns to the model's features ({e})") from e
+                if rank == 0:
+                    log.warning(
+                        "%s: its dense layers were trained on the features %s; moved to the model's %s (added "
+                        "features' weights start at zero)",
+                        path,
+                        saved_features,
+                        [f for f, _ in model_spec_features(model)],
+                    )
             with dense_only():
                 mine_state = model.state_dict()
             mine = set(mine_state)
@@ -713,8 +730,11 @@ class CheckpointManager:
                 opt_file = os.path.join(path, "dense_optimizer.safetensors")
                 tensors = _load_tensors(opt_file)
                 plain = {k: v for k, v in meta["dense_optimizer"].items() if k != "class"}
+                joined = _join_optimizer_state(tensors, plain)
+                if moved_columns:
+                    _move_optimizer_columns(joined, dense_optimizer, model, moved_columns)
                 try:
-                    dense_optimizer.load_state_dict(_join_optimizer_state(tensors, plain))
+                    dense_optimizer.load_state_dict(joined)
                 except (ValueError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{opt_file}: does not fit this dense optimizer ({e!r})") from None
             if sparse_optimizer is not None and "sparse_optimizer" in meta:
@@ -746,18 +766,45 @@ _DENSE_HINT = (
 )
 
 
-def _check_feature_order(path: str, meta: dict, model) -> None:
+def model_spec_features(model) -> list:
+    from recis.models import model_spec
+
+    spec = model_spec(getattr(model, "module", model))
+    return spec["features"] if spec else []
+
+
+def _move_optimizer_columns(state: dict, optimizer, model, moved: dict[str, tuple[list[int], int]]) -> None:
+    """The dense optimizer's saved state (moments) of the weights whose
+    columns ``remap_dense`` moved, moved alike (new columns start at zero)."""
+    from recis.models.common import remap_columns
+
+    named = dict(getattr(model, "module", model).named_parameters())
+    ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for key, (columns, old_width) in moved.items():
+        pid = ids.get(id(named.get(key)))
+        entry = state["state"].get(pid) if pid is not None else None
+        for k, v in (entry or {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[-1] == old_width:
+                entry[k] = remap_columns(v, columns)
+
+
+def _check_feature_order(path: str, meta: dict, model) -> list[str] | None:
     """A zoo model's dense layers take its features' embeddings in order:
     dense weights trained on other features, or on the same in another
-    order, would fit by shape and mean something else. Refused, naming both
-    lists (checkpoints record the model's spec since serving exports)."""
+    order, would fit by shape and mean something else. A model that can
+    move its weights' columns (``remap_dense``: DeepFM, WideDeep) gets the
+    saved feature list back to do so (None: the same features); any other
+    is refused, naming both lists (checkpoints record the model's spec since
+    serving exports)."""
     from recis.models import model_spec
 
     saved = ((meta.get("extra") or {}).get("model_spec") or {}).get("features")
     spec = model_spec(getattr(model, "module", model))
     if saved is None or spec is None:
-        return
+        return None
     theirs, mine = [f for f, _ in saved], [f for f, _ in spec["features"]]
+    if theirs != mine and hasattr(getattr(model, "module", model), "remap_dense"):
+        return theirs
     if theirs != mine:
         raise CheckpointError(
             f"{path}: its dense layers were trained on the features {theirs}, in that order, and the model has "

@@ -234,3 +234,52 @@ def sequence_mask(ids, option: EmbeddingOption, length: int) -> tuple[torch.Tens
     lengths = as_ragged(ids, pad=option.padding_id).lengths().to(torch.int64)
     mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
     return mask, lengths
+
+
+def feature_column_map(saved: list[str], mine: list[str], dim: int, tail: int) -> list[int]:
+    """For a Linear whose input is the features' embeddings in order
+    (``dim`` columns each) and then ``tail`` more columns (vectors, dense):
+    the source column in a layer trained on ``saved`` of each column of one
+    on ``mine``; -1 for a feature ``saved`` lacks (its columns start at 0,
+    so the layer computes what it did until the feature's embeddings learn)."""
+    where = {f: k for k, f in enumerate(saved)}
+    out = []
+    for f in mine:
+        k = where.get(f)
+        out.extend(range(k * dim, (k + 1) * dim) if k is not None else [-1] * dim)
+    out.extend(range(len(saved) * dim, len(saved) * dim + tail))
+    return out
+
+
+def remap_columns(t: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """``t`` [..., old] with its last dimension rebuilt by ``columns``
+    (source indices, -1: zeros)."""
+    index = torch.tensor([max(c, 0) for c in columns], dtype=torch.long)
+    out = t.index_select(-1, index).clone()
+    missing = torch.tensor([c < 0 for c in columns])
+    if bool(missing.any()):
+        out[..., missing] = 0
+    return out
+
+
+class FeatureRemap:
+    """Mixin of a zoo model whose dense layers read its features only through
+    one first Linear (``_first_linear``: its state_dict key prefix) over the
+    features' embeddings in order: ``remap_dense`` adapts dense weights
+    trained on other features (added, removed or reordered) to this model's,
+    so that a checkpoint resumes after such a change. An added feature's
+    columns start at zero: the model computes what it did until its
+    embeddings learn; a removed feature's columns are dropped."""
+
+    _first_linear = "mlp.0"
+
+    def remap_dense(self, state: dict, saved: list[str]) -> tuple[dict, dict[str, list[int]]]:
+        """(``state`` adapted to this model's features, {key: column map} of
+        the weights whose columns moved, for the optimizer's state)."""
+        key = f"{self._first_linear}.weight"
+        mine = list(self.sparse_fields)
+        tail = state[key].shape[1] - len(saved) * self.dim
+        columns = feature_column_map(saved, mine, self.dim, tail)
+        out = dict(state)
+        out[key] = remap_columns(state[key], columns)
+        return out, {key: columns}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from recis.models.common import (
+    FeatureRemap,
     VectorFields,
     check_regularization,
     check_vectors,
@@ -29,7 +30,8 @@ from recis.nn.options import name_seed
 
 
 @zoo_model("deepfm")
-class DeepFM(nn.Module):
+class DeepFM(FeatureRemap, nn.Module):
+    _first_linear = "mlp.0"  # the one layer that reads the features in order (remap_dense)
     extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
 
     def __init__(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from recis.models.common import (
+    FeatureRemap,
     VectorFields,
     check_regularization,
     check_vectors,
@@ -22,7 +23,8 @@ from recis.models.common import (
 
 
 @zoo_model("wide_deep")
-class WideDeep(nn.Module):
+class WideDeep(FeatureRemap, nn.Module):
+    _first_linear = "deep.0"  # the one layer that reads the features in order (remap_dense)
     extra_width = 1  # a table row: the embedding, then the first-order (wide) weight
 
     def __init__(
