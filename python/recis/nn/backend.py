@@ -63,9 +63,12 @@ class Block:
 
 
 class SparseBackend:
-    """Base class: ``lookup`` is the whole interface."""
+    """Base class: ``lookup`` is the whole interface, with ``shards``: over
+    how many processes the tables' rows are spread (a row cap such as
+    ``EvictionOption.max_rows`` is shared among them)."""
 
     name = ""
+    shards = 1
 
     def lookup(self, views: list, ids: list[np.ndarray], trainable: list[bool], missing_initial: list[bool]) -> Block:
         """The group's block. ``ids[k]``: int64 ids of ``views[k]``;
@@ -116,11 +119,20 @@ class ShardedBackend(SparseBackend):
 
     name = "sharded"
 
+    @property
+    def shards(self) -> int:
+        return distributed.world()
+
     def lookup(self, views, ids, trainable, missing_initial) -> Block:
         from recis.distributed.exchange import sharded_lookup
 
         w, inverse = sharded_lookup(views, ids, trainable, missing_initial)
         return Block(w, inverse)
+
+
+def row_shards() -> int:
+    """Over how many processes this process's tables are sharded (1: local)."""
+    return default_backend().shards
 
 
 def default_backend() -> SparseBackend:

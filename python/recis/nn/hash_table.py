@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recis import _native, distributed
+from recis import _native
 from recis.nn.options import EmbeddingOption
 
 NO_ROW = _native.NO_ROW
@@ -307,9 +307,11 @@ class HashTable:
             max_rows = ev.max_rows
             if max_rows is not None:
                 max_rows *= len(self.namespaces)
-            if max_rows is not None and distributed.active():
-                # The table is sharded: each rank keeps its share of the cap.
-                max_rows = -(-max_rows // distributed.world())
+            if max_rows is not None:
+                from recis.nn.backend import row_shards
+
+                # A sharded table: each rank keeps its share of the cap.
+                max_rows = -(-max_rows // row_shards())
             policy = {
                 "ttl_steps": ev.ttl_steps,
                 "min_frequency": ev.min_frequency,
