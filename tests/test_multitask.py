@@ -481,6 +481,13 @@ def test_validation_picks_the_best_by_a_tasks_metric_and_stops_early(tmp_path, d
     # With patience 1 and that LR it stops before the 6 epochs (deterministic: seeded data, model, shuffle).
     assert stop is not None and len(aucs) == stop + 1 < 6, aucs
     assert "early stopping at step" in out and "valid auc_conversion has not improved" in out, out
+    # curves.png plots a validation curve a task, from these records.
+    from recis.framework.curves import read_task_aucs
+
+    tasks = read_task_aucs(str(d / "out" / "log.jsonl"), "valid")
+    assert sorted(tasks) == ["conversion", "label"]
+    assert [tasks["conversion"][v["step"]] for v in valid] == aucs
+    assert (d / "out" / "curves.png").stat().st_size > 0
     pointer = json.loads((d / "out" / "checkpoints" / "best").read_text())
     assert pointer["metric"] == "auc_conversion" and pointer["value"] == pytest.approx(aucs[best_i])
     assert pointer["checkpoint"] == f"ckpt-{valid[best_i]['step']}"

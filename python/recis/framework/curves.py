@@ -76,8 +76,23 @@ def read_log(path: str, split: str = "eval") -> tuple[dict[int, float], dict[int
     return loss, auc
 
 
+def read_task_aucs(path: str, split: str = "eval") -> dict[str, dict[int, float]]:
+    """{task: step -> AUC} of a multi-task run's ``split`` records (their
+    ``auc_<task>`` keys); empty for a single-task run."""
+    out: dict[str, dict[int, float]] = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if split in rec:
+                for k, v in rec[split].items():
+                    if k.startswith("auc_"):
+                        out.setdefault(k[4:], {})[rec[split]["step"]] = v
+    return out
+
+
 def plot_curves(log_path: str, png_path: str, title: str = "") -> str:
-    """Writes a PNG of the training loss and the evaluation AUC by step."""
+    """Writes a PNG of the training loss and the evaluation AUC by step
+    (a multi-task run's: each task's, the validation's when it has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +106,14 @@ def plot_curves(log_path: str, png_path: str, title: str = "") -> str:
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss (log loss)")
     ax1.grid(alpha=0.3)
-    if valid:  # validation curve, and the eval (test) data's AUC at the end
+    tasks = read_task_aucs(log_path, "valid" if valid else "eval")
+    if len(tasks) > 1:  # multi-task: a curve a task
+        which = "validation" if valid else "eval"
+        for task, curve in tasks.items():
+            steps = sorted(curve)
+            ax2.plot(steps, [curve[s] for s in steps], marker="o", label=f"{task} ({which})")
+        ax2.legend()
+    elif valid:  # validation curve, and the eval (test) data's AUC at the end
         steps = sorted(valid)
         ax2.plot(steps, [valid[s] for s in steps], marker="o", color="tab:orange", label="validation")
         steps = sorted(auc)
