@@ -173,9 +173,8 @@ def batch(ids_u, ids_i, seed=0):
     }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_zoo_model_round_trips(name, tmp_path):
-    model = small_model(name)
+def train_three_steps(model):
+    """3 steps of ``model`` on ``batch``es of 64 rows (SparseAdam + Adam)."""
     opt = SparseAdam(model, lr=0.05)
     dense = torch.optim.Adam(model.parameters(), lr=0.01)
     for step in range(3):
@@ -186,6 +185,12 @@ def test_every_zoo_model_round_trips(name, tmp_path):
         loss.backward()
         dense.step()
         opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_zoo_model_round_trips(name, tmp_path):
+    model = small_model(name)
+    train_three_steps(model)
     spec = model_spec(model)
     assert build_model(json.loads(json.dumps(spec))) is not None
     export(model, str(tmp_path / "x"))
@@ -202,16 +207,7 @@ def test_every_zoo_model_round_trips(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_dropout_and_batch_norm_serve_the_models_evaluation(name, tmp_path):
     model = small_model(name, dropout=0.3, batch_norm=True)
-    opt = SparseAdam(model, lr=0.05)
-    dense = torch.optim.Adam(model.parameters(), lr=0.01)
-    for step in range(3):
-        b = batch(list(range(step, step + 64)), [[i, i + 1] for i in range(64)], seed=step)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), torch.rand(64).round())
-        dense.zero_grad()
-        opt.zero_grad()
-        loss.backward()
-        dense.step()
-        opt.step()
+    train_three_steps(model)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert norms and all(int(m.num_batches_tracked) == 3 for m in norms)
     export(model, str(tmp_path / "x"))

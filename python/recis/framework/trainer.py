@@ -546,18 +546,12 @@ class Trainer:
         naming the task and its column."""
         a = self.args
         if a.label_keys is None:
-            key = a.label_key
-            if key not in batch:
-                raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
-            y = batch[key]
-            bad = (y != 0) & (y != 1)
-            if bool(bad.any()):
-                raise TrainingError(
-                    f"label column {key!r}: value {y[bad][0].item()!r} at step {self.global_step + 1} is not 0 or 1 "
-                    f"(binary cross-entropy needs clicks as 0/1); nothing was updated; "
-                    f"{self.checkpoints.last_good_note()}"
-                )
-            return y.float()
+            return _check_labels(
+                batch,
+                a.label_key,
+                at=f" at step {self.global_step + 1}",
+                then=f"; nothing was updated; {self.checkpoints.last_good_note()}",
+            )
         when = f"at step {self.global_step + 1}" if self.model.training else f"in evaluation at step {self.global_step}"
         try:
             return task_labels(batch, a.label_keys, getattr(self._module, "label_nesting", None), when=f" {when}")
@@ -994,14 +988,17 @@ def _autocast(mixed_precision: str | None):
     return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def _check_labels(batch, key: str) -> torch.Tensor:
+def _check_labels(batch, key: str, at: str = "", then: str = "") -> torch.Tensor:
+    """``batch[key]`` as 0/1 floats; a missing column or another value is a
+    TrainingError (``at``: where, after the value; ``then``: appended)."""
     if key not in batch:
         raise TrainingError(f"the batch has no label column {key!r} (it has {sorted(batch)})")
     y = batch[key]
     bad = (y != 0) & (y != 1)
     if bool(bad.any()):
         raise TrainingError(
-            f"label column {key!r}: value {y[bad][0].item()!r} is not 0 or 1 (binary cross-entropy needs clicks as 0/1)"
+            f"label column {key!r}: value {y[bad][0].item()!r}{at} is not 0 or 1 (binary cross-entropy needs clicks "
+            f"as 0/1){then}"
         )
     return y.float()
 

@@ -24,13 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recis.models.common import check_regularization, dense_input, mlp, sequence_engine, sequence_mask, zoo_model
+from recis.models.common import SequenceModel, check_regularization, dense_input, mlp, sequence_engine, zoo_model
 
 
 @zoo_model("bst")
-class BST(nn.Module):
-    sequence_model = True  # a history feature read as [B, L, D] (config: combiner = "sequence")
-
+class BST(SequenceModel):
     def __init__(
         self,
         sparse_fields,
@@ -73,24 +71,6 @@ class BST(nn.Module):
         )
         width = dim * (len(self.pooled_fields) + 2) + num_dense
         self.mlp, _ = mlp(width, hidden, dropout=dropout, batch_norm=batch_norm)
-
-    def tables(self):
-        return self.embedding.tables()
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Logits [B] of a batch holding the sparse fields (RaggedTensor or
-        [B, L] ids; the history's rows may be empty) and, with
-        ``num_dense``, ``"dense"`` [B, num_dense]."""
-        return self.logits(*self.lookup(batch), batch)
-
-    def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pooled [B, F, dim]: the pooled fields in order, history
-        [B, L, dim] zero-padded, mask [B, L]: True at the history's items)."""
-        out = self.embedding(batch)
-        seq = out[self.history]
-        mask, _ = sequence_mask(batch[self.history], self.embedding.options[self.history], seq.shape[1])
-        pooled = torch.stack([out[f] for f in self.pooled_fields], dim=1)
-        return pooled, seq, mask.to(seq.device)
 
     def encode(self, query: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The Transformer's output tokens [B, 1 + L, dim]: the target's

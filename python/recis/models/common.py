@@ -283,3 +283,30 @@ class FeatureRemap:
         out = dict(state)
         out[key] = remap_columns(state[key], columns)
         return out, {key: columns}
+
+
+class SequenceModel(nn.Module):
+    """Base of the zoo's sequence models (DIN, BST): ``self.embedding`` looks
+    up the pooled fields (``self.pooled_fields``, the target among them) and
+    the ``self.history`` sequence; subclasses define ``logits(pooled, seq,
+    mask, batch)``."""
+
+    sequence_model = True  # a history feature read as [B, L, D] (config: combiner = "sequence")
+
+    def tables(self):
+        return self.embedding.tables()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits [B] of a batch holding the sparse fields (RaggedTensor or
+        [B, L] ids; the history's rows may be empty) and, with
+        ``num_dense``, ``"dense"`` [B, num_dense]."""
+        return self.logits(*self.lookup(batch), batch)
+
+    def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled [B, F, dim]: the pooled fields in order, history
+        [B, L, dim] zero-padded, mask [B, L]: True at the history's items)."""
+        out = self.embedding(batch)
+        seq = out[self.history]
+        mask, _ = sequence_mask(batch[self.history], self.embedding.options[self.history], seq.shape[1])
+        pooled = torch.stack([out[f] for f in self.pooled_fields], dim=1)
+        return pooled, seq, mask.to(seq.device)
