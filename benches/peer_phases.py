@@ -8,12 +8,14 @@ batch 4096, Zipf(1.05) over 10M ids, dim 16.
     .venv/bin/python benches/peer_phases.py --mode lookup      # insert / hit / read-only
     .venv/bin/python benches/peer_phases.py --mode update      # backward + update, against fused
     .venv/bin/python benches/peer_phases.py --mode floor       # random-row bandwidth
+    .venv/bin/python benches/peer_phases.py --dump /tmp/ids.bin   # batches for examples/replay.rs
 
 ``phases`` times the harness's RecIS loop (``stacked``; loss; backward;
 ``step``; dense step; ``zero_grad``) phase by phase, median over the steps
 after 12 warm-up steps. ``lookup`` times the group's one native call on the
-same ids three ways: inserting (the training call), again with every id
-stored, and read-only. ``floor`` times torch's ``index_select`` and
+same ids three ways: inserting (the training call; on alternate steps right
+after a torch op or with torch idle), again with every id stored, and
+read-only. ``floor`` times torch's ``index_select`` and
 ``index_add_`` of 35.6k random rows (the harness's distinct ids a step) of a
 2M-row table, at 192 and 68 bytes a row (Adam, row-wise Adagrad)."""
 
@@ -94,17 +96,30 @@ def phases(ps, args):
 
 
 def lookup(ps, args):
+    """Even steps split the ids with torch right before the timed call, as
+    the training step does; odd steps split them beforehand, so torch's
+    OpenMP workers are idle (or still spinning: see BENCHMARKS.md) when the
+    call starts."""
     from recis.nn.hash_table import lookup_gather
 
     batches = ps.make_batches(args.steps)
     engine, _ = engine_and_optimizer(ps, args.optim)
     views = [engine.table(k) for k in ps.KEYS]
     n = len(views)
-    spent = {"inserting (training)": [], "again, every id stored": [], "read-only": []}
+    spent = {
+        "inserting, after a torch op": [],
+        "inserting, torch idle": [],
+        "again, every id stored": [],
+        "read-only": [],
+    }
     for i, b in enumerate(batches):
-        _, vals = per_table(ps, b)
-        ids = [v.numpy() for v in vals]
+        after_torch = i % 2 == 0
+        if not after_torch:
+            ids = [v.numpy() for v in per_table(ps, b)[1]]
+            time.sleep(0.02)
         t0 = time.perf_counter()
+        if after_torch:
+            ids = [v.numpy() for v in per_table(ps, b)[1]]
         _, _, sizes, _ = lookup_gather(views, ids, [True] * n, [True] * n)
         t1 = time.perf_counter()
         lookup_gather(views, ids, [True] * n, [True] * n)
@@ -113,11 +128,27 @@ def lookup(ps, args):
         t3 = time.perf_counter()
         engine.tables()[0].step += 1
         if i >= args.warmup:
-            for k, d in zip(spent, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            first = "inserting, after a torch op" if after_torch else "inserting, torch idle"
+            for k, d in zip((first, "again, every id stored", "read-only"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 spent[k].append(d)
     for k, v in spent.items():
-        print(f"  {k:24s} {statistics.median(v) * 1e3:7.2f} ms")
+        print(f"  {k:28s} {statistics.median(v) * 1e3:7.2f} ms")
     print(f"  {sum(sizes):,} distinct ids in the last step; {len(engine.tables()[0]):,} rows")
+
+
+def dump(ps, args):
+    """Writes the harness's batches for ``rust/recis-core/examples/replay.rs``:
+    u64 little-endian words: batches, features; then per batch the
+    per-feature id counts and the ids."""
+    batches = ps.make_batches(args.steps)
+    words = [np.array([len(batches), ps.NT], np.uint64)]
+    for b in batches:
+        vals = per_table(ps, b)[1]
+        words.append(np.array([len(v) for v in vals], np.uint64))
+        words.extend(v.numpy().astype(np.uint64) for v in vals)
+    with open(args.dump, "wb") as f:
+        f.write(np.concatenate(words).astype("<u8").tobytes())
+    print(f"  {len(batches)} batches of {ps.NT} features to {args.dump}")
 
 
 def update(ps, args):
@@ -186,6 +217,7 @@ def main():
     ap.add_argument("--in-backward", action="store_true", help="the sparse update inside backward (fused)")
     ap.add_argument("--steps", type=int, default=112)
     ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--dump", metavar="FILE", help="write the batches for the Rust replay example, and stop")
     args = ap.parse_args()
     ps = harness()
     torch.set_num_threads(2)
@@ -193,6 +225,8 @@ def main():
         f"{args.mode} ({args.optim}), torch threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
+    if args.dump:
+        return dump(ps, args)
     {"phases": phases, "lookup": lookup, "update": update, "floor": floor}[args.mode](ps, args)
 
 

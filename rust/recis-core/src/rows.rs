@@ -175,6 +175,8 @@ impl Inner {
             if first < end {
                 self.values.ensure_range(first as u32, (end - 1) as u32);
                 self.meta.ensure_range(first as u32, (end - 1) as u32);
+                self.values.populate_ahead(end, MAX_ROWS);
+                self.meta.populate_ahead(end, MAX_ROWS);
                 out.extend((first..end).map(|r| r as u32));
             }
         }
