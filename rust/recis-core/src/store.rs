@@ -124,9 +124,10 @@ impl<T: Zeroable> Segmented<T> {
         *filler = spawned.ok();
     }
 
-    /// (address, length) of the whole pages of mapped segments (those of
-    /// `HUGE` bytes or more) that rows `first..=last` cover; segments must
-    /// exist.
+    /// (address, length) of the whole pages of mapped segments
+    /// (`is_mapped`) that rows `first..=last` cover; segments must exist.
+    /// Pages are taken as 4 KiB: on a kernel with larger pages the advice is
+    /// refused (unaligned) and rows fault in as before.
     fn mapped_ranges(&self, first: u32, last: u32) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         if self.width == 0 || first > last {
@@ -137,11 +138,11 @@ impl<T: Zeroable> Segmented<T> {
         let (b, _) = self.locate(last);
         for seg in a..=b {
             let layout = self.segment_layout(seg);
-            if layout.size() < HUGE {
+            if !is_mapped(layout) {
                 continue;
             }
-            let seg_first = ((1u64 << seg) - 1) << self.base_shift;
-            let seg_rows = 1u64 << (self.base_shift as usize + seg);
+            let seg_first = self.first_row(seg);
+            let seg_rows = self.segment_rows(seg) as u64;
             let lo = (first as u64).max(seg_first) - seg_first;
             let hi = (last as u64 + 1).min(seg_first + seg_rows) - seg_first;
             let base = self.segments[seg].load(Ordering::Acquire) as usize;
@@ -167,13 +168,22 @@ impl<T: Zeroable> Segmented<T> {
     fn locate(&self, row: u32) -> (usize, usize) {
         let q = ((row as u64) >> self.base_shift) + 1;
         let seg = 63 - q.leading_zeros() as usize;
-        let first = ((1u64 << seg) - 1) << self.base_shift;
-        (seg, (row as u64 - first) as usize)
+        (seg, (row as u64 - self.first_row(seg)) as usize)
+    }
+
+    /// The first row of segment `seg`.
+    #[inline(always)]
+    fn first_row(&self, seg: usize) -> u64 {
+        ((1u64 << seg) - 1) << self.base_shift
+    }
+
+    /// The rows segment `seg` holds.
+    fn segment_rows(&self, seg: usize) -> usize {
+        1usize << (self.base_shift as usize + seg)
     }
 
     fn segment_layout(&self, seg: usize) -> Layout {
-        let rows = 1usize << (self.base_shift as usize + seg);
-        Layout::array::<T>(rows * self.width.max(1)).expect("segment size overflows usize")
+        Layout::array::<T>(self.segment_rows(seg) * self.width.max(1)).expect("segment size overflows usize")
     }
 
     /// Makes sure the segment holding `row` exists. Lock-free: racing callers
@@ -196,8 +206,7 @@ impl<T: Zeroable> Segmented<T> {
         let (a, _) = self.locate(first);
         let (b, _) = self.locate(last);
         for seg in a..=b {
-            let first_row_of_seg = (((1u64 << seg) - 1) << self.base_shift) as u32;
-            self.ensure(first_row_of_seg.max(first));
+            self.ensure((self.first_row(seg) as u32).max(first));
         }
     }
 
@@ -276,12 +285,18 @@ impl<T: Zeroable> Drop for Segmented<T> {
     }
 }
 
+/// Whether `alloc_segment` maps a segment of this layout (else it comes
+/// from the global allocator).
+fn is_mapped(layout: Layout) -> bool {
+    cfg!(target_os = "linux") && layout.size() >= HUGE
+}
+
 /// Zeroed memory for a segment: mapped and advised to use huge pages when
 /// large (Linux), else from the global allocator. Aborts on exhaustion, as
 /// the global allocator does.
 fn alloc_segment(layout: Layout) -> *mut u8 {
     #[cfg(target_os = "linux")]
-    if layout.size() >= HUGE {
+    if is_mapped(layout) {
         let len = layout.size().next_multiple_of(HUGE);
         // One huge page more than needed, so a 2 MiB-aligned run of `len`
         // bytes lies inside; the slack at both ends is unmapped again.
@@ -361,7 +376,7 @@ fn populate(addr: usize, len: usize) {
 /// used afterwards.
 unsafe fn free_segment(p: *mut u8, layout: Layout) {
     #[cfg(target_os = "linux")]
-    if layout.size() >= HUGE {
+    if is_mapped(layout) {
         // SAFETY: the caller passes a mapping of this length made by
         // `alloc_segment` (the aligned run it kept).
         unsafe { libc::munmap(p as *mut libc::c_void, layout.size().next_multiple_of(HUGE)) };
@@ -464,6 +479,8 @@ mod tests {
             let s: Segmented<f32> = Segmented::new(256, 8192);
             s.ensure(0);
             s.populate_ahead(1, 1 << 22);
+            // The pre-fault was started, so the drop below races with it.
+            assert!(s.filler.lock().unwrap().is_some());
             drop(s);
         }
     }
