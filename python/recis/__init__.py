@@ -4,21 +4,15 @@ The dense part of a model is ordinary PyTorch; the sparse part — the id → ro
 hash table, its optimizer state, admission and eviction — is RecIS.
 """
 
-import os
-import sys
-
-# torch's OpenMP workers spin (OMP_WAIT_POLICY unset: libgomp's default of
-# 300,000 pause instructions, milliseconds on current Xeons) after every
-# parallel op, on the cores the Rust core's threads need right after the
-# backward. libgomp reads the policy once, when torch loads it: import recis
-# before torch (the recis CLI does), or export OMP_WAIT_POLICY=PASSIVE.
-# BENCHMARKS.md measures both.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from recis import _native  # noqa: E402
-from recis._native import DataError  # noqa: E402
-from recis.ragged import RaggedTensor, from_keyed_jagged, to_keyed_jagged  # noqa: E402
+# torch's OpenMP workers spin after every parallel op (OMP_WAIT_POLICY
+# unset: libgomp's 300,000 pause instructions, milliseconds), on the cores the
+# Rust core's threads need. The core parks them during its own calls
+# (recis-core's omp module; RECIS_OMP_PARK=0 turns that off), so RecIS no
+# longer sets OMP_WAIT_POLICY=PASSIVE, which slows torch's own ops
+# (BENCHMARKS.md, "Parking torch's OpenMP team").
+from recis import _native
+from recis._native import DataError
+from recis.ragged import RaggedTensor, from_keyed_jagged, to_keyed_jagged
 
 __version__ = _native.__version__
 

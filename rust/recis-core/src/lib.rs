@@ -13,6 +13,7 @@ pub mod hash;
 mod idmap;
 pub mod init;
 pub mod io;
+pub mod omp;
 pub mod optim;
 mod orc_decode;
 pub mod orc_guard;

@@ -153,6 +153,14 @@ fn position(order: &[&HashTable], t: &HashTable) -> usize {
 /// `then(guards, results)` under the same guards (`guards[k]` is the guard
 /// of `reqs[k]`'s table).
 fn locked_lookups<R>(reqs: &[Request<'_>], then: impl FnOnce(&[&Inner], Vec<UniqueLookup>) -> Result<R>) -> Result<R> {
+    // torch's OpenMP team sleeps while the rayon threads look up (omp.rs).
+    crate::omp::parked(|| locked_lookups_now(reqs, then))
+}
+
+fn locked_lookups_now<R>(
+    reqs: &[Request<'_>],
+    then: impl FnOnce(&[&Inner], Vec<UniqueLookup>) -> Result<R>,
+) -> Result<R> {
     let order = lock_order(reqs.iter().map(|r| r.table));
     // Admission decay first, holding nothing (rule 3).
     for t in &order {
@@ -335,6 +343,13 @@ fn apply_each<'o>(
     updates: &[Update<'_>],
     opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync,
 ) -> Vec<Result<()>> {
+    crate::omp::parked(|| apply_each_now(updates, opt_of))
+}
+
+fn apply_each_now<'o>(
+    updates: &[Update<'_>],
+    opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync,
+) -> Vec<Result<()>> {
     let order = lock_order(updates.iter().map(|u| u.table));
     let mut guards: Vec<RwLockWriteGuard<'_, Inner>> = order.iter().map(|t| t.write_guard()).collect();
     // The exclusively locked state of each table: the tasks below write its
@@ -425,6 +440,11 @@ pub struct PooledPart<'a> {
 /// that fails (a non-finite row gradient, a stale ticket, ...) is
 /// unchanged. No gradient leaves the core.
 pub fn apply_pooled(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
+    // One parked region for the backward and the update (omp.rs).
+    crate::omp::parked(|| apply_pooled_now(bags, grad, dim, parts))
+}
+
+fn apply_pooled_now(bags: &Bags<'_>, grad: &[f32], dim: usize, parts: &[PooledPart<'_>]) -> Vec<Result<()>> {
     let rows = bags.rows();
     let fail_all = |e: TableError| parts.iter().map(|_| Err(e.clone())).collect();
     if let Some(first) = parts.first() {

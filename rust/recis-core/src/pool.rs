@@ -125,21 +125,24 @@ impl<'a> Bags<'a> {
         }
         let f_n = self.features;
         const SAMPLES: usize = 64;
-        out.par_chunks_mut(SAMPLES * f_n * dim).enumerate().for_each(|(c, chunk)| {
-            for (i, sample) in chunk.chunks_mut(f_n * dim).enumerate() {
-                let b = c * SAMPLES + i;
-                for (f, o) in sample.chunks_mut(dim).enumerate() {
-                    let (span, scale) = self.bag(f * self.batch + b);
-                    o.fill(0.0);
-                    for p in span {
-                        let r = self.inverse[p] as usize;
-                        axpy(o, &w[r * dim..(r + 1) * dim], self.weight(p));
-                    }
-                    if scale != 1.0 {
-                        o.iter_mut().for_each(|o| *o *= scale);
+        // torch's team sleeps while the rayon threads pool (omp.rs).
+        crate::omp::parked(|| {
+            out.par_chunks_mut(SAMPLES * f_n * dim).enumerate().for_each(|(c, chunk)| {
+                for (i, sample) in chunk.chunks_mut(f_n * dim).enumerate() {
+                    let b = c * SAMPLES + i;
+                    for (f, o) in sample.chunks_mut(dim).enumerate() {
+                        let (span, scale) = self.bag(f * self.batch + b);
+                        o.fill(0.0);
+                        for p in span {
+                            let r = self.inverse[p] as usize;
+                            axpy(o, &w[r * dim..(r + 1) * dim], self.weight(p));
+                        }
+                        if scale != 1.0 {
+                            o.iter_mut().for_each(|o| *o *= scale);
+                        }
                     }
                 }
-            }
+            });
         });
         Ok(())
     }
@@ -155,23 +158,25 @@ impl<'a> Bags<'a> {
         let threads = rayon::current_num_threads().max(1);
         let per = self.rows.div_ceil(threads).max(1);
         let f_n = self.features;
-        out.par_chunks_mut(per * dim).enumerate().for_each(|(t, own)| {
-            let (lo, hi) = (t * per, t * per + own.len() / dim);
-            own.fill(0.0);
-            for f in 0..f_n {
-                for b in 0..self.batch {
-                    let (span, scale) = self.bag(f * self.batch + b);
-                    let g = &grad[(b * f_n + f) * dim..(b * f_n + f + 1) * dim];
-                    for p in span {
-                        let r = self.inverse[p] as usize;
-                        if r < lo || r >= hi {
-                            continue;
+        crate::omp::parked(|| {
+            out.par_chunks_mut(per * dim).enumerate().for_each(|(t, own)| {
+                let (lo, hi) = (t * per, t * per + own.len() / dim);
+                own.fill(0.0);
+                for f in 0..f_n {
+                    for b in 0..self.batch {
+                        let (span, scale) = self.bag(f * self.batch + b);
+                        let g = &grad[(b * f_n + f) * dim..(b * f_n + f + 1) * dim];
+                        for p in span {
+                            let r = self.inverse[p] as usize;
+                            if r < lo || r >= hi {
+                                continue;
+                            }
+                            let a = self.weight(p) * scale;
+                            axpy(&mut own[(r - lo) * dim..(r - lo + 1) * dim], g, a);
                         }
-                        let a = self.weight(p) * scale;
-                        axpy(&mut own[(r - lo) * dim..(r - lo + 1) * dim], g, a);
                     }
                 }
-            }
+            });
         });
         Ok(())
     }

@@ -80,6 +80,18 @@ fn num_threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Whether the core parks torch's OpenMP team while its rayon threads
+/// work (libgomp is loaded, and `RECIS_OMP_PARK` is not `0` or `on` says
+/// so; see recis-core's `omp`). `on`: turn it on or off first.
+#[pyfunction]
+#[pyo3(signature = (on=None))]
+fn openmp_parking(on: Option<bool>) -> bool {
+    if let Some(on) = on {
+        recis_core::omp::set_enabled(on);
+    }
+    recis_core::omp::active()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<table::PyHashTable>()?;
@@ -107,6 +119,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ckpt::checksum_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(ckpt::check_safetensors_file, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(openmp_parking, m)?)?;
     m.add("DataError", m.py().get_type::<DataError>())?;
     m.add("NO_ROW", NO_ROW)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
