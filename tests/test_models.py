@@ -76,8 +76,11 @@ def test_field_options_and_bad_configs():
         assert [t.name for t in apart.tables()] == FIELDS, name
     with pytest.raises(TypeError, match="coalesce"):
         MODELS["deepfm"](FIELDS, coalesce="no")
-    with pytest.raises(ValueError, match="dim=9"):
-        MODELS["deepfm"](opts, dim=8)  # DeepFM rows are dim + 1 wide
+    # DeepFM rows are dim + 1 wide: tables 8 wide are projected (per-feature dims).
+    fm = MODELS["deepfm"](opts, dim=8)
+    assert {k: tuple(v.shape) for k, v in fm.project.state_dict().items()} == {
+        f"proj.{f}.weight": (9, 8) for f in FIELDS
+    }
     with pytest.raises(ValueError, match="num_dense"):
         MODELS["dlrm"](FIELDS, num_dense=0)
     m = make("dlrm")

@@ -145,11 +145,14 @@ def test_serving_holds_embeddings_only(trained, tmp_path):
     assert predictor.stats()["table_bytes"] < train_bytes  # Adam's two slots a value are gone
 
 
-def small_model(name: str, seed: int = 0, **kw):
+def small_model(name: str, seed: int = 0, dims=(4, 4), **kw):
+    """``dims``: the tables' own widths (a width other than the model's 4
+    is projected to it: per-feature dims)."""
+    extra = 1 if name in ("deepfm", "wide_deep") else 0
     fields = {
-        "u": EmbeddingOption(dim=5 if name in ("deepfm", "wide_deep") else 4, initializer=NormalInit(0, 0.1), seed=1),
+        "u": EmbeddingOption(dim=dims[0] + extra, initializer=NormalInit(0, 0.1), seed=1),
         "i": EmbeddingOption(
-            dim=5 if name in ("deepfm", "wide_deep") else 4,
+            dim=dims[1] + extra,
             initializer=NormalInit(0, 0.1),
             seed=2,
             eval_missing="initial",
@@ -202,6 +205,31 @@ def test_every_zoo_model_round_trips(name, tmp_path):
         want = torch.sigmoid(model(b))
     torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
     assert len(predictor.model.embedding.tables()[0]) == sum(len(t) for t in model.tables())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_feature_dims_train_and_serve_the_models_evaluation(name, tmp_path):
+    """Tables 3 and 7 wide in a model 4 wide: each is projected by its own
+    Linear, which trains, is exported and serves the model's scores."""
+    model = small_model(name, dims=(3, 7))
+    widths = {f: o.dim for f, o in model.embedding.options.items()}
+    extra = 1 if name in ("deepfm", "wide_deep") else 0
+    assert widths == {"u": 3 + extra, "i": 7 + extra}
+    proj = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("project.")}
+    assert {k: tuple(v.shape) for k, v in proj.items()} == {
+        "project.proj.u.weight": (4 + extra, 3 + extra),
+        "project.proj.i.weight": (4 + extra, 7 + extra),
+    }
+    train_three_steps(model)
+    after = model.state_dict()
+    assert all(not torch.equal(proj[k], after[k]) for k in proj), "the projections train"
+    export(model, str(tmp_path / "x"))
+    predictor = Predictor(str(tmp_path / "x"))
+    b = batch([1, 2, 10**9, 5], [[3, 4], [10**9, 1], [7, 8], [10**9, 10**9 + 1]], seed=9)
+    model.eval()
+    with torch.no_grad():
+        want = torch.sigmoid(model(b))
+    torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

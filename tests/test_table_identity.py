@@ -274,3 +274,44 @@ def test_tables_are_in_the_models_state_dict(tmp_path):
     bad["embedding.tables.nope.ids"] = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*embedding.tables.nope.ids"):
         fresh.load_state_dict(bad)
+
+
+def test_a_feature_of_its_own_dim_added_warm_starts_deepfm(data, tmp_path, capsys):
+    """Per-feature dims: C3 added 8 wide to a DeepFM 4 wide trained on C1
+    and C2. A new job warm-starts tables and dense layers: C1's and C2's
+    rows and the MLP's columns are the old ones, C3's projection is its own
+    initial weight and its MLP columns are zero; then it trains. Resuming
+    the old directory
+    with it adds a parameter the dense optimizer's state lacks: refused,
+    naming the file."""
+    (tmp_path / "data").symlink_to(data / "data")
+    path = tmp_path / "a.toml"
+    path.write_text(CONFIG.format(features=features(("C1", ""), ("C2", "")), out="out", extra="epochs = 1"))
+    assert main(["train", "--config", str(path)]) == 0
+    before = fitted(path)
+    ckpt = sorted((tmp_path / "out" / "checkpoints").glob("ckpt-*"), key=lambda p: int(p.name[5:]))[-1]
+    added = [("C1", ""), ("C2", ""), ("C3", "dim = 8")]
+    warm = f'epochs = 1\nwarm_start = "{ckpt}"\nwarm_start_parts = ["sparse", "dense"]'
+    path_b = tmp_path / "b.toml"
+    path_b.write_text(CONFIG.format(features=features(*added), out="out-b", extra=warm))
+    job = Job(load_config(str(path_b)))
+    init = job.model.project.proj["C3"].weight.detach().clone()
+    assert tuple(init.shape) == (5, 9)
+    job.trainer.args.max_steps = 0
+    job.trainer._warm_start()
+    assert torch.equal(job.model.project.proj["C3"].weight, init)
+    d = before.model.dim
+    w0, w1 = before.model.mlp[0].weight, job.model.mlp[0].weight
+    assert torch.equal(w1[:, : 2 * d], w0[:, : 2 * d]) and torch.equal(w1[:, 3 * d :], w0[:, 2 * d :])
+    assert torch.equal(w1[:, 2 * d : 3 * d], torch.zeros_like(w1[:, :d]))
+    ids = torch.arange(2000)
+    for f in ("C1", "C2"):
+        assert torch.equal(
+            job.model.embedding.table(f).embeddings(ids), before.model.embedding.table(f).embeddings(ids)
+        )
+    assert main(["train", "--config", str(path_b)]) == 0
+    path.write_text(CONFIG.format(features=features(*added), out="out", extra="epochs = 2"))
+    capsys.readouterr()
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "dense_optimizer group 0 has 6 parameters, this run's Adam has 7" in err, err

@@ -317,3 +317,41 @@ def test_feature_defaults_apply_to_every_feature_that_does_not_set_the_field(tmp
 def test_bad_feature_defaults_are_named(tmp_path, defaults, message):
     with pytest.raises(ConfigError, match=message):
         load_config(feature_job(tmp_path, defaults))
+
+
+def test_per_feature_dims_from_the_config_train(tmp_path, data_dir):
+    """[[feature]] dim: C1 2 wide, C2 the model's 4 (via [feature_defaults]
+    for C1's width elsewhere): the tables are 2 + 1 and 4 + 1 wide (DeepFM's
+    first-order weight), C1 is projected, and the job trains."""
+    from recis.config import Job
+
+    (tmp_path / "data").symlink_to(data_dir / "data")
+    path = feature_job(tmp_path, "dim = 2", "dim = 0")
+    cfg = load_config(path)
+    assert [f.dim for f in cfg.features] == [2, 0]
+    built = Job(cfg)
+    opts = built.model.embedding.options
+    assert (opts["C1"].dim, opts["C2"].dim) == (3, 5)
+    shapes = {k: tuple(v.shape) for k, v in built.model.state_dict().items() if k.startswith("project.")}
+    assert shapes == {"project.proj.C1.weight": (5, 3)}
+    cfg.trainer.max_steps = 5
+    built = Job(cfg)
+    before = built.model.project.proj["C1"].weight.detach().clone()
+    logs = built.trainer.train()
+    assert built.trainer.global_step == 5, logs
+    assert not torch.equal(before, built.model.project.proj["C1"].weight)
+
+
+@pytest.mark.parametrize(
+    "c2, message",
+    [
+        ("dim = -1", r"\[\[feature\]\] #2 \(C2\).dim: must be >= 1"),
+        (
+            'dim = 8\nshared = "t"\n[[feature]]\nname = "C3"\ncolumn = "C1"\nshared = "t"',
+            r"share the table 't' but have dim",
+        ),
+    ],
+)
+def test_bad_per_feature_dims_are_named(tmp_path, c2, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(feature_job(tmp_path, "", c2))

@@ -76,6 +76,10 @@ combiner = "sum"              # "sum" or "mean" of a row's ids, or "sequence": t
 max_len = 0                   # with combiner = "sequence": keep the last N ids of each row (the newest, for
                               # a history written oldest first); 0: all
 shared = "items"              # features naming the same shared table use one table (default: own table)
+dim = 0                       # this feature's embedding width (0: [model].dim); another width is projected
+                              # to [model].dim by the feature's own bias-free Linear (recis.models.common.
+                              # FieldProjection; deepfm, wide_deep: dim + 1 to [model].dim + 1); features of
+                              # one shared table have one dim
 initializer = "normal"        # new rows: "normal" (Normal(0, init_std)), "truncated_normal" (cut at ±2
                               # init_std), "uniform" (U(-init_range, init_range)) or "zeros"; a function of
                               # (the table's seed, id); a table's seed is [data] seed + a hash of its name
@@ -223,6 +227,7 @@ class FeatureConfig:
     combiner: str = "sum"
     max_len: int = 0
     shared: str | None = None
+    dim: int = 0
     initializer: str = "normal"
     init_std: float = DEFAULT_INITIALIZER.std
     init_range: float = 0.05
@@ -469,6 +474,8 @@ def load_config(path: str, overrides=()) -> JobConfig:
                 raise ConfigError(f"{where}.{k}: must be >= 0, got {getattr(f, k)}")
         if f.admit_after < 1:
             raise ConfigError(f"{where}.admit_after: must be >= 1, got {f.admit_after}")
+        if f.dim < 0:
+            raise ConfigError(f"{where}.dim: must be >= 1 (or 0: [model].dim), got {f.dim}")
         _check_ops(f, where)
         if f.bucket and not f.hash:
             raise ConfigError(
@@ -484,6 +491,17 @@ def load_config(path: str, overrides=()) -> JobConfig:
     dim = model["dim"]
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
         raise ConfigError(f"{path}: [model].dim: expected an int >= 1, got {dim!r}")
+    dims: dict[str, tuple[str, int]] = {}
+    for f in features:
+        if f.shared is None:
+            continue
+        d = f.dim or dim
+        first = dims.setdefault(f.shared, (f.name, d))
+        if first[1] != d:
+            raise ConfigError(
+                f"{path}: [[feature]] {f.name!r} and {first[0]!r} share the table {f.shared!r} but have dim "
+                f"{d} and {first[1]}: one table has one dim"
+            )
     _check_sequences(model, features, path)
     params = inspect.signature(ZOO[model["name"]]).parameters
     _check_tasks(model, params, data, path)
@@ -909,7 +927,7 @@ class Job:
                     min_l2_norm=f.min_l2_norm or None,
                 )
             options[f.name] = EmbeddingOption(
-                dim=width,
+                dim=(f.dim or dim) + (width - dim),
                 initializer=_initializer(f),
                 combiner="tuple" if f.combiner == "sequence" else f.combiner,
                 admission=CountAdmit(f.admit_after) if f.admit_after > 1 else AlwaysAdmit(),

@@ -59,7 +59,9 @@ class BST(SequenceModel):
                 raise ValueError(f"BST: {name} must be an int >= {low}, got {value!r}")
         if dim % heads:
             raise ValueError(f"BST: heads={heads} must divide dim={dim}")
-        self.sparse_fields, self.embedding = sequence_engine(sparse_fields, dim, target, history, seed, coalesce, "BST")
+        self.sparse_fields, self.embedding, self.project = sequence_engine(
+            sparse_fields, dim, target, history, seed, coalesce, "BST"
+        )
         self.target, self.history, self.max_len = target, history, max_len
         self.pooled_fields = [f for f in self.sparse_fields if f != history]
         self.num_dense, self.dim = num_dense, dim

@@ -56,16 +56,64 @@ def model_spec(model: nn.Module) -> dict | None:
     }
 
 
+class FieldProjection(nn.Module):
+    """Per-feature dims: each table whose ``dim`` differs from the model's
+    ``width`` gets its own bias-free ``nn.Linear(dim, width)``, applied to
+    every field of that table (a shared table's fields, a history and its
+    target, share one), so that every field reaches the model at ``width``.
+    The other fields pass through untouched; with no such table the module
+    has no parameters and adds no ``state_dict`` key."""
+
+    def __init__(self, options: dict, width: int):
+        super().__init__()
+        self.width = width
+        self.table_of: dict[str, str] = {}
+        proj: dict[str, nn.Linear] = {}
+        keys: dict[str, str] = {}
+        for f, o in options.items():
+            if o.dim == width:
+                continue
+            table = o.shared_name or f
+            # A ModuleDict key cannot hold ".": the table's name, spelt safely.
+            key = table.replace(".", "_")
+            if keys.setdefault(key, table) != table:
+                raise ValueError(f"tables {keys[key]!r} and {table!r} both project as {key!r}: rename one")
+            if key not in proj:
+                proj[key] = nn.Linear(o.dim, width, bias=False)
+            self.table_of[f] = key
+        self.proj = nn.ModuleDict(proj)
+
+    def forward(self, out: dict) -> dict:
+        """``out`` (field → [..., dim]) with each projected field at ``width``,
+        in its own dtype."""
+        return {
+            f: self.proj[self.table_of[f]](v.to(self.proj[self.table_of[f]].weight.dtype)).to(v.dtype)
+            if f in self.table_of
+            else v
+            for f, v in out.items()
+        }
+
+    def stacked(self, engine: EmbeddingEngine, batch: dict, fields: list[str]) -> torch.Tensor:
+        """``engine.stacked(batch, fields)`` with the fields projected:
+        [B, len(fields), width] (with no projection, the engine's own
+        tensor, no copy)."""
+        if not self.table_of:
+            return engine.stacked(batch, fields)
+        out = self(engine(batch))
+        return torch.stack([out[f] for f in fields], dim=1)
+
+
 def sparse_engine(
     fields, width: int, seed: int = 0, coalesce: bool = True, sequences=()
-) -> tuple[list[str], EmbeddingEngine]:
+) -> tuple[list[str], EmbeddingEngine, FieldProjection]:
     """(field names, an EmbeddingEngine with a logical table per field; fields
-    of one config are coalesced into one physical table).
+    of one config are coalesced into one physical table, one per dim, and
+    the ``FieldProjection`` of the fields whose dim is not ``width``).
 
     ``fields``: a list of names (each gets ``EmbeddingOption(dim=width)``,
     with ``recis.nn.DEFAULT_INITIALIZER``, seeded by its name (``name_seed``) so equal ids
     of two fields start from different rows), or a dict {name: EmbeddingOption}
-    of options whose ``dim`` must be ``width``. ``coalesce=False``: a
+    (a field's ``dim`` other than ``width`` is projected to it). ``coalesce=False``: a
     physical table per field (the layout of checkpoints written before
     tables were coalesced). ``sequences``: the fields that may be sequences
     (``combiner="tuple"``, [B, L, D]); every other field is pooled."""
@@ -73,9 +121,6 @@ def sparse_engine(
         raise ValueError("a model needs at least one sparse field")
     if isinstance(fields, dict):
         options = dict(fields)
-        bad = {f: o.dim for f, o in options.items() if o.dim != width}
-        if bad:
-            raise ValueError(f"sparse field options must have dim={width} for this model, got {bad}")
     else:
         base = EmbeddingOption(dim=width, initializer=DEFAULT_INITIALIZER, seed=seed)
         options = {f: replace(base, seed=name_seed(seed, f)) for f in fields}
@@ -86,7 +131,7 @@ def sparse_engine(
             f"sparse fields {pooled}: this model pools them (combiner 'sum' or 'mean'), not sequences "
             f"(combiner 'tuple'; {where})"
         )
-    return list(options), EmbeddingEngine(options, coalesce=coalesce)
+    return list(options), EmbeddingEngine(options, coalesce=coalesce), FieldProjection(options, width)
 
 
 def check_regularization(dropout, batch_norm, where: str) -> None:
@@ -187,7 +232,7 @@ class VectorFields(nn.Module):
 
 def sequence_engine(
     fields, width: int, target: str, history: str, seed: int, coalesce: bool, where: str
-) -> tuple[list[str], EmbeddingEngine]:
+) -> tuple[list[str], EmbeddingEngine, FieldProjection]:
     """``sparse_engine`` of a sequence model: ``history`` a sequence field
     (``combiner="tuple"``, [B, L, D]) and ``target`` a pooled one, the item
     its history is read against; every other field is pooled.
@@ -282,6 +327,13 @@ class FeatureRemap:
         columns = feature_column_map(saved, mine, self.dim, tail)
         out = dict(state)
         out[key] = remap_columns(state[key], columns)
+        # Per-feature dims: an added feature's projection starts from this
+        # model's own initial weights; a removed one's is dropped.
+        mine_proj = {k: v for k, v in self.state_dict().items() if k.startswith("project.")}
+        for k in [k for k in out if k.startswith("project.") and k not in mine_proj]:
+            del out[k]
+        for k, v in mine_proj.items():
+            out.setdefault(k, v.detach().clone())
         return out, {key: columns}
 
 
@@ -305,7 +357,7 @@ class SequenceModel(nn.Module):
     def lookup(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pooled [B, F, dim]: the pooled fields in order, history
         [B, L, dim] zero-padded, mask [B, L]: True at the history's items)."""
-        out = self.embedding(batch)
+        out = self.project(self.embedding(batch))
         seq = out[self.history]
         mask, _ = sequence_mask(batch[self.history], self.embedding.options[self.history], seq.shape[1])
         pooled = torch.stack([out[f] for f in self.pooled_fields], dim=1)

@@ -50,7 +50,7 @@ class DCNv2(nn.Module):
         super().__init__()
         check_regularization(dropout, batch_norm, "DCNv2")
         vectors = check_vectors(vectors, "DCNv2")
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
+        self.sparse_fields, self.embedding, self.project = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         width = dim * (len(self.sparse_fields) + len(vectors)) + num_dense
         self.cross = nn.ModuleList(CrossLayer(width, rank) for _ in range(cross_layers))
@@ -61,7 +61,7 @@ class DCNv2(nn.Module):
         return self.embedding.tables()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        pooled = self.embedding({f: batch[f] for f in self.sparse_fields})
+        pooled = self.project(self.embedding({f: batch[f] for f in self.sparse_fields}))
         parts = [pooled[f] for f in self.sparse_fields]
         if self.vectors is not None:
             parts.append(self.vectors(batch, parts[0].dtype).flatten(1))

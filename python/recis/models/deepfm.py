@@ -60,7 +60,7 @@ class DeepFM(FeatureRemap, nn.Module):
             if option.dim != dim + 1:
                 raise ValueError(f"DeepFM: option.dim must be dim + 1 = {dim + 1} (embedding + first-order weight)")
             sparse_fields = {f: replace(option, seed=name_seed(option.seed, f)) for f in sparse_fields}
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
+        self.sparse_fields, self.embedding, self.project = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense = num_dense
         self.dim = dim
         self.dense_linear = nn.Linear(num_dense, 1) if num_dense else None
@@ -79,7 +79,7 @@ class DeepFM(FeatureRemap, nn.Module):
     def lookup(self, batch: dict) -> torch.Tensor:
         """The sparse part: pooled rows of every field, [B, F, dim + 1]
         (then the projected vectors, [B, F + V, dim + 1])."""
-        rows = self.embedding.stacked(batch, self.sparse_fields)
+        rows = self.project.stacked(self.embedding, batch, self.sparse_fields)
         if self.vectors is not None:
             rows = torch.cat([rows, self.vectors(batch, rows.dtype)], 1)
         return rows

@@ -49,7 +49,9 @@ class DIN(SequenceModel):
         widths of the attention MLP; ``hidden``: those of the output MLP."""
         super().__init__()
         check_regularization(dropout, batch_norm, "DIN")
-        self.sparse_fields, self.embedding = sequence_engine(sparse_fields, dim, target, history, seed, coalesce, "DIN")
+        self.sparse_fields, self.embedding, self.project = sequence_engine(
+            sparse_fields, dim, target, history, seed, coalesce, "DIN"
+        )
         self.target, self.history = target, history
         self.pooled_fields = [f for f in self.sparse_fields if f != history]
         self.num_dense, self.dim = num_dense, dim

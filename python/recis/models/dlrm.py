@@ -38,7 +38,7 @@ class DLRM(nn.Module):
         vectors = check_vectors(vectors, "DLRM")
         if num_dense < 1:
             raise ValueError("DLRM: needs dense features (num_dense >= 1) for its bottom MLP")
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
+        self.sparse_fields, self.embedding, self.project = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.bottom, _ = mlp(num_dense, bottom, out=dim, dropout=dropout, batch_norm=batch_norm)
         self.bottom.append(nn.ReLU())
@@ -53,7 +53,7 @@ class DLRM(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits [B]: the sparse fields (RaggedTensor or [B, L] ids) and
         ``"dense"`` [B, num_dense]."""
-        pooled = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim]
+        pooled = self.project.stacked(self.embedding, batch, self.sparse_fields)  # [B, F, dim]
         x = self.bottom(dense_input(batch, self.num_dense))
         parts = [x.unsqueeze(1), pooled]
         if self.vectors is not None:

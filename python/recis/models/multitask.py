@@ -46,7 +46,7 @@ class _MultiTaskBase(nn.Module):
     label_nesting: tuple[tuple[int, int], ...] | None = None
 
     def _setup_input(self, sparse_fields, num_dense, dim, seed, coalesce):
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim, seed, coalesce)
+        self.sparse_fields, self.embedding, self.project = sparse_engine(sparse_fields, dim, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         return dim * len(self.sparse_fields) + num_dense
 
@@ -54,7 +54,7 @@ class _MultiTaskBase(nn.Module):
         return self.embedding.tables()
 
     def features(self, batch: dict) -> torch.Tensor:
-        x = self.embedding.stacked(batch, self.sparse_fields).flatten(1)  # [B, F * dim]
+        x = self.project.stacked(self.embedding, batch, self.sparse_fields).flatten(1)  # [B, F * dim]
         dense = dense_input(batch, self.num_dense, x.dtype)
         return x if dense is None else torch.cat([x, dense], dim=1)
 

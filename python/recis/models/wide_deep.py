@@ -42,7 +42,7 @@ class WideDeep(FeatureRemap, nn.Module):
         super().__init__()
         check_regularization(dropout, batch_norm, "WideDeep")
         vectors = check_vectors(vectors, "WideDeep")
-        self.sparse_fields, self.embedding = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
+        self.sparse_fields, self.embedding, self.project = sparse_engine(sparse_fields, dim + 1, seed, coalesce)
         self.num_dense, self.dim = num_dense, dim
         self.wide_dense = nn.Linear(num_dense, 1) if num_dense else None
         fields = len(self.sparse_fields) + len(vectors)
@@ -53,7 +53,7 @@ class WideDeep(FeatureRemap, nn.Module):
         return self.embedding.tables()
 
     def forward(self, batch: dict) -> torch.Tensor:
-        rows = self.embedding.stacked(batch, self.sparse_fields)  # [B, F, dim + 1]
+        rows = self.project.stacked(self.embedding, batch, self.sparse_fields)  # [B, F, dim + 1]
         if self.vectors is not None:
             rows = torch.cat([rows, self.vectors(batch, rows.dtype)], 1)
         emb, wide = rows[..., : self.dim], rows[..., self.dim].sum(1)
