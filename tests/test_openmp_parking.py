@@ -67,16 +67,39 @@ def train(seed: int, steps: int = 25) -> dict:
 @needs_gomp
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_training_is_the_same_parked_or_not(threads):
-    before = torch.get_num_threads()
+    before, was = torch.get_num_threads(), _native.openmp_parking()
     torch.set_num_threads(threads)
     try:
         assert _native.openmp_parking(True)
+        r0 = _native.openmp_parked_regions()
         parked = train(seed=threads)
+        r1 = _native.openmp_parked_regions()
         assert not _native.openmp_parking(False)
         spinning = train(seed=threads)
+        r2 = _native.openmp_parked_regions()
     finally:
-        _native.openmp_parking(True)
+        _native.openmp_parking(was)
         torch.set_num_threads(before)
+    # Each step's lookup, and its pooling and update, ran parked; off, none.
+    assert r1 - r0 >= 25 * 2 and r2 == r1
     assert parked.keys() == spinning.keys() and parked
     for k in parked:
         assert torch.equal(parked[k], spinning[k]), k
+
+
+def test_a_thread_other_than_the_main_one_is_not_parked():
+    """Another thread would get a team of its own (every core) that then
+    spins: the core parks only on the main thread."""
+    import threading
+
+    was = _native.openmp_parking(True)
+    try:
+        r0 = _native.openmp_parked_regions()
+        box = {}
+        t = threading.Thread(target=lambda: box.update(state=train(seed=9, steps=3)))
+        t.start()
+        t.join(120)
+        assert not t.is_alive() and box["state"]
+        assert _native.openmp_parked_regions() == r0
+    finally:
+        _native.openmp_parking(was)

@@ -23,9 +23,10 @@
 //! before then (`import recis` imports it first).
 
 use std::any::Any;
+use std::cell::Cell;
 use std::ffi::{c_uint, c_void};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread::{self, ThreadId};
 
@@ -63,7 +64,10 @@ impl Team {
         }
         // SAFETY: `GOMP_parallel` is libgomp's exported entry point (and
         // libiomp5's GNU-compatible one) with the C signature of
-        // `GompParallel`, and the contract `from_gomp` asks for.
+        // `GompParallel`, and the contract `from_gomp` asks for. The
+        // pointer is cached for the process: a library in the global scope
+        // that exports it is an OpenMP runtime that torch (or whoever
+        // loaded it) never unloads.
         Some(unsafe { Team::from_gomp(std::mem::transmute::<*mut c_void, GompParallel>(p)) })
     }
 }
@@ -105,12 +109,42 @@ pub fn active() -> bool {
 /// wait without spinning (see the module docs); returns what `f` returns
 /// and resumes its panic, if it panics. Inside a rayon worker (the core's
 /// own parallel work) or with no team, it just calls `f`.
-pub fn parked<R>(f: impl FnOnce() -> R) -> R {
+pub fn parked<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match team() {
-        Some(t) if rayon::current_thread_index().is_none() && enabled().load(Ordering::Relaxed) => parked_on(t, 0, f),
+        Some(t) if should_park() => parked_on(t, 0, f),
         _ => f(),
     }
 }
+
+thread_local! {
+    /// Whether this thread is inside a parked region already.
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Parks only where it pays and creates no threads: on the process's main
+/// thread (where training and torch's ops run, and whose team torch sized;
+/// another thread would get a team of its own, of every core, that then
+/// spins), not inside a parked region (a nested one would be a team of
+/// one, or with nesting enabled a new team), not on a rayon worker, and
+/// only when enabled.
+fn should_park() -> bool {
+    enabled().load(Ordering::Relaxed)
+        && rayon::current_thread_index().is_none()
+        && !INSIDE.with(Cell::get)
+        && main_thread()
+}
+
+fn main_thread() -> bool {
+    // SAFETY: gettid and getpid take no arguments and cannot fail.
+    unsafe { libc::gettid() == libc::getpid() }
+}
+
+/// Parked regions run so far in this process (tests and diagnostics).
+pub fn regions() -> u64 {
+    REGIONS.load(Ordering::Relaxed)
+}
+
+static REGIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The state one parallel region shares: the closure (taken by the master)
 /// and its outcome, and the flag its other threads wait on.
@@ -120,8 +154,8 @@ struct Region<F, R> {
     out: Mutex<Option<Result<R, Box<dyn Any + Send>>>>,
     done: Mutex<bool>,
     wake: Condvar,
-    /// How many threads other than the master have waited (tests).
-    waiting: Mutex<usize>,
+    /// How many threads other than the master have come to wait.
+    waiting: AtomicUsize,
 }
 
 /// Sets `done` and wakes the waiting threads when dropped, even while `f`
@@ -135,11 +169,13 @@ impl Drop for Release<'_> {
     }
 }
 
-extern "C" fn region_entry<F: FnOnce() -> R, R>(data: *mut c_void) {
+extern "C" fn region_entry<F: FnOnce(&AtomicUsize) -> R + Send, R: Send>(data: *mut c_void) {
     // SAFETY: `data` is the `&Region<F, R>` of `parked_on`, which lives on
     // its stack until `GOMP_parallel` returns, and that returns only after
-    // every thread has returned from here (the contract of `Team`); the
-    // region is only read through shared references and its locks.
+    // every thread has returned from here (the contract of `Team`). Sharing
+    // it between the team's threads is sound: `F` and `R` are `Send`
+    // (`parked_counting`'s bounds), so every field is `Sync`, and it is
+    // only used through shared references and its locks.
     let r = unsafe { &*(data as *const Region<F, R>) };
     // Nothing here may unwind into C: `f`'s panic is caught, and the locks
     // are taken through their poison.
@@ -147,11 +183,13 @@ extern "C" fn region_entry<F: FnOnce() -> R, R>(data: *mut c_void) {
         let _release = Release(&r.done, &r.wake);
         let f = r.f.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(f) = f {
-            let out = catch_unwind(AssertUnwindSafe(f));
+            INSIDE.with(|c| c.set(true));
+            let out = catch_unwind(AssertUnwindSafe(|| f(&r.waiting)));
+            INSIDE.with(|c| c.set(false));
             *r.out.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
         }
     } else {
-        *r.waiting.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        r.waiting.fetch_add(1, Ordering::SeqCst);
         let mut done = r.done.lock().unwrap_or_else(|e| e.into_inner());
         while !*done {
             done = r.wake.wait(done).unwrap_or_else(|e| e.into_inner());
@@ -161,21 +199,23 @@ extern "C" fn region_entry<F: FnOnce() -> R, R>(data: *mut c_void) {
 
 /// [`parked`] on `team`, with `threads` threads (0: the team's default, the
 /// caller's `omp_set_num_threads`, which torch's `set_num_threads` sets).
-pub fn parked_on<R>(team: Team, threads: u32, f: impl FnOnce() -> R) -> R {
-    parked_counting(team, threads, f).0
+pub fn parked_on<R: Send>(team: Team, threads: u32, f: impl FnOnce() -> R + Send) -> R {
+    parked_counting(team, threads, |_| f()).0
 }
 
-/// [`parked_on`] and how many threads of the team waited while `f` ran.
-fn parked_counting<R>(team: Team, threads: u32, f: impl FnOnce() -> R) -> (R, usize) {
+/// [`parked_on`], `f` given the count of the team's other threads that
+/// have come to wait, and that count at the end.
+fn parked_counting<R: Send>(team: Team, threads: u32, f: impl FnOnce(&AtomicUsize) -> R + Send) -> (R, usize) {
+    REGIONS.fetch_add(1, Ordering::Relaxed);
     let region = Region {
         master: thread::current().id(),
         f: Mutex::new(Some(f)),
         out: Mutex::new(None),
         done: Mutex::new(false),
         wake: Condvar::new(),
-        waiting: Mutex::new(0),
+        waiting: AtomicUsize::new(0),
     };
-    fn entry<F: FnOnce() -> R, R>(_: &Region<F, R>) -> extern "C" fn(*mut c_void) {
+    fn entry<F: FnOnce(&AtomicUsize) -> R + Send, R: Send>(_: &Region<F, R>) -> extern "C" fn(*mut c_void) {
         region_entry::<F, R>
     }
     // SAFETY: `team` calls the entry once on each thread of a team that
@@ -183,14 +223,15 @@ fn parked_counting<R>(team: Team, threads: u32, f: impl FnOnce() -> R) -> (R, us
     // contract), so `region` outlives every use of the pointer; the entry
     // never unwinds (it catches `f`'s panic).
     unsafe { (team.parallel)(entry(&region), &region as *const _ as *mut c_void, threads, 0) };
-    let waited = region.waiting.into_inner().unwrap_or_else(|e| e.into_inner());
+    let waited = region.waiting.into_inner();
     match region.out.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(Ok(r)) => (r, waited),
         Some(Err(p)) => resume_unwind(p),
         // The runtime did not run the entry on this thread: run f here.
         None => {
             let f = region.f.into_inner().unwrap_or_else(|e| e.into_inner()).expect("f not taken");
-            (f(), waited)
+            let none = AtomicUsize::new(0);
+            (f(&none), waited)
         }
     }
 }
@@ -221,12 +262,18 @@ mod tests {
     fn runs_on_the_caller_while_the_others_wait() {
         let Some(team) = gomp() else { return };
         let me = thread::current().id();
-        let (got, waited) = parked_counting(team, 4, || {
+        let mut seen = 0;
+        let (got, waited) = parked_counting(team, 4, |waiting| {
             assert_eq!(thread::current().id(), me, "f runs on the calling thread");
-            // The other threads arrive while f runs.
-            thread::sleep(Duration::from_millis(20));
+            // f runs while the three others wait: it sees them arrive.
+            let t0 = std::time::Instant::now();
+            while waiting.load(Ordering::SeqCst) < 3 && t0.elapsed() < Duration::from_secs(10) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            seen = waiting.load(Ordering::SeqCst);
             7
         });
+        assert_eq!(seen, 3, "the three others were waiting while f ran");
         assert_eq!(got, 7);
         assert_eq!(waited, 3, "every other thread of the 4 waited for f");
         // And again: the team is reused, the region is fresh.

@@ -152,7 +152,10 @@ fn position(order: &[&HashTable], t: &HashTable) -> usize {
 /// Runs the lookups of `reqs` under one shared guard per table, then
 /// `then(guards, results)` under the same guards (`guards[k]` is the guard
 /// of `reqs[k]`'s table).
-fn locked_lookups<R>(reqs: &[Request<'_>], then: impl FnOnce(&[&Inner], Vec<UniqueLookup>) -> Result<R>) -> Result<R> {
+fn locked_lookups<R: Send>(
+    reqs: &[Request<'_>],
+    then: impl FnOnce(&[&Inner], Vec<UniqueLookup>) -> Result<R> + Send,
+) -> Result<R> {
     // torch's OpenMP team sleeps while the rayon threads look up (omp.rs).
     crate::omp::parked(|| locked_lookups_now(reqs, then))
 }
@@ -341,7 +344,7 @@ pub fn apply_many(updates: &[Update<'_>], opt: &SparseOptimizer, lr: f32) -> Vec
 /// [`apply_many`] with each update's own optimizer and lr (`opt_of(k)`).
 fn apply_each<'o>(
     updates: &[Update<'_>],
-    opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync,
+    opt_of: impl Fn(usize) -> (&'o SparseOptimizer, f32) + Sync + Send,
 ) -> Vec<Result<()>> {
     crate::omp::parked(|| apply_each_now(updates, opt_of))
 }

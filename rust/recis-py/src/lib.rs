@@ -92,6 +92,12 @@ fn openmp_parking(on: Option<bool>) -> bool {
     recis_core::omp::active()
 }
 
+/// How many parked regions the core has run in this process.
+#[pyfunction]
+fn openmp_parked_regions() -> u64 {
+    recis_core::omp::regions()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<table::PyHashTable>()?;
@@ -120,6 +126,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ckpt::check_safetensors_file, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(openmp_parking, m)?)?;
+    m.add_function(wrap_pyfunction!(openmp_parked_regions, m)?)?;
     m.add("DataError", m.py().get_type::<DataError>())?;
     m.add("NO_ROW", NO_ROW)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
