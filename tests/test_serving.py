@@ -190,20 +190,27 @@ def train_three_steps(model):
         opt.step()
 
 
+def assert_serves_its_evaluation(model, tmp_path) -> Predictor:
+    """Exports ``model`` and checks its Predictor scores known and unknown
+    ids (10**9: zeros for u, its initial value for i) as the model does in
+    evaluation, to 1e-6; returns the Predictor."""
+    export(model, str(tmp_path / "x"))
+    predictor = Predictor(str(tmp_path / "x"))
+    b = batch([1, 2, 10**9, 5], [[3, 4], [10**9, 1], [7, 8], [10**9, 10**9 + 1]], seed=9)
+    model.eval()
+    with torch.no_grad():
+        want = torch.sigmoid(model(b))
+    torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
+    return predictor
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_zoo_model_round_trips(name, tmp_path):
     model = small_model(name)
     train_three_steps(model)
     spec = model_spec(model)
     assert build_model(json.loads(json.dumps(spec))) is not None
-    export(model, str(tmp_path / "x"))
-    predictor = Predictor(str(tmp_path / "x"))
-    # Known and unknown ids (10**9: zeros for u, its initial value for i).
-    b = batch([1, 2, 10**9, 5], [[3, 4], [10**9, 1], [7, 8], [10**9, 10**9 + 1]], seed=9)
-    model.eval()
-    with torch.no_grad():
-        want = torch.sigmoid(model(b))
-    torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
+    predictor = assert_serves_its_evaluation(model, tmp_path)
     assert len(predictor.model.embedding.tables()[0]) == sum(len(t) for t in model.tables())
 
 
@@ -223,13 +230,7 @@ def test_per_feature_dims_train_and_serve_the_models_evaluation(name, tmp_path):
     train_three_steps(model)
     after = model.state_dict()
     assert all(not torch.equal(proj[k], after[k]) for k in proj), "the projections train"
-    export(model, str(tmp_path / "x"))
-    predictor = Predictor(str(tmp_path / "x"))
-    b = batch([1, 2, 10**9, 5], [[3, 4], [10**9, 1], [7, 8], [10**9, 10**9 + 1]], seed=9)
-    model.eval()
-    with torch.no_grad():
-        want = torch.sigmoid(model(b))
-    torch.testing.assert_close(predictor.predict(b), want, rtol=0, atol=1e-6)
+    assert_serves_its_evaluation(model, tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
